@@ -1,0 +1,206 @@
+"""Activations by name: CRReLU, the paper's baselines, and tools to swap them inside any model.
+
+One table (:data:`_REGISTRY`) maps a lower-case name to a factory; :func:`resolve_activation`
+is the single resolver that every other part of dynact (``make_activation``,
+``swap_activations``, the models' ``act=`` and the CLI's ``--arms``) goes through.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "CRReLU",
+    "crrelu",
+    "activation_names",
+    "register_activation",
+    "resolve_activation",
+    "make_activation",
+    "swap_activations",
+]
+
+
+def crrelu(x: torch.Tensor, eps: Union[torch.Tensor, float]) -> torch.Tensor:
+    """Functional CRReLU: ``relu(x) + eps * x * exp(-x**2 / 2)`` (eafo-math.md section 3).
+
+    Works for any float dtype; the Gaussian factor is computed in the input's dtype, which
+    keeps float16/bfloat16 graphs free of casts (``exp(-x**2/2)`` never overflows).
+    """
+    return F.relu(x) + eps * x * torch.exp(-0.5 * x * x)
+
+
+class CRReLU(nn.Module):
+    """Correction Regularized ReLU: ``relu(x) + eps * x * exp(-x**2/2)``.
+
+    One EAFO step away from ReLU under a standard normal input (eafo-math.md section 3):
+    the step with size ``eta`` gives ``eps = -eta / sqrt(2*pi)``, so a *negative* ``eps``
+    lowers the output entropy to first order. The published initialisation is ``+0.01``;
+    with ``learnable=True`` training chooses the sign.
+
+    Args:
+        eps: initial value of the correction's scale.
+        learnable: if True, ``eps`` is a scalar :class:`torch.nn.Parameter` (one per module),
+            otherwise a buffer.
+
+    Example:
+        >>> act = CRReLU(eps=0.01)
+        >>> act(torch.tensor([-1.0, 0.0, 2.0])).shape
+        torch.Size([3])
+    """
+
+    def __init__(self, eps: float = 0.01, learnable: bool = True) -> None:
+        super().__init__()
+        if not math.isfinite(float(eps)):
+            raise ValueError(f"CRReLU: eps must be a finite number, got {eps!r}")
+        value = torch.tensor(float(eps))
+        if learnable:
+            self.eps = nn.Parameter(value)
+        else:
+            self.register_buffer("eps", value)
+        self.learnable = learnable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return crrelu(x, self.eps.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"eps={float(self.eps):.4g}, learnable={self.learnable}"
+
+
+# name -> factory(**kw) returning an nn.Module. One line per activation.
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+    "prelu": nn.PReLU,
+    "celu": nn.CELU,
+    "silu": nn.SiLU,
+    "mish": nn.Mish,
+    "crrelu": CRReLU,
+}
+
+ActSpec = Union[str, type, Callable[..., nn.Module], nn.Module, None]
+
+
+def activation_names() -> list[str]:
+    """The registered activation names, in registration order."""
+    return list(_REGISTRY)
+
+
+def register_activation(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Add ``factory`` to the registry under ``name`` (lower case); used for ``eafo``."""
+    _REGISTRY[name.lower()] = factory
+
+
+def resolve_activation(spec: ActSpec) -> Callable[..., nn.Module] | None:
+    """Turn a name, a class or a factory into a factory that builds an activation module.
+
+    ``None`` passes through (callers decide their default). An unknown name raises
+    :class:`ValueError` listing the registered names; anything else that is not callable
+    raises :class:`TypeError`.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        key = spec.strip().lower()
+        if key not in _REGISTRY:
+            raise ValueError(
+                f"unknown activation {spec!r}; choose one of: {', '.join(_REGISTRY)}"
+            )
+        return _REGISTRY[key]
+    if isinstance(spec, nn.Module):
+        raise TypeError(
+            f"expected an activation name, class or factory, got the module instance {spec!r}; "
+            "pass its class (or a lambda returning a fresh module) so every site gets its own copy"
+        )
+    if callable(spec):
+        return spec
+    raise TypeError(
+        f"expected an activation name, class or factory, got {type(spec).__name__}: {spec!r}"
+    )
+
+
+def make_activation(name: ActSpec, **kwargs) -> nn.Module:
+    """Build an activation module by name (or class/factory), passing ``kwargs`` through.
+
+    Names: ``relu, gelu, elu, prelu, celu, silu, mish, crrelu, eafo``.
+
+    Example:
+        >>> make_activation("crrelu", eps=0.02)
+        CRReLU(eps=0.02, learnable=True)
+    """
+    factory = resolve_activation(name)
+    if factory is None:
+        raise ValueError("make_activation: name must not be None")
+    module = factory(**kwargs)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"activation factory {name!r} returned {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def _as_types(old: Union[type, str, Iterable]) -> tuple[type, ...]:
+    items = [old] if isinstance(old, (type, str)) else list(old)
+    types: list[type] = []
+    for item in items:
+        if isinstance(item, str):
+            factory = resolve_activation(item)
+            if not isinstance(factory, type):
+                raise ValueError(f"activation {item!r} is not a class; pass the module type to replace")
+            types.append(factory)
+        elif isinstance(item, type) and issubclass(item, nn.Module):
+            types.append(item)
+        else:
+            raise TypeError(f"swap_activations: old must be module types or names, got {item!r}")
+    if not types:
+        raise ValueError("swap_activations: old is empty; name at least one module type to replace")
+    return tuple(types)
+
+
+def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]:
+    """Replace every submodule of the types in ``old`` by a fresh activation from ``new``.
+
+    Works anywhere in the module tree (nested modules, ``nn.Sequential``, ``nn.ModuleList``,
+    ``nn.ModuleDict``, timm blocks), because it re-assigns attributes on each parent.
+    Each replacement is built separately (no shared parameters) and moved to the device and
+    dtype of the module it replaces.
+
+    Args:
+        model: the model to edit in place.
+        old: a module type, a registry name, or an iterable of them.
+        new: a registry name, a class or a factory (called with ``**kwargs``).
+
+    Returns:
+        The qualified names (as in ``model.named_modules()``) of the replaced modules.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.GELU())
+        >>> swap_activations(net, nn.GELU, "crrelu")
+        ['1']
+    """
+    types = _as_types(old)
+    factory = resolve_activation(new)
+    if factory is None:
+        raise ValueError("swap_activations: new must not be None")
+    if isinstance(model, types):
+        raise ValueError("swap_activations: the model itself is an activation; build the new one directly")
+    replaced: list[str] = []
+    # Collect first, then edit, so the traversal never sees half-edited state.
+    targets = [
+        (name, mod)
+        for name, mod in model.named_modules(remove_duplicate=False)
+        if name and isinstance(mod, types)
+    ]
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        fresh = factory(**kwargs)
+        ref = next(iter(list(mod.parameters()) + list(mod.buffers())), None)
+        if ref is not None:
+            fresh = fresh.to(device=ref.device)
+        setattr(parent, child, fresh)
+        replaced.append(name)
+    return replaced

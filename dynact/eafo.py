@@ -1,0 +1,1 @@
+"""EAFO numerics (placeholder, being written)."""
