@@ -81,7 +81,15 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "silu": nn.SiLU,
     "mish": nn.Mish,
     "crrelu": CRReLU,
+    "eafo": lambda **kw: _eafo_activation(**kw),
 }
+
+
+def _eafo_activation(**kwargs) -> nn.Module:
+    # dynact.spline imports this module, so the dynamic activation is resolved on first use.
+    from dynact.spline import EAFOActivation
+
+    return EAFOActivation(**kwargs)
 
 ActSpec = Union[str, type, Callable[..., nn.Module], nn.Module, None]
 
