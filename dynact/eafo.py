@@ -1,1 +1,397 @@
-"""EAFO numerics (placeholder, being written)."""
+"""EAFO numerics: the entropy-lowering correction, its step, output entropy and the WAFBC.
+
+Everything here works for any elementwise torch callable ``f`` (a function such as
+``torch.tanh`` or a module such as :class:`dynact.CRReLU`) and any :class:`~dynact.density.Density`
+(measured by :mod:`dynact.density` estimators or built with ``Density.from_pdf``). Results are
+float64 tensors on ``density.grid`` (entropies are floats, in nats). Section numbers refer to
+``shared/design/eafo-math.md``.
+
+Derivatives of ``f`` come from autograd in float64 at the grid points, never from differences
+on a coarse grid. Modules are evaluated on a float64 copy, without their hooks, so evaluating
+an activation here never feeds a training-time hook and never changes the model.
+
+Example:
+    >>> import torch
+    >>> from scipy.stats import norm
+    >>> from dynact.density import Density
+    >>> from dynact import eafo
+    >>> d = Density.from_pdf(norm.pdf, -8, 8, 3200)
+    >>> round(eafo.output_entropy(lambda x: x, d), 3)   # N(0,1): 0.5*log(2*pi*e)
+    1.419
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Union
+
+import torch
+from scipy.interpolate import PchipInterpolator
+from torch import nn
+
+from dynact.density import Density
+
+__all__ = [
+    "ActivationError",
+    "derivatives",
+    "correction",
+    "step",
+    "output_entropy",
+    "output_stats",
+    "wafbc",
+    "Tabulated",
+]
+
+Activation = Union[Callable[[torch.Tensor], torch.Tensor], nn.Module]
+
+#: Default slope below which an activation counts as flat (section 2b's convention).
+FLAT_TOL = 1e-8
+#: Most output bins ``output_entropy`` will build; beyond it ``delta`` is too small for the range.
+_MAX_OUTPUT_BINS = 10_000_000
+
+
+class ActivationError(TypeError, ValueError):
+    """The object given as an activation cannot be used as one (not callable, not elementwise,
+    or non-finite on the grid). Catch it as ``ValueError`` or ``TypeError``."""
+
+
+# --------------------------------------------------------------------------- evaluation
+def _float64_module(module: nn.Module, device: torch.device) -> nn.Module:
+    """A float64 copy of ``module`` on ``device`` with every hook removed.
+
+    Hooks (for example EAFOCallback's collectors) are shared into the copy by the deepcopy
+    memo, not copied, and then dropped from it, so neither they nor their owners are cloned.
+    """
+    memo: dict[int, object] = {}
+    hook_dicts = (
+        "_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks",
+        "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+        "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+        "_load_state_dict_post_hooks",
+    )
+    for m in module.modules():
+        for attr in hook_dicts:
+            d = getattr(m, attr, None)
+            if d:
+                memo[id(d)] = type(d)()  # the copy gets an empty dict of the same kind
+    clone = copy.deepcopy(module, memo)
+    return clone.to(device=device, dtype=torch.float64).eval()
+
+
+def _as_function(f: Activation, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    if isinstance(f, nn.Module):
+        return _float64_module(f, device)
+    if not callable(f):
+        raise ActivationError(
+            f"the activation must be callable (a torch function or an nn.Module), got "
+            f"{type(f).__name__}: {f!r}; for a name use dynact.make_activation(name)"
+        )
+    return f
+
+
+def _evaluate(fn: Callable, x: torch.Tensor, *, grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fn(x)`` and, if ``grad``, its first and second derivatives, all float64 and detached."""
+    x = x.detach().to(torch.float64).requires_grad_(grad)
+    with torch.enable_grad() if grad else torch.no_grad():
+        y = fn(x)
+        if not isinstance(y, torch.Tensor):
+            raise ActivationError(f"the activation returned {type(y).__name__}, expected a tensor")
+        if y.shape != x.shape:
+            raise ActivationError(
+                f"the activation must be elementwise: input shape {tuple(x.shape)} gave output "
+                f"shape {tuple(y.shape)}"
+            )
+        y = y.to(torch.float64)
+        zeros = torch.zeros_like(x)
+        if not grad or not y.requires_grad:
+            d1 = d2 = zeros.detach()
+        else:
+            (d1,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+            if d1.requires_grad:
+                (d2,) = torch.autograd.grad(d1.sum(), x, allow_unused=True)
+                d2 = zeros if d2 is None else d2
+            else:
+                d2 = zeros
+    out = (y.detach(), d1.detach(), d2.detach())
+    for name, t in zip(("values", "first derivative", "second derivative"), out):
+        if not bool(torch.isfinite(t).all()):
+            bad = x.detach()[~torch.isfinite(t)][:3].tolist()
+            raise ActivationError(
+                f"the activation's {name} is not finite on the grid (e.g. at x = {bad}); "
+                "restrict the density's [lo, hi] to where the activation is defined"
+            )
+    return out
+
+
+def derivatives(f: Activation, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Values, first and second derivatives of an elementwise activation at ``x`` (float64).
+
+    Computed by autograd, so they are exact for analytic activations; at a kink autograd's
+    one-sided convention applies (``relu'(0) = 0``).
+
+    Returns:
+        ``(f(x), f'(x), f''(x))``, each shaped like ``x``.
+    """
+    return _evaluate(_as_function(f, x.device), x, grad=True)
+
+
+# --------------------------------------------------------------------------- correction and step
+def _check_density(density: Density) -> Density:
+    if not isinstance(density, Density):
+        raise TypeError(
+            f"expected a dynact.density.Density, got {type(density).__name__}; build one with "
+            "Density.from_pdf(...) or an estimator's compute()"
+        )
+    return density
+
+
+def _correction_from(density: Density, d1: torch.Tensor, d2: torch.Tensor, flat_tol: float) -> torch.Tensor:
+    # Section 2b: c = p' - p f''/f' where f is increasing, c = p' where it is flat.
+    c = density.dp.clone()
+    mono = d1 > flat_tol
+    c[mono] = density.dp[mono] - density.p[mono] * d2[mono] / d1[mono]
+    return c
+
+
+def correction(f: Activation, density: Density, flat_tol: float = FLAT_TOL) -> torch.Tensor:
+    """The EAFO correction ``c(x) = p'(x) - p(x) f''(x) / f'(x)`` on ``density.grid``.
+
+    Where ``f'(x) <= flat_tol`` (flat or decreasing parts) the ``f''/f'`` term is dropped and
+    ``c = p'`` (eafo-math.md section 2b). A step ``f + eta * c`` with ``eta > 0`` lowers the
+    output entropy to first order. For ReLU and ``p = N(0, 1)``, ``c(x) = -x exp(-x^2/2)/sqrt(2 pi)``.
+
+    Returns:
+        ``(B,)`` float64 tensor.
+    """
+    density = _check_density(density)
+    _, d1, d2 = derivatives(f, density.grid)
+    return _correction_from(density, d1, d2, flat_tol)
+
+
+def _kinks(y: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, h: float) -> torch.Tensor:
+    """Grid points where ``f'`` is not smooth: autograd's ``f''`` disagrees with the central
+    difference of ``f'``. For a smooth ``f`` they agree to O(h^2); a kink in ``f`` (ReLU) or a
+    jump in ``f''`` (ELU at 0) makes them differ by O(1) or more."""
+    fd = torch.zeros_like(d2)
+    fd[1:-1] = (d1[2:] - d1[:-2]) / (2 * h)
+    fd[0], fd[-1] = d2[0], d2[-1]
+    tol = 0.05 * (1.0 + float(d2.abs().max()))
+    return (fd - d2).abs() > tol
+
+
+def step(f: Activation, density: Density, eta: float, method: str = "x", flat_tol: float = FLAT_TOL) -> torch.Tensor:
+    """One EAFO update of ``f`` with step size ``eta``; the new activation's values on ``density.grid``.
+
+    - ``method="x"`` (section 2b, any activation): ``f~ = f + eta * correction(f, density)``.
+    - ``method="g"`` (section 2a, exact in the inverse): the inverse ``g`` moves by
+      ``dg(f(x)) = -eta * (p'/f' - p f''/f'^2)``; the points ``(x + dg, f(x))`` lie on the new
+      activation, which is resampled onto the grid by monotone (PCHIP) interpolation. Needs a
+      smooth, strictly increasing ``f``; otherwise it raises ``ValueError`` (use ``"x"``).
+
+    The two agree to O(eta^2). Use :class:`Tabulated` to turn the result into a callable.
+    """
+    density = _check_density(density)
+    if method not in ("x", "g"):
+        raise ValueError(f"method must be 'x' or 'g', got {method!r}")
+    eta = float(eta)
+    if not math.isfinite(eta):
+        raise ValueError(f"eta must be a finite number, got {eta!r}")
+    x = density.grid
+    y, d1, d2 = derivatives(f, x)
+    if method == "x":
+        return y + eta * _correction_from(density, d1, d2, flat_tol)
+
+    if bool((d1 <= flat_tol).any()) or bool((torch.diff(y) <= 0).any()):
+        where = x[d1 <= flat_tol]
+        span = f" (flat near x in [{float(where.min()):.3g}, {float(where.max()):.3g}])" if where.numel() else ""
+        raise ValueError(
+            f"method='g' needs a strictly increasing activation on [{density.lo}, {density.hi}]{span}; "
+            "use method='x', which works for every activation"
+        )
+    kinks = _kinks(y, d1, d2, density.step)
+    if bool(kinks.any()):
+        raise ValueError(
+            "method='g' needs a smooth activation, but its slope has a kink near x = "
+            f"{float(x[kinks][0]):.3g}; use method='x', which works for every activation"
+        )
+    dg = -eta * (density.dp / d1 - density.p * d2 / d1**2)
+    x_new = x + dg
+    if bool((torch.diff(x_new) <= 0).any()):
+        raise ValueError(
+            f"eta={eta} is too large for method='g': the moved inverse is no longer increasing; "
+            "use a smaller eta or method='x'"
+        )
+    interp = PchipInterpolator(x_new.cpu().numpy(), y.cpu().numpy(), extrapolate=True)
+    return torch.as_tensor(interp(x.cpu().numpy()), dtype=torch.float64, device=x.device)
+
+
+# --------------------------------------------------------------------------- entropy
+def _pushforward(fe: torch.Tensor, mass: torch.Tensor, delta: float) -> tuple[torch.Tensor, float, float]:
+    """Bin masses of ``Y = f(X)`` at resolution ``delta``, and Y's mean and std.
+
+    Input cell ``k`` (between edges ``k`` and ``k+1``) carries ``mass[k]``, spread uniformly over
+    ``[f(e_k), f(e_k+1)]`` (``f`` linear within a cell); a cell that ``f`` maps to a single point
+    is an atom. The output CDF is then piecewise linear with known kinks, so the mass of every
+    output bin follows exactly from sorted cumulative sums: O(B log B), no sampling.
+    """
+    a = torch.minimum(fe[:-1], fe[1:])
+    b = torch.maximum(fe[:-1], fe[1:])
+    width = b - a
+    scale = max(1.0, float(b.max().abs()), float(a.min().abs()))
+    atom = width <= 1e-9 * scale
+
+    y0 = math.floor(float(a.min()) / delta) * delta
+    nbins = int(math.ceil((float(b.max()) - y0) / delta)) + 1
+    if nbins > _MAX_OUTPUT_BINS:
+        raise ValueError(
+            f"delta={delta:g} gives {nbins} output bins for an output range of "
+            f"{float(b.max() - a.min()):.4g}; pass a larger delta"
+        )
+    edges = y0 + delta * torch.arange(nbins + 1, dtype=torch.float64, device=fe.device)
+
+    # CDF of the spread cells: sum_k s_k * (relu(y - a_k) - relu(y - b_k)), s_k = m_k / w_k.
+    wide = ~atom
+    s = mass[wide] / width[wide]
+    knots = torch.cat([a[wide], b[wide]])
+    slopes = torch.cat([s, -s])
+    order = torch.argsort(knots)
+    knots, slopes = knots[order], slopes[order]
+    cum_s = torch.cat([slopes.new_zeros(1), torch.cumsum(slopes, 0)])
+    cum_sz = torch.cat([slopes.new_zeros(1), torch.cumsum(slopes * knots, 0)])
+    idx = torch.searchsorted(knots, edges, right=False)  # knots strictly below each edge
+    cdf = edges * cum_s[idx] - cum_sz[idx]
+    # Atoms: a step of m_k at a_k.
+    if bool(atom.any()):
+        at, am = a[atom], mass[atom]
+        order = torch.argsort(at)
+        at, cum_m = at[order], torch.cat([am.new_zeros(1), torch.cumsum(am[order], 0)])
+        # right=False counts atoms strictly below each edge, so an atom sitting on an edge
+        # lands in the bin that starts there (never before the first edge).
+        cdf = cdf + cum_m[torch.searchsorted(at, edges, right=False)]
+    bin_mass = torch.diff(cdf).clamp_min(0)
+
+    mean = float((mass * (a + b) / 2).sum())
+    second = float((mass * (a * a + a * b + b * b) / 3).sum())
+    std = math.sqrt(max(second - mean * mean, 0.0))
+    return bin_mass, mean, std
+
+
+def _discrete_entropy(bin_mass: torch.Tensor, delta: float) -> float:
+    # Section 1: H_delta = -sum P_i log P_i + log delta.
+    P = bin_mass / bin_mass.sum()
+    P = P[P > 0]
+    return float(-(P * torch.log(P)).sum()) + math.log(delta)
+
+
+def _resolve_delta(density: Density, delta: float | None) -> float:
+    if delta is None:
+        return density.step
+    delta = float(delta)
+    if not (math.isfinite(delta) and delta > 0):
+        raise ValueError(f"delta must be a positive number (the output resolution), got {delta!r}")
+    return delta
+
+
+def _cell_masses(density: Density) -> torch.Tensor:
+    mass = density.mass
+    total = float(mass.sum())
+    if total <= 0:
+        raise ValueError("the density has no mass on its grid; widen [lo, hi] or feed the estimator data")
+    return mass / total
+
+
+def output_entropy(f: Activation, density: Density, delta: float | None = None) -> float:
+    """Discretised entropy ``H_delta[f(X)]`` (nats) of the activation's output, ``X ~ density``.
+
+    The density is pushed through ``f`` exactly (eafo-math.md section 1); no output samples are
+    needed. It is finite for activations with flat parts (ReLU's atom at 0), equals the
+    differential entropy in the limit for smooth increasing ``f``, and is comparable across
+    activations and layers when ``delta`` is the same. The density is renormalised to its grid
+    (mass outside ``[lo, hi]`` is not pushed).
+
+    Args:
+        delta: output bin width; defaults to ``density.step``.
+    """
+    density = _check_density(density)
+    delta = _resolve_delta(density, delta)
+    fe, _, _ = _evaluate(_as_function(f, density.grid.device), density.edges, grad=False)
+    bin_mass, _, _ = _pushforward(fe, _cell_masses(density), delta)
+    return _discrete_entropy(bin_mass, delta)
+
+
+def output_stats(
+    f: Activation, density: Density, delta: float | None = None, flat_tol: float = 1e-6
+) -> dict[str, float]:
+    """The per-layer figures the callback logs, from one evaluation of ``f``.
+
+    Returns a dict of floats:
+        - ``entropy_in``: differential entropy of the input density on its grid;
+        - ``entropy_out``: :func:`output_entropy` at resolution ``delta``;
+        - ``std_out``: standard deviation of ``f(X)``;
+        - ``entropy_out_scale_free``: ``entropy_out - log(std_out)``, unchanged by rescaling the
+          output; at most ``0.5 * log(2 pi e) = 1.419`` up to discretisation, reached by a
+          Gaussian output (section 5);
+        - ``dead``: probability that ``f'(X) <= flat_tol`` (inputs where the activation is flat).
+    """
+    density = _check_density(density)
+    delta = _resolve_delta(density, delta)
+    fn = _as_function(f, density.grid.device)
+    fe, _, _ = _evaluate(fn, density.edges, grad=False)
+    _, d1, _ = _evaluate(fn, density.grid, grad=True)
+    mass = _cell_masses(density)
+    bin_mass, _, std = _pushforward(fe, mass, delta)
+    h_out = _discrete_entropy(bin_mass, delta)
+    return {
+        "entropy_in": density.entropy(),
+        "entropy_out": h_out,
+        "std_out": std,
+        "entropy_out_scale_free": h_out - math.log(std) if std > 0 else -math.inf,
+        "dead": float(mass[d1 <= flat_tol].sum()),
+    }
+
+
+# --------------------------------------------------------------------------- WAFBC
+def wafbc(density: Density, lower: float = 0.0, upper: float = 1.0) -> torch.Tensor:
+    """The worst activation with boundary conditions: ``lower + (upper - lower) * F_p(x)``.
+
+    ``F_p`` is the CDF of the density (restricted to its grid). Among activations with range
+    ``(lower, upper)`` it maximises the output entropy, at ``log(upper - lower)``: its output is
+    uniform (eafo-math.md section 4).
+
+    Returns:
+        ``(B,)`` values on ``density.grid``; wrap with :class:`Tabulated` to evaluate elsewhere.
+    """
+    density = _check_density(density)
+    lower, upper = float(lower), float(upper)
+    if not (math.isfinite(lower) and math.isfinite(upper) and lower < upper):
+        raise ValueError(f"need finite bounds with lower < upper, got lower={lower!r}, upper={upper!r}")
+    return lower + (upper - lower) * density.cdf()
+
+
+class Tabulated(nn.Module):
+    """An activation given by its values on a grid, as a module: piecewise-linear in between,
+    extended linearly beyond the ends. Turns :func:`step` and :func:`wafbc` results into
+    something :func:`output_entropy` and plots can call.
+
+    Example:
+        >>> d = Density.from_pdf(norm.pdf, -8, 8, 1600)
+        >>> worst = Tabulated(d.grid, wafbc(d))
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super().__init__()
+        x = torch.as_tensor(x, dtype=torch.float64).flatten()
+        y = torch.as_tensor(y, dtype=torch.float64).flatten()
+        if x.numel() != y.numel() or x.numel() < 2:
+            raise ValueError(f"x and y need the same length >= 2, got {x.numel()} and {y.numel()}")
+        if bool((torch.diff(x) <= 0).any()):
+            raise ValueError("x must be strictly increasing")
+        self.register_buffer("x", x)
+        self.register_buffer("y", y)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        x, y = self.x.to(t.device, t.dtype), self.y.to(t.device, t.dtype)
+        i = torch.searchsorted(x, t.detach().contiguous()).clamp(1, x.numel() - 1)
+        x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]
+        return y0 + (t - x0) * (y1 - y0) / (x1 - x0)
