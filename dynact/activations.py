@@ -68,7 +68,7 @@ class CRReLU(nn.Module):
         return crrelu(x, self.eps.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"eps={float(self.eps):.4g}, learnable={self.learnable}"
+        return f"eps={float(self.eps.detach()):.4g}, learnable={self.learnable}"
 
 
 # name -> factory(**kw) returning an nn.Module. One line per activation.

@@ -1,0 +1,267 @@
+"""EAFO numerics against independent oracles: analytic formulas, quadrature, sampling, scipy.
+
+Each test names the check of eafo-math.md section 7 it reproduces.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import integrate, stats
+
+from dynact import CRReLU, eafo
+from dynact.density import Density
+
+SQRT_2PI = math.sqrt(2 * math.pi)
+
+
+@pytest.fixture(scope="module")
+def normal():
+    # x in [-8, 8], step 0.005 (section 7 asks for a step <= 0.05).
+    return Density.from_pdf(stats.norm.pdf, -8.0, 8.0, 3200)
+
+
+def _identity(x):
+    return x
+
+
+def _entropy_by_formula(values: torch.Tensor, density: Density) -> float:
+    """H[Y] = H[X] + E[log f'(X)] for a smooth increasing f given on the grid (section 1),
+    by quadrature of a numerical derivative: independent of the push-forward code."""
+    x, y = density.grid.numpy(), values.numpy()
+    slope = np.gradient(y, x)
+    p = density.p.numpy()
+    h_x = -integrate.trapezoid(p * np.log(np.maximum(p, 1e-300)), x)
+    return h_x + integrate.trapezoid(p * np.log(slope), x)
+
+
+def _entropy_by_sampling(f, n: int = 1_000_000, bins: int = 2000, seed: int = 0) -> float:
+    """Histogram entropy of f(X) for X ~ N(0,1) samples (the Monte-Carlo column of section 2)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    y = f(x).numpy()
+    counts, edges = np.histogram(y, bins=bins)
+    width = edges[1] - edges[0]
+    prob = counts[counts > 0] / n
+    return float(-(prob * np.log(prob)).sum() + np.log(width))
+
+
+# ---------------------------------------------------------------- check 1
+def test_relu_correction_is_derivative_of_normal_density(normal):
+    c = eafo.correction(F.relu, normal)
+    x = normal.grid
+    expected = -x * torch.exp(-x**2 / 2) / SQRT_2PI
+    inside = x.abs() <= 4
+    assert (c - expected)[inside].abs().max() < 1e-4
+
+
+def test_correction_on_monotone_part_matches_formula(normal):
+    # tanh: f''/f' = -2 tanh(x), so c = p' + 2 p tanh(x).
+    c = eafo.correction(torch.tanh, normal)
+    x, p = normal.grid, normal.p
+    expected = -x * p + 2 * p * torch.tanh(x)
+    assert (c - expected).abs().max() < 1e-8
+
+
+def test_correction_works_for_modules_and_leaves_them_untouched(normal):
+    act = torch.nn.PReLU(init=0.25)  # float32 parameter; evaluated on a float64 copy
+    before = act.weight.detach().clone()
+    calls = []
+    act.register_forward_pre_hook(lambda m, i: calls.append(1))
+    c = eafo.correction(act, normal)
+    x, p = normal.grid, normal.p
+    assert (c - (-x * p)).abs().max() < 1e-8  # piecewise linear: c = p'
+    assert act.weight.dtype == torch.float32 and torch.equal(act.weight.detach(), before)
+    assert calls == []  # evaluating an activation never fires its (training) hooks
+
+
+# ---------------------------------------------------------------- check 3 and section 2's table
+TABLE = [
+    # f, H before, eta, H after (x-space), H after (g-space)
+    ("softplus", F.softplus, 0.6129, 0.05, 0.5990, 0.5990),
+    ("softplus", F.softplus, 0.6129, 0.2, 0.5535, 0.5543),
+    ("tanh", torch.tanh, 0.6698, 0.05, 0.6655, 0.6655),
+    ("identity", _identity, 1.4189, 0.05, 1.4118, 1.4118),
+]
+
+
+@pytest.mark.parametrize("name,f,h_before,eta,h_x,h_g", TABLE, ids=[f"{r[0]}-{r[3]}" for r in TABLE])
+def test_step_lowers_entropy_as_in_table(normal, name, f, h_before, eta, h_x, h_g):
+    assert eafo.output_entropy(f, normal) == pytest.approx(h_before, abs=5e-3)
+    new_x = eafo.step(f, normal, eta, method="x")
+    new_g = eafo.step(f, normal, eta, method="g")
+    after_x = eafo.output_entropy(eafo.Tabulated(normal.grid, new_x), normal)
+    after_g = eafo.output_entropy(eafo.Tabulated(normal.grid, new_g), normal)
+    assert after_x == pytest.approx(h_x, abs=5e-3)
+    assert after_g == pytest.approx(h_g, abs=5e-3)
+    # independent oracle: H[X] + E log f~'(X) by quadrature
+    assert _entropy_by_formula(new_x, normal) == pytest.approx(h_x, abs=5e-3)
+    assert after_x < eafo.output_entropy(f, normal)
+
+
+@pytest.mark.parametrize("name,f,h_before,h_after", [
+    ("softplus", F.softplus, 0.6129, 0.5990),
+    ("tanh", torch.tanh, 0.6698, 0.6655),
+    ("identity", _identity, 1.4189, 1.4118),
+])
+def test_step_lowers_entropy_measured_by_sampling(normal, name, f, h_before, h_after):
+    stepped = eafo.Tabulated(normal.grid, eafo.step(f, normal, 0.05, method="x"))
+    before = _entropy_by_sampling(f)
+    after = _entropy_by_sampling(stepped)
+    assert before == pytest.approx(h_before, abs=5e-3)
+    assert after == pytest.approx(h_after, abs=5e-3)
+    assert after < before
+
+
+def test_x_and_g_steps_agree_to_second_order(normal):
+    inside = normal.grid.abs() <= 4
+    small = (eafo.step(F.softplus, normal, 0.05, "x") - eafo.step(F.softplus, normal, 0.05, "g"))[inside]
+    large = (eafo.step(F.softplus, normal, 0.2, "x") - eafo.step(F.softplus, normal, 0.2, "g"))[inside]
+    assert small.abs().max() < 5e-4  # table: 0.0002
+    assert large.abs().max() < 6e-3  # table: 0.0039
+    assert large.abs().max() > 8 * small.abs().max()  # O(eta^2): 4x the step, ~16x the gap
+
+
+def test_elu_x_step_matches_table_and_g_step_refuses_the_kink(normal):
+    assert eafo.output_entropy(F.elu, normal) == pytest.approx(1.0200, abs=5e-3)
+    after = eafo.output_entropy(eafo.Tabulated(normal.grid, eafo.step(F.elu, normal, 0.05)), normal)
+    assert after == pytest.approx(1.0095, abs=5e-3)
+    with pytest.raises(ValueError, match="method='x'"):
+        eafo.step(F.elu, normal, 0.05, method="g")
+
+
+def test_g_step_refuses_flat_activations(normal):
+    with pytest.raises(ValueError, match="strictly increasing"):
+        eafo.step(F.relu, normal, 0.05, method="g")
+
+
+# ---------------------------------------------------------------- entropy
+def test_identity_entropy_is_normal_entropy(normal):
+    assert eafo.output_entropy(_identity, normal) == pytest.approx(0.5 * math.log(2 * math.pi * math.e), abs=5e-3)
+    assert eafo.output_entropy(_identity, normal) == pytest.approx(1.4189, abs=5e-3)
+
+
+def test_entropy_scales_with_log_of_gain(normal):
+    # H[aY] = H[Y] + log a (section 1).
+    base = eafo.output_entropy(torch.tanh, normal, delta=0.001)
+    scaled = eafo.output_entropy(lambda x: 3 * torch.tanh(x), normal, delta=0.001)
+    assert scaled - base == pytest.approx(math.log(3), abs=2e-3)
+
+
+def test_relu_entropy_is_finite_and_counts_the_atom(normal):
+    delta = 0.01
+    h = eafo.output_entropy(F.relu, normal, delta=delta)
+    assert math.isfinite(h)
+    # Oracle from scipy's normal CDF: bin 0 holds the atom (all negative inputs) plus
+    # P(0 <= X < delta); bin j holds P(j delta <= X < (j + 1) delta).
+    edges = np.arange(0, 8 + delta, delta)
+    P = np.diff(stats.norm.cdf(edges))
+    P[0] += 0.5
+    expected = float(-(P[P > 0] * np.log(P[P > 0])).sum() + np.log(delta))
+    assert h == pytest.approx(expected, abs=1e-3)
+
+
+def test_output_stats_report_dead_mass_and_scale_free_entropy(normal):
+    relu = eafo.output_stats(F.relu, normal)
+    assert relu["dead"] == pytest.approx(0.5, abs=1e-3)
+    assert relu["std_out"] == pytest.approx(math.sqrt(0.5 - 1 / (2 * math.pi)), abs=1e-3)
+    ident = eafo.output_stats(lambda x: 5 * x, normal)
+    assert ident["dead"] == 0.0
+    # zero-mean Gaussian output reaches the maximum 0.5 log(2 pi e) whatever its scale
+    assert ident["entropy_out_scale_free"] == pytest.approx(0.5 * math.log(2 * math.pi * math.e), abs=5e-3)
+    assert ident["entropy_in"] == pytest.approx(1.4189, abs=1e-3)
+
+
+def test_crrelu_sign_decides_the_entropy_direction(normal):
+    # Section 3: eps = -eta/sqrt(2 pi) is one EAFO step from ReLU (lower entropy at a resolution
+    # coarser than the bump it puts on the negative side); the published +0.01 goes the other way.
+    delta = 0.05
+    relu = eafo.output_entropy(F.relu, normal, delta)
+    assert eafo.output_entropy(CRReLU(-0.01), normal, delta) < relu
+    assert eafo.output_entropy(CRReLU(+0.01), normal, delta) > relu
+    eta = 0.05
+    step = eafo.step(F.relu, normal, eta)
+    assert torch.allclose(step, CRReLU(-eta / SQRT_2PI)(normal.grid), atol=1e-9)
+
+
+# ---------------------------------------------------------------- check 4 (WAFBC)
+def test_wafbc_is_the_scaled_cdf(normal):
+    w = eafo.wafbc(normal, -1.0, 3.0)
+    expected = -1.0 + 4.0 * torch.as_tensor(stats.norm.cdf(normal.grid.numpy()))
+    assert (w - expected).abs().max() < 1e-3
+
+
+def test_wafbc_has_the_highest_entropy_among_bounded_activations(normal):
+    worst = eafo.Tabulated(normal.grid, eafo.wafbc(normal, 0.0, 1.0))
+    h_worst = eafo.output_entropy(worst, normal)
+    assert h_worst == pytest.approx(0.0, abs=2e-3)  # log(b - a)
+    others = {
+        "sigmoid(1.702x)": (lambda x: torch.sigmoid(1.702 * x), -0.010),
+        "(tanh+1)/2": (lambda x: (torch.tanh(x) + 1) / 2, -0.023),
+        "sigmoid": (torch.sigmoid, -0.193),
+    }
+    for name, (f, expected) in others.items():
+        h = eafo.output_entropy(f, normal)
+        assert h == pytest.approx(expected, abs=3e-3), name
+        assert h < h_worst, name
+
+
+def test_wafbc_variational_residual_vanishes_for_the_cdf_only(normal):
+    # Section 4: p'/f' - p f''/f'^2 = 0 for f = CDF (|x| < 4), but not for tanh.
+    x = normal.grid
+    inside = x.abs() < 4
+
+    def residual(f):
+        _, d1, d2 = eafo.derivatives(f, x)
+        return (normal.dp / d1 - normal.p * d2 / d1**2)[inside].abs().max()
+
+    cdf = lambda t: 0.5 * (1 + torch.erf(t / math.sqrt(2)))  # noqa: E731
+    assert residual(cdf) < 2e-4
+    assert residual(lambda t: (torch.tanh(t) + 1) / 2) > 0.3
+
+
+def test_wafbc_of_uniform_density_is_linear():
+    d = Density.from_pdf(lambda x: torch.where(x.abs() <= 1, 0.5, 0.0), -1.0, 1.0, 400)
+    w = eafo.wafbc(d, 0.0, 1.0)
+    assert (w - (d.grid + 1) / 2).abs().max() < 1e-9
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_density_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="bins"):
+        Density.from_pdf(stats.norm.pdf, -1, 1, 4)
+    with pytest.raises(ValueError, match="lo must be below hi"):
+        Density.from_pdf(stats.norm.pdf, 1, 1, 64)
+    with pytest.raises(ValueError, match="non-finite"):
+        Density.from_pdf(lambda x: torch.full_like(x, float("nan")), -1, 1, 64)
+    with pytest.raises(ValueError, match="negative"):
+        Density.from_pdf(lambda x: -torch.ones_like(x), -1, 1, 64)
+
+
+def test_bad_activations_raise_clear_errors(normal):
+    with pytest.raises(TypeError, match="callable"):
+        eafo.correction(3.0, normal)
+    with pytest.raises(ValueError, match="callable"):  # the same error is also a ValueError
+        eafo.output_entropy("relu", normal)
+    with pytest.raises(ValueError, match="elementwise"):
+        eafo.output_entropy(lambda x: x.sum(), normal)
+    with pytest.raises(ValueError, match="not finite"):
+        eafo.output_entropy(torch.log, normal)  # log of negative inputs
+    with pytest.raises(ValueError, match="method"):
+        eafo.step(torch.tanh, normal, 0.1, method="z")
+    with pytest.raises(ValueError, match="delta"):
+        eafo.output_entropy(torch.tanh, normal, delta=0)
+    with pytest.raises(ValueError, match="lower"):
+        eafo.wafbc(normal, 1.0, 0.0)
+    with pytest.raises(TypeError, match="Density"):
+        eafo.correction(torch.tanh, np.zeros(10))
+
+
+def test_results_live_on_the_density_device_and_never_nan(normal):
+    for f in (F.relu, F.gelu, F.elu, F.silu, F.mish, CRReLU()):
+        c = eafo.correction(f, normal)
+        assert c.shape == normal.grid.shape and c.dtype == torch.float64
+        assert torch.isfinite(c).all()
+        assert math.isfinite(eafo.output_entropy(f, normal))
