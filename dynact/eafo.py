@@ -161,6 +161,11 @@ def correction(f: Activation, density: Density, flat_tol: float = FLAT_TOL) -> t
     ``c = p'`` (eafo-math.md section 2b). A step ``f + eta * c`` with ``eta > 0`` lowers the
     output entropy to first order. For ReLU and ``p = N(0, 1)``, ``c(x) = -x exp(-x^2/2)/sqrt(2 pi)``.
 
+    For activations that are not monotone (GELU, SiLU, Mish have a minimum) the term
+    ``f''/f'`` is singular where ``f'`` crosses zero: the correction is large there, and a step
+    is only guaranteed to lower the entropy on the increasing parts. Keep ``eta`` small, or
+    use an increasing base (ReLU, ELU, CELU, PReLU, CRReLU with small ``eps``).
+
     Returns:
         ``(B,)`` float64 tensor.
     """
