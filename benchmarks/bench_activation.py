@@ -1,0 +1,129 @@
+"""Forward+backward time of EAFOActivation against nn.GELU, nn.ReLU and CRReLU.
+
+Measures one forward and one backward pass (input and ``eps`` gradients) at ViT-Tiny's MLP
+activation shape (batch x 65 tokens x 768 hidden), eager and compiled, and prints JSON with
+each activation's median time and its ratio to ``nn.GELU`` measured in the same run.
+On CUDA the default dtype is bfloat16, on CPU float32.
+
+Usage::
+
+    python benchmarks/bench_activation.py                    # 256 x 65 x 768, eager + compiled
+    python benchmarks/bench_activation.py --batch 32 --no-compile
+    python benchmarks/bench_activation.py --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from dynact.activations import CRReLU
+from dynact.spline import EAFOActivation
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _fwd_bwd(fn, x: torch.Tensor, grad: torch.Tensor) -> None:
+    x.grad = None
+    fn(x).backward(grad)
+
+
+def _time_round_robin(fns: dict, x: torch.Tensor, grad: torch.Tensor, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds of ``fn(x).backward(grad)`` for each function.
+
+    The functions take turns within every repeat, so a busy machine slows them alike and the
+    ratios stay meaningful even when the absolute times drift.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            _fwd_bwd(fn, x, grad)
+    _sync(x.device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            _fwd_bwd(fn, x, grad)
+            _sync(x.device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _activations(device: torch.device, impls: bool) -> dict[str, nn.Module]:
+    acts: dict[str, nn.Module] = {
+        "GELU": nn.GELU(),
+        "ReLU": nn.ReLU(),
+        "CRReLU": CRReLU(),
+        "EAFOActivation": EAFOActivation("relu"),
+    }
+    if impls:
+        # The two implementations behind EAFOActivation, forced (for choosing the default).
+        ops = EAFOActivation("relu")
+        ops._impl = "ops"
+        fn = EAFOActivation("relu")
+        fn._impl = "function"
+        acts["EAFOActivation[ops]"] = ops
+        acts["EAFOActivation[function]"] = fn
+    return {k: v.to(device) for k, v in acts.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=65)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")
+    parser.add_argument("--impls", action="store_true", help="also time both EAFOActivation implementations forced")
+    args = parser.parse_args(argv)
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    shape = (args.batch, args.tokens, args.hidden)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+    grad = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+    modes = ["eager"] + ([] if args.no_compile else ["compiled"])
+    results: dict[str, dict] = {}
+    for mode in modes:
+        acts = _activations(device, args.impls)
+        fns = {name: torch.compile(act, fullgraph=True) if mode == "compiled" else act for name, act in acts.items()}
+        seconds = _time_round_robin(fns, x, grad, args.warmup, args.repeats)
+        ref = seconds["GELU"]
+        results[mode] = {
+            name: {"ms": round(1e3 * t, 3), "ratio_to_gelu": round(t / ref, 3)} for name, t in seconds.items()
+        }
+
+    report = {
+        "benchmark": "activation forward+backward (input and eps grads)",
+        "shape": list(shape),
+        "dtype": dtype_name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "results": results,
+    }
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,437 @@
+"""EAFOActivation: forward/backward, buffers, updates from a density, grid placement.
+
+Oracles: CRReLU's closed form, numpy's interpolation, autograd's gradcheck, scipy's
+distributions, the analytic EAFO correction of a Laplace density, dynact.eafo on exact
+densities and the entropy table of eafo-math.md section 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+from torch.func import functional_call
+
+from dynact import eafo
+from dynact.activations import CRReLU, activation_names, make_activation
+from dynact.density import KDE, Density, Histogram
+from dynact.spline import DEFAULT_KNOTS, EAFOActivation
+
+SQRT_2PI = math.sqrt(2 * math.pi)
+IMPLS = ["function", "ops"]
+
+
+def _forced(act: EAFOActivation, impl: str) -> EAFOActivation:
+    act._impl = impl
+    return act
+
+
+def _reference(act: EAFOActivation, x: torch.Tensor) -> torch.Tensor:
+    """base(x) + eps * s(x) with numpy's linear interpolation (zero beyond the grid)."""
+    knots = np.linspace(float(act.lo), float(act.hi), act.knots)
+    s = np.interp(x.double().numpy(), knots, act.s.double().numpy(), left=0.0, right=0.0)
+    with torch.no_grad():
+        base = copy.deepcopy(act.base).double()(x.double())
+    return base + float(act.eps.detach()) * torch.from_numpy(s)
+
+
+def _away_from_kinks(x: torch.Tensor, act: EAFOActivation, gap: float = 1e-3) -> torch.Tensor:
+    knots = act.knot_positions(x.dtype)
+    dist = (x[..., None] - knots).abs().min(-1).values
+    return x[(dist > gap) & (x.abs() > gap)]
+
+
+@pytest.fixture(scope="module")
+def normal() -> Density:
+    return Density.from_pdf(stats.norm.pdf, -8.0, 8.0, 1280)
+
+
+# --------------------------------------------------------------------------- construction
+def test_fresh_activation_is_crrelu_with_one_parameter():
+    act, ref = EAFOActivation(), CRReLU()
+    x = torch.linspace(-9, 9, 20001)
+    with torch.no_grad():
+        err = (act(x) - ref(x)).abs().max().item()
+    # Linear interpolation of x exp(-x^2/2) on a 0.047 step: error <= step^2 max|s''| / 8.
+    step = 12 / (DEFAULT_KNOTS - 1)
+    assert err <= 0.01 * step**2 * 3.0 / 8 + 1e-6
+    assert sum(p.numel() for p in act.parameters()) == sum(p.numel() for p in ref.parameters()) == 1
+    assert {"s", "lo", "hi", "eps"} <= set(act.state_dict())
+    assert act.s[0] == 0 and act.s[-1] == 0
+
+
+def test_zero_init_and_buffer_eps():
+    act = EAFOActivation("gelu", init="zero", eps=0.3, learn_eps=False)
+    x = torch.randn(1000)
+    assert torch.equal(act(x), nn.GELU()(x))
+    assert list(act.parameters()) == [] and "eps" in dict(act.named_buffers())
+
+
+@pytest.mark.parametrize("name", [n for n in activation_names() if n != "eafo"])
+def test_every_registry_base_works_through_make_activation(name):
+    act = make_activation("eafo", base=name, eps=0.05)
+    assert isinstance(act, EAFOActivation)
+    x = torch.randn(257, requires_grad=True)
+    _reference_close = _reference(act, x.detach())
+    y = act(x)
+    torch.testing.assert_close(y.double(), _reference_close, atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(act.eps.grad)
+    extra = 1 if name in ("prelu", "crrelu") else 0  # PReLU's slope, CRReLU's eps
+    assert sum(p.numel() for p in act.parameters()) == 1 + extra
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(base="eafo"), "base='eafo'"),
+        (dict(base="nope"), "unknown activation"),
+        (dict(knots=4), "bins must be an integer"),
+        (dict(lo=1.0, hi=-1.0), "lo must be below hi"),
+        (dict(eps=float("nan")), "eps must be a finite"),
+        (dict(init="gauss"), "init must be one of"),
+        (dict(base=lambda: nn.ReLU(inplace=True)), "in place"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EAFOActivation(**kwargs)
+
+
+def test_bad_update_arguments(normal):
+    act = EAFOActivation("elu")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        act.update(normal, mode="descend")
+    with pytest.raises(ValueError, match="eta must be"):
+        act.update(normal, mode="iterate", eta=float("nan"))
+    with pytest.raises(ValueError, match="lo_q < hi_q"):
+        act.place_grid(normal, lo_q=0.9, hi_q=0.1)
+    with pytest.raises(TypeError, match="Density"):
+        act.update(torch.randn(10))
+
+
+# --------------------------------------------------------------------------- forward / backward
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_matches_numpy_interpolation(impl, dtype):
+    torch.manual_seed(0)
+    act = _forced(EAFOActivation("silu", lo=-3.0, hi=2.0, knots=33, eps=0.7), impl).to(dtype)
+    with torch.no_grad():
+        act.s.copy_(torch.randn(33, dtype=dtype))
+        act.s[0] = act.s[-1] = 0
+    x = torch.cat([torch.linspace(-5, 4, 4001, dtype=dtype), act.knot_positions(dtype)])
+    with torch.no_grad():
+        y = act(x)
+    # float32: u = a x + b carries a rounding of ~2 ulp(34), and this random spline is steep
+    # (|eps s'| up to ~15), so values may move by ~1e-5.
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(y.double(), _reference(act, x), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_outside_the_grid_activation_and_gradient_are_the_base(impl):
+    act = _forced(EAFOActivation("gelu", lo=-2.0, hi=3.0, eps=0.5), impl)
+    x = torch.cat([torch.linspace(-8, -2, 100), torch.linspace(3, 8, 100)]).requires_grad_(True)
+    y = act(x)
+    y.sum().backward()
+    xb = x.detach().clone().requires_grad_(True)
+    nn.GELU()(xb).sum().backward()
+    assert torch.equal(y.detach(), nn.GELU()(x.detach()))  # s is zero at the ends too
+    beyond = (x.detach() < -2) | (x.detach() > 3)  # at the ends the gradient is one-sided
+    assert torch.equal(x.grad[beyond], xb.grad[beyond])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_and_inf_inputs(impl):
+    act = _forced(EAFOActivation("relu"), impl)
+    with torch.no_grad():
+        y = act(torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5]))
+    assert math.isnan(y[0]) and y[1] == float("inf") and y[2] == 0 and torch.isfinite(y[3])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("base", ["gelu", "relu"])
+def test_gradcheck_input_and_eps_float64(impl, base):
+    torch.manual_seed(1)
+    act = _forced(EAFOActivation(base, knots=65, eps=0.3), impl).double()
+    with torch.no_grad():
+        act.s[1:-1] = torch.randn(63, dtype=torch.float64)
+    x = _away_from_kinks(torch.empty(200, dtype=torch.float64).uniform_(-7, 7), act)[:60]
+    x.requires_grad_(True)
+    eps = act.eps.detach().clone().requires_grad_(True)
+
+    def fn(x, eps):
+        return functional_call(act, {"eps": eps}, (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, eps), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_float32(dtype):
+    act = EAFOActivation("gelu", eps=0.5)
+    x32 = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    x = x32.to(dtype).requires_grad_(True)
+    y = act(x)
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert x.grad.dtype == dtype and act.eps.grad.dtype == torch.float32
+    eps_grad = act.eps.grad.clone()
+    act.eps.grad = None
+    xr = x.detach().float().requires_grad_(True)
+    yr = act(xr)
+    yr.sum().backward()
+    # Same inputs (rounded to dtype) evaluated in float32: only the output rounding differs.
+    # (atol: float16 outputs below 6e-5 are subnormal, with absolute spacing 6e-8)
+    torch.testing.assert_close(y.float(), yr, atol=1e-7, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10)
+    torch.testing.assert_close(eps_grad, act.eps.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_bfloat16_cpu():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), EAFOActivation("gelu", eps=0.2), nn.Linear(32, 4))
+    x = torch.randn(64, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = net[1](net[0](x))
+        out = net[2](hidden)
+    assert hidden.dtype == torch.bfloat16
+    out.float().pow(2).mean().backward()
+    grad_bf16 = net[1].eps.grad.clone()
+    net.zero_grad()
+    net(x).pow(2).mean().backward()
+    assert torch.isfinite(grad_bf16) and net[1].eps.grad.dtype == torch.float32
+    torch.testing.assert_close(grad_bf16, net[1].eps.grad, rtol=0.05, atol=1e-4)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    act = EAFOActivation("relu", eps=0.3)
+    with torch.no_grad():
+        act.s.mul_(2.0)
+    compiled = torch.compile(act, fullgraph=True)  # fullgraph: any graph break raises
+    x = torch.randn(3, 40)
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ye, yc = act(xe), compiled(xc)
+    torch.testing.assert_close(yc, ye, atol=1e-6, rtol=1e-6)
+    g = torch.randn_like(x)
+    eps_e = torch.autograd.grad(ye, (xe, act.eps), g)
+    eps_c = torch.autograd.grad(yc, (xc, act.eps), g)
+    torch.testing.assert_close(eps_c[0], eps_e[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(eps_c[1], eps_e[1], atol=1e-5, rtol=1e-5)
+
+
+def test_in_place_change_of_the_spline_reaches_forward():
+    # The eager path caches its tables; any in-place write must invalidate them.
+    act = EAFOActivation("relu", eps=1.0)
+    x = torch.linspace(-3, 3, 101)
+    before = act(x)
+    with torch.no_grad():
+        act.s.mul_(-1.0)
+    after = act(x)
+    torch.testing.assert_close(after - torch.relu(x), -(before - torch.relu(x)))
+    clone = copy.deepcopy(act)
+    with torch.no_grad():
+        clone.s.zero_()
+    assert torch.equal(clone(x), torch.relu(x)) and torch.equal(act(x), after)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu(dtype):
+    act = EAFOActivation("gelu", eps=0.4)
+    x = torch.randn(10_000)
+    xc = x.to("cuda", dtype).requires_grad_(True)
+    gpu = copy.deepcopy(act).cuda()
+    y = gpu(xc)
+    y.float().sum().backward()
+    ref = act(x.to(dtype).float())
+    torch.testing.assert_close(y.float().cpu(), ref, rtol=2 ** -7, atol=1e-3)
+    assert torch.isfinite(gpu.eps.grad)
+
+
+# --------------------------------------------------------------------------- state
+def test_state_dict_round_trips_spline_and_grid_exactly(normal):
+    act = EAFOActivation("elu", eps=0.05)
+    act.update(normal)
+    act.place_grid(Density.from_pdf(stats.norm(0.5, 1.5).pdf, -10, 10, 800))
+    buffer = io.BytesIO()
+    torch.save(act.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = EAFOActivation("elu")
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    for name in ("s", "lo", "hi", "eps"):
+        assert torch.equal(getattr(fresh, name), getattr(act, name)), name
+    x = torch.linspace(-12, 12, 5001)
+    assert torch.equal(fresh(x), act(x))
+
+
+# --------------------------------------------------------------------------- refresh
+def test_refresh_exact_normal_gives_crrelu_shape(normal):
+    act = EAFOActivation("relu", eps=-0.03, init="zero")
+    rec = act.update(normal, mode="refresh")
+    k = act.knot_positions()
+    inside = k.abs() < 5.9  # the end knots are pinned to zero
+    err = (act.s.double() - k * torch.exp(-k**2 / 2))[inside].abs().max().item()
+    assert err < 1e-4
+    assert rec["accepted"] and rec["mode"] == "refresh" and act.eps.item() == pytest.approx(-0.03)
+    assert rec["entropy_after"] == pytest.approx(eafo.output_entropy(act, normal), abs=1e-9)
+    assert rec["change"] == pytest.approx(0.03 * act.s.abs().max().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("estimator", [Histogram, KDE])
+def test_check2_refresh_from_estimated_normal_is_crrelu(estimator):
+    # eafo-math.md check 2: density estimated from 1e6 N(0,1) samples.
+    gen = torch.Generator().manual_seed(0)
+    est = estimator(-6.0, 6.0, 512)
+    est.update(torch.randn(1_000_000, generator=gen))
+    eps = -0.02
+    act = EAFOActivation("relu", eps=eps, init="zero")
+    act.update(est.compute(), mode="refresh")
+    k = act.knot_positions()
+    mask = k.abs() <= 4
+    assert (act.s.double() - k * torch.exp(-k**2 / 2))[mask].abs().max().item() < 0.05
+    x = torch.linspace(-4, 4, 4001)
+    with torch.no_grad():
+        assert (act(x) - CRReLU(eps)(x)).abs().max().item() < 0.05 * abs(eps)
+
+
+@pytest.mark.parametrize("estimator", [Histogram, KDE])
+def test_refresh_follows_heavy_tailed_and_skewed_densities(estimator):
+    n = 1_000_000
+    gen = torch.Generator().manual_seed(3)
+    b = 1 / math.sqrt(2)  # unit-variance Laplace
+    laplace = torch.distributions.Laplace(0.0, b).sample((n,))
+    pick = torch.rand(n, generator=gen) < 0.7
+    mixture = torch.where(pick, -1 + 0.6 * torch.randn(n, generator=gen), 1.5 + torch.randn(n, generator=gen))
+
+    def mixture_pdf(x):
+        return 0.7 * stats.norm.pdf(x, -1, 0.6) + 0.3 * stats.norm.pdf(x, 1.5, 1.0)
+
+    # Predicted shapes: Laplace analytically (p' = -sign(x) p / b, so s = sqrt(2 pi) sign(x) p / b);
+    # the mixture from dynact.eafo.correction on its exact density.
+    def laplace_shape(x):
+        return SQRT_2PI * np.sign(x) * stats.laplace(scale=b).pdf(x) / b
+
+    exact = Density.from_pdf(mixture_pdf, -8, 8, 1600)
+    c = eafo.correction(nn.ReLU(), exact).numpy()
+
+    def mixture_shape(x):
+        return -SQRT_2PI * np.interp(x, exact.grid.numpy(), c)
+
+    for samples, shape, skip in ((laplace, laplace_shape, 0.5), (mixture, mixture_shape, 0.0)):
+        est = estimator(-6.0, 6.0, 512)
+        est.update(samples)
+        act = EAFOActivation("relu", init="crrelu")
+        act.update(est.compute(), mode="refresh")
+        k = act.knot_positions().numpy()
+        mask = (np.abs(k) <= 4) & (np.abs(k) >= skip)  # Laplace's p' jumps at 0
+        got, want, crrelu = act.s.double().numpy(), shape(k), k * np.exp(-k**2 / 2)
+        assert np.abs(got - want)[mask].max() < 0.08
+        # It differs from CRReLU's shape, and in the predicted direction wherever that is clear.
+        clear = mask & (np.abs(want - crrelu) > 0.1)
+        assert clear.sum() > 20 and np.abs(want - crrelu)[mask].max() > 0.5
+        assert np.all(np.sign(got - crrelu)[clear] == np.sign(want - crrelu)[clear])
+
+
+# --------------------------------------------------------------------------- iterate
+@pytest.mark.parametrize(
+    "base, before, after",
+    [(nn.Softplus, 0.6129, 0.5990), (nn.Identity, 1.4189, 1.4118), (nn.Tanh, 0.6698, 0.6655)],
+)
+def test_unsmoothed_iterate_step_reproduces_the_eafo_table(normal, base, before, after):
+    # eafo-math.md section 2 table, eta = 0.05, p = N(0,1); knots on the density's grid.
+    act = EAFOActivation(base, lo=-8, hi=8, knots=641, init="zero")
+    rec = act.update(normal, mode="iterate", eta=0.05, smooth=0.0, max_change=1.0)
+    assert rec["accepted"] and rec["eta"] == 0.05
+    assert rec["entropy_before"] == pytest.approx(before, abs=5e-3)
+    assert rec["entropy_after"] == pytest.approx(after, abs=5e-3)
+    # Where the activation is steep the step is exactly dynact.eafo.step (section 2b).
+    steep = torch.autograd.functional.jacobian(lambda t: act.base.double()(t).sum(), normal.grid) > 0.1
+    with torch.no_grad():
+        got = act.double()(normal.grid)
+    want = eafo.step(act.base, normal, 0.05)
+    assert (got - want)[steep].abs().max().item() < 1e-3 * max(1.0, (want - normal.grid).abs().max().item())
+
+
+def test_iterate_lowers_entropy_at_every_accepted_step(normal):
+    act = EAFOActivation("elu", init="zero")
+    accepted = 0
+    for _ in range(20):
+        s_before = act.s.clone()
+        h_before = eafo.output_entropy(act, normal)  # measured independently of the record
+        rec = act.update(normal, mode="iterate", eta=0.05)
+        h_after = eafo.output_entropy(act, normal)
+        assert torch.isfinite(act.s).all()
+        assert rec["entropy_before"] == pytest.approx(h_before, abs=1e-9)
+        if rec["accepted"]:
+            accepted += 1
+            assert h_after < h_before
+            assert rec["entropy_after"] == pytest.approx(h_after, abs=1e-9)
+            assert 0 < rec["change"] <= 0.05 + 1e-12  # trust region: 0.05 std
+        else:
+            assert torch.equal(act.s, s_before) and h_after == h_before
+            assert rec["change"] == 0 and rec["reason"]
+    assert accepted >= 10
+
+
+def test_iterate_refuses_a_step_that_raises_the_entropy(normal):
+    act = EAFOActivation("elu", init="zero")
+    before = act.s.clone()
+    rec = act.update(normal, mode="iterate", eta=-0.05)  # ascent direction
+    assert not rec["accepted"] and "entropy did not drop" in rec["reason"]
+    assert rec["entropy_candidate"] > rec["entropy_before"]
+    assert torch.equal(act.s, before)
+
+
+def test_iterate_refuses_when_eps_is_zero(normal):
+    act = EAFOActivation("elu", eps=0.0)
+    rec = act.update(normal, mode="iterate")
+    assert not rec["accepted"] and rec["reason"].startswith("eps too small")
+
+
+# --------------------------------------------------------------------------- grid placement
+def test_place_grid_keeps_the_activation():
+    act = EAFOActivation("gelu", eps=0.5)
+    old_lo, old_hi, old_s = float(act.lo), float(act.hi), act.s.double().clone()
+    x = torch.linspace(-12, 12, 24001, dtype=torch.float64)
+    with torch.no_grad():
+        before = act.double()(x)
+    wide = Density.from_pdf(stats.norm(0, 2.0).pdf, -12, 12, 1200)
+    rec = act.place_grid(wide)
+    assert rec["lo"] < old_lo and rec["hi"] > old_hi  # the new grid contains the old one
+    with torch.no_grad():
+        after = act(x)
+        at_knots = act.knot_positions()
+        exact = (act(at_knots) - _reference_old(at_knots, old_lo, old_hi, old_s, act)).abs().max()
+    assert exact < 1e-6  # unchanged at every new knot (float32 storage)
+    # Between new knots: the chord error of the old spline, <= eps * step * max|slope jump| / 4.
+    old_step = (old_hi - old_lo) / (act.knots - 1)
+    jumps = (old_s[2:] - 2 * old_s[1:-1] + old_s[:-2]).abs().max().item() / old_step
+    bound = 0.5 * act.knot_step * jumps / 4 + 1e-6
+    assert (after - before).abs().max().item() <= bound
+    assert bound < 1e-3
+
+
+def _reference_old(x, lo, hi, s, act):
+    knots = np.linspace(lo, hi, s.numel())
+    spline = np.interp(x.numpy(), knots, s.numpy(), left=0.0, right=0.0)
+    with torch.no_grad():
+        return act.base(x) + float(act.eps.detach()) * torch.from_numpy(spline)
+
+
+def test_place_grid_covers_the_data():
+    act = EAFOActivation("relu")
+    shifted = stats.norm(4.0, 1.0)
+    d = Density.from_pdf(shifted.pdf, -4, 12, 3200)
+    assert act.outside_mass(d) == pytest.approx(shifted.sf(6.0), rel=1e-3)
+    rec = act.place_grid(d, lo_q=5e-4, hi_q=1 - 5e-4, widen=0.1)
+    q_lo, q_hi = shifted.ppf(5e-4), shifted.ppf(1 - 5e-4)
+    span = q_hi - q_lo
+    assert rec["lo"] == pytest.approx(q_lo - 0.1 * span, abs=2e-3)
+    assert rec["hi"] == pytest.approx(q_hi + 0.1 * span, abs=2e-3)
+    assert act.outside_mass(d) == pytest.approx(shifted.cdf(rec["lo"]) + shifted.sf(rec["hi"]), abs=1e-6)
+    assert rec["outside_after"] < 1e-4 and rec["outside_before"] > 0.02
