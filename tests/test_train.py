@@ -1,0 +1,287 @@
+"""ImageClassifier's recipe (schedule, weight decay, distillation, checks) and ``dynact train``."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import yaml
+
+from dynact.data import DigitsDataModule
+from dynact.models import ImageClassifier
+from dynact.train import build_cli, main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "examples" / "configs"
+DIGITS = dict(num_classes=10, img_size=8, patch_size=2)
+TINY = dict(in_chans=1, embed_dim=16, depth=1, num_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    # The digits configs set torch_threads: 1 for the whole process; give later tests it back.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _digits_model(**kwargs) -> ImageClassifier:
+    return ImageClassifier(**{"arch": "vit_tiny", **DIGITS, "model_kwargs": TINY, **kwargs})
+
+
+def _trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        limit_val_batches=0,
+    )
+    return pl.Trainer(**(defaults | kwargs))
+
+
+class _RecordLR(pl.Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+def _expected_lr(t: int, lr: float, min_lr: float, warmup_lr: float, warmup: int, total: int) -> float:
+    if t < warmup:
+        return warmup_lr + (lr - warmup_lr) * t / warmup
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+
+
+def test_schedule_is_linear_warmup_then_cosine_per_step():
+    model = _digits_model(lr=1e-3, min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=1)
+    record = _RecordLR()
+    # 5 steps per epoch: the schedule counts the batches the Trainer will really run.
+    _trainer(max_epochs=4, limit_train_batches=5, callbacks=[record]).fit(model, DigitsDataModule(batch_size=32))
+    assert model.schedule_steps() == (5, 20)
+    assert [t for t, _ in record.seen] == list(range(20))
+    for t, lr in record.seen:
+        assert lr == pytest.approx(_expected_lr(t, 1e-3, 1e-5, 1e-6, 5, 20), rel=1e-9), t
+    assert record.seen[0][1] == pytest.approx(1e-6) and record.seen[5][1] == pytest.approx(1e-3)
+
+
+def test_schedule_length_follows_epochs_not_a_shorter_run():
+    # epochs=10 fixes the schedule; stopping after 3 steps must not compress it.
+    model = _digits_model(warmup_epochs=2, epochs=10)
+    record = _RecordLR()
+    _trainer(max_steps=3, limit_train_batches=5, callbacks=[record]).fit(model, DigitsDataModule(batch_size=32))
+    assert model.schedule_steps() == (10, 50)
+    assert record.seen[2][1] == pytest.approx(_expected_lr(2, 2.5e-4, 1e-5, 1e-6, 10, 50))
+
+
+def test_weight_decay_skips_norms_biases_tokens_and_activation_scalars():
+    model = _digits_model(act="crrelu", weight_decay=0.05)
+    trainer = _trainer(max_steps=1)
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    groups = trainer.optimizers[0].param_groups
+    assert isinstance(trainer.optimizers[0], torch.optim.AdamW)
+    decay = {id(p) for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    names = dict(model.net.named_parameters())
+    assert decay | no_decay == {id(p) for p in names.values()} and not decay & no_decay
+    for name, p in names.items():
+        skip = p.ndim <= 1 or name in ("cls_token", "pos_embed")
+        assert (id(p) in no_decay) == skip, name
+    assert id(model.net.blocks[0].mlp.act.eps) in no_decay
+
+
+def test_deit_without_teacher_trains_both_heads_on_labels_and_says_so(caplog):
+    model = _digits_model(arch="deit_tiny")
+    x, y = torch.randn(6, 1, 8, 8), torch.arange(6)
+    model.train()
+    cls, dist = model.net(x)
+    expected = 0.5 * F.cross_entropy(cls, y) + 0.5 * F.cross_entropy(dist, y)
+    torch.testing.assert_close(model.training_step((x, y), 0), expected)
+    with caplog.at_level(logging.INFO):
+        _trainer(max_steps=1).fit(model, DigitsDataModule(batch_size=32))
+    assert "no distillation teacher given" in caplog.text
+
+
+@pytest.fixture
+def teacher_file(tmp_path) -> Path:
+    """A small timm teacher that always predicts class 7, saved as a plain state_dict."""
+    teacher = timm.create_model("resnet10t", pretrained=False, num_classes=10, in_chans=1)
+    with torch.no_grad():
+        teacher.fc.weight.zero_()
+        teacher.fc.bias.copy_(F.one_hot(torch.tensor(7), 10).float() * 5)
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": teacher.state_dict()}, path)
+    return path
+
+
+def test_deit_hard_distillation_uses_teacher_argmax(teacher_file, caplog):
+    model = _digits_model(arch="deit_tiny", teacher="resnet10t", teacher_weights=str(teacher_file),
+                          teacher_kwargs={"in_chans": 1})
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    assert not any(k.startswith("_teacher") or "teacher" in k for k in model.state_dict())
+    x, y = torch.randn(6, 1, 8, 8), torch.arange(6)
+    model.train()
+    cls, dist = model.net(x)
+    expected = 0.5 * F.cross_entropy(cls, y) + 0.5 * F.cross_entropy(dist, torch.full_like(y, 7))
+    torch.testing.assert_close(model.training_step((x, y), 0), expected)
+    with caplog.at_level(logging.INFO):
+        _trainer(max_steps=1).fit(model, DigitsDataModule(batch_size=32))
+    assert not model.teacher.training
+    assert "hard distillation from teacher 'resnet10t'" in caplog.text
+
+
+def test_teacher_errors_name_the_fix(tmp_path, teacher_file):
+    with pytest.raises(FileNotFoundError, match="teacher_weights file .*missing.pth' does not exist"):
+        _digits_model(arch="deit_tiny", teacher="resnet10t", teacher_weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="use arch='deit_tiny'"):
+        _digits_model(arch="vit_tiny", teacher="resnet10t", teacher_weights=str(teacher_file))
+    with pytest.raises(ValueError, match="needs both teacher"):
+        _digits_model(arch="deit_tiny", teacher_weights=str(teacher_file))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_classes=5),
+     r"num_classes=5 but DigitsDataModule gives num_classes=10; set the model's num_classes to 10"),
+    (dict(img_size=16), r"img_size=16 but DigitsDataModule gives img_size=8"),
+    (dict(model_kwargs=dict(TINY, in_chans=3)), r"set the model's model_kwargs.in_chans to 1"),
+])
+def test_model_data_mismatch_is_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _trainer(max_steps=1).fit(_digits_model(**kwargs), DigitsDataModule())
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=0), dict(min_lr=1.0), dict(warmup_epochs=-1), dict(epochs=0)])
+def test_bad_recipe_arguments_are_rejected(kwargs):
+    with pytest.raises(ValueError, match=f"invalid {next(iter(kwargs))}="):
+        _digits_model(**kwargs)
+
+
+def test_checkpoint_reloads_model_and_eafo_buffers(tmp_path):
+    model = _digits_model(act="eafo")
+    trainer = _trainer(max_steps=2, default_root_dir=tmp_path)
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    act = model.net.blocks[0].mlp.act
+    # Give the spline (a buffer, never trained) values that only the state_dict can carry.
+    with torch.no_grad():
+        act.s.copy_(torch.linspace(-0.5, 0.5, act.s.numel()).view_as(act.s))
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    restored = ImageClassifier.load_from_checkpoint(path)
+    assert restored.hparams.act == "eafo" and restored.hparams.model_kwargs == TINY
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(restored.eval()(x), model.eval()(x))
+
+
+# ----------------------------------------------------------------------------- dynact train
+
+
+def test_dynact_train_runs_the_digits_config(tmp_path):
+    main([
+        "--config", str(CONFIGS / "digits.yaml"),
+        "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "3",
+        "--trainer.limit_val_batches", "2",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--model.model_kwargs", '{"in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2}',
+    ])
+    runs = list((tmp_path / "lightning_logs").iterdir())
+    assert len(runs) == 1
+    saved = yaml.safe_load((runs[0] / "config.yaml").read_text())
+    assert saved["model"]["act"] == "crrelu" and saved["model"]["model_kwargs"]["embed_dim"] == 16
+    assert list(runs[0].glob("events.out.tfevents.*"))
+    checkpoint = next(runs[0].glob("checkpoints/*.ckpt"))
+    # Subcommands other than fit pass through.
+    main(["validate", "--config", str(CONFIGS / "digits.yaml"), "--trainer.default_root_dir", str(tmp_path),
+          "--model.model_kwargs", '{"in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2}',
+          "--ckpt_path", str(checkpoint), "--trainer.limit_val_batches", "1"])
+
+
+def test_torch_threads_option_sets_operator_threads():
+    torch.set_num_threads(2)
+    build_cli(["--config", str(CONFIGS / "digits.yaml"), "--torch_threads", "1"], run=False)
+    assert torch.get_num_threads() == 1
+    with pytest.raises(ValueError, match="torch_threads must be >= 1"):
+        build_cli(["--config", str(CONFIGS / "digits.yaml"), "--torch_threads", "0"], run=False)
+
+
+def test_dynact_train_unknown_names_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown model 'vit_huge'; choose one of: vit_tiny"):
+        build_cli(["--config", str(CONFIGS / "digits.yaml"), "--model.arch", "vit_huge"], run=False)
+    with pytest.raises(ValueError, match="unknown activation 'swish2'"):
+        build_cli(["--config", str(CONFIGS / "digits.yaml"), "--model.act", "swish2"], run=False)
+
+
+PAPER_CELLS = [(a, d, act) for d, archs in (("cifar10", "vit_tiny deit_tiny tnt_small"),
+                                            ("cifar100", "vit_tiny deit_tiny tnt_small"),
+                                            ("imagenet", "vit_tiny deit_tiny"))
+               for a in archs.split() for act in ("gelu", "elu", "prelu", "celu", "silu", "mish", "crrelu")]
+
+
+def test_paper_configs_exist_for_every_cell_and_are_current():
+    spec = importlib.util.spec_from_file_location("make_configs", CONFIGS / "make_configs.py")
+    make_configs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_configs)
+
+    assert sorted(make_configs.cells()) == sorted(PAPER_CELLS)
+    assert make_configs.main(["--check"]) == 0
+
+
+@pytest.mark.parametrize("arch,dataset,act", PAPER_CELLS)
+def test_paper_config_has_appendix_e_settings(arch, dataset, act):
+    cfg = yaml.safe_load((CONFIGS / f"{arch}_{dataset}_{act}.yaml").read_text())
+    model, trainer, data = cfg["model"], cfg["trainer"], cfg["data"]
+    assert (model["arch"], model["act"]) == (arch, act)
+    assert (model["num_classes"], model["img_size"], model["patch_size"]) == {
+        "cifar10": (10, 32, 4), "cifar100": (100, 32, 4), "imagenet": (1000, 224, 16)}[dataset]
+    assert (model["lr"], model["min_lr"], model["warmup_lr"], model["warmup_epochs"], model["weight_decay"]) == (
+        2.5e-4, 1e-5, 1e-6, 20, 0.05)
+    assert (trainer["max_epochs"], trainer["gradient_clip_val"], data["init_args"]["batch_size"]) == (100, 1.0, 256)
+    assert model["act_kwargs"] == ({"eps": 0.01} if act == "crrelu" else None)
+
+
+@pytest.mark.parametrize("name,count", [
+    ("vit_tiny_cifar10_crrelu", 5_399_830),
+    ("deit_tiny_cifar100_gelu", 5_399_816),
+    ("tnt_small_cifar10_prelu", 21_525_322),
+    ("vit_tiny_imagenet_mish", 5_754_472),
+    ("deit_tiny_imagenet_crrelu", 5_910_812),
+])
+def test_paper_config_builds_the_paper_model(name, count):
+    args = ["--config", str(CONFIGS / f"{name}.yaml")]
+    if "deit_tiny_imagenet" in name:  # the teacher's weights are not in the repository
+        args += ["--model.teacher", "null", "--model.teacher_weights", "null"]
+    cli = build_cli(args, run=False)
+    assert sum(p.numel() for p in cli.model.parameters()) == count
+    assert cli.trainer.gradient_clip_val == 1.0 and cli.trainer.max_epochs == 100
+    assert cli.datamodule.num_classes in (10, 100, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("act", ["gelu", "crrelu", "eafo"])
+def test_vit_tiny_trains_in_bf16_on_gpu(act):
+    model = ImageClassifier("vit_tiny", num_classes=10, img_size=32, patch_size=4, act=act, warmup_epochs=0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=32)
+    trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0)
+    trainer.fit(model, loader)
+    assert trainer.global_step == 2 and math.isfinite(float(trainer.callback_metrics["train/loss"]))
+
+
+def test_digits_eafo_config_wires_the_callback_to_eafo_activations():
+    from dynact.callbacks import EAFOCallback
+    from dynact.spline import EAFOActivation
+
+    cli = build_cli(["--config", str(CONFIGS / "digits_eafo.yaml")], run=False)
+    assert any(isinstance(cb, EAFOCallback) for cb in cli.trainer.callbacks)
+    acts = [m for m in cli.model.net.modules() if isinstance(m, EAFOActivation)]
+    assert len(acts) == cli.model.hparams.model_kwargs["depth"]
