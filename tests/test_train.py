@@ -83,6 +83,21 @@ def test_schedule_length_follows_epochs_not_a_shorter_run():
     assert record.seen[2][1] == pytest.approx(_expected_lr(2, 2.5e-4, 1e-5, 1e-6, 10, 50))
 
 
+def test_schedule_with_max_steps_only_spans_the_run():
+    # Trainer(max_steps=...) without epochs: the schedule is the run's length, warm-up in
+    # epochs of the loader's real length.
+    data = DigitsDataModule(batch_size=32)
+    data.setup("fit")
+    warmup = round(0.2 * len(data.train_dataloader()))
+    model = _digits_model(warmup_epochs=0.2)
+    record = _RecordLR()
+    _trainer(max_steps=12, callbacks=[record]).fit(model, DigitsDataModule(batch_size=32))
+    assert model.schedule_steps() == (warmup, 12)
+    assert len(record.seen) == 12
+    for t, lr in record.seen:
+        assert lr == pytest.approx(_expected_lr(t, 2.5e-4, 1e-5, 1e-6, warmup, 12), rel=1e-9), t
+
+
 def test_weight_decay_skips_norms_biases_tokens_and_activation_scalars():
     model = _digits_model(act="crrelu", weight_decay=0.05)
     trainer = _trainer(max_steps=1)
