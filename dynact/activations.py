@@ -22,6 +22,8 @@ __all__ = [
     "resolve_activation",
     "make_activation",
     "swap_activations",
+    "activation_types",
+    "find_activations",
 ]
 
 
@@ -185,6 +187,39 @@ def make_activation(name: ActSpec, **kwargs) -> nn.Module:
     return module
 
 
+def activation_types() -> dict[type, str]:
+    """Module classes of the registered activations, mapped to their registry names
+    (``nn.ReLU -> "relu"``, ..., ``EAFOActivation -> "eafo"``)."""
+    from dynact.spline import EAFOActivation  # spline imports this module
+
+    kinds = {factory: name for name, factory in _REGISTRY.items() if isinstance(factory, type)}
+    kinds[EAFOActivation] = "eafo"
+    return kinds
+
+
+def find_activations(model: nn.Module, types: Iterable[type] | None = None) -> list[tuple[str, nn.Module]]:
+    """Activation modules of ``model`` by qualified name, outermost only.
+
+    An activation inside another activation (the ``base`` of an :class:`~dynact.EAFOActivation`)
+    is part of it, not a layer of its own, so it is not listed.
+
+    Args:
+        types: the module types to list (default: every registered activation type).
+    """
+    kinds = tuple(activation_types())
+    wanted = kinds if types is None else tuple(types)
+    found: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []  # names of activation modules seen so far (parents come first)
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or any(name.startswith(outer + ".") for outer in inside):
+            continue
+        if isinstance(module, kinds + wanted):
+            inside.append(name)
+            if isinstance(module, wanted):
+                found.append((name, module))
+    return found
+
+
 def _as_types(old: Union[type, str, Iterable]) -> tuple[type, ...]:
     items = [old] if isinstance(old, (type, str)) else list(old)
     types: list[type] = []
@@ -207,7 +242,8 @@ def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]
     """Replace every submodule of the types in ``old`` by a fresh activation from ``new``.
 
     Works anywhere in the module tree (nested modules, ``nn.Sequential``, ``nn.ModuleList``,
-    ``nn.ModuleDict``, timm blocks), because it re-assigns attributes on each parent.
+    ``nn.ModuleDict``, timm blocks), because it re-assigns attributes on each parent. Modules
+    inside an activation (the ``base`` of an ``EAFOActivation``) are left alone.
     Each replacement is built separately (no shared parameters) and moved to the device and
     dtype of the module it replaces.
 
@@ -232,12 +268,7 @@ def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]
         raise ValueError("swap_activations: the model itself is an activation; build the new one directly")
     replaced: list[str] = []
     # Collect first, then edit, so the traversal never sees half-edited state.
-    targets = [
-        (name, mod)
-        for name, mod in model.named_modules(remove_duplicate=False)
-        if name and isinstance(mod, types)
-    ]
-    for name, mod in targets:
+    for name, mod in find_activations(model, types):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         fresh = factory(**kwargs)

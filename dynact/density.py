@@ -106,6 +106,22 @@ class Density:
             raise ValueError("Density has no mass on its grid; widen [lo, hi]")
         return (torch.cumsum(m, 0) - 0.5 * m) / total
 
+    def quantile(self, q: float) -> float:
+        """The ``q``-quantile of the density restricted to its grid (linear within bins)."""
+        if not 0.0 <= float(q) <= 1.0:
+            raise ValueError(f"q must be a probability in [0, 1], got q={q!r}")
+        mass = self.mass.clamp_min(0)
+        total = float(mass.sum())
+        if total <= 0:
+            raise ValueError("the density has no mass on its grid; widen the estimator's [lo, hi]")
+        cum = torch.cat([mass.new_zeros(1), torch.cumsum(mass, 0)]) / total
+        edges = self.edges
+        k = int(torch.searchsorted(cum, torch.tensor([float(q)], dtype=cum.dtype, device=cum.device))[0])
+        k = min(max(k, 1), self.bins)
+        c0, c1 = float(cum[k - 1]), float(cum[k])
+        w = 0.5 if c1 <= c0 else min(max((q - c0) / (c1 - c0), 0.0), 1.0)
+        return float(edges[k - 1] + w * (edges[k] - edges[k - 1]))
+
     def entropy(self) -> float:
         """Differential entropy ``-int p log p`` (nats) of the density on its grid."""
         m = self.p > 0

@@ -164,21 +164,6 @@ def _interp_uniform(xq: torch.Tensor, x0: float, step: float, values: torch.Tens
     return torch.where(inside, val, torch.zeros_like(val))
 
 
-def _quantile(density: Density, q: float) -> float:
-    """Quantile of the density restricted to its grid (linear within bins)."""
-    mass = density.mass.clamp_min(0)
-    total = float(mass.sum())
-    if total <= 0:
-        raise ValueError("density has no mass on its grid; widen the estimator's [lo, hi]")
-    cum = torch.cat([mass.new_zeros(1), torch.cumsum(mass, 0)]) / total
-    edges = density.edges
-    k = int(torch.searchsorted(cum, torch.tensor([q], dtype=cum.dtype, device=cum.device))[0])
-    k = min(max(k, 1), density.bins)
-    c0, c1 = float(cum[k - 1]), float(cum[k])
-    w = 0.5 if c1 <= c0 else min(max((q - c0) / (c1 - c0), 0.0), 1.0)
-    return float(edges[k - 1] + w * (edges[k] - edges[k - 1]))
-
-
 # ----------------------------------------------------------------------------- the module
 class EAFOActivation(nn.Module):
     """``base(x) + eps * s(x)``: an activation whose correction shape is measured from data.
@@ -571,7 +556,7 @@ class EAFOActivation(nn.Module):
         if not (math.isfinite(widen) and widen >= 0):
             raise ValueError(f"place_grid: widen must be a finite number >= 0, got widen={widen!r}")
         d = self._prepare(density)
-        q_lo, q_hi = _quantile(d, lo_q), _quantile(d, hi_q)
+        q_lo, q_hi = d.quantile(lo_q), d.quantile(hi_q)
         span = max(q_hi - q_lo, 2 * d.step)
         # The knots must sit where forward will put them: at the ends as the buffers store them.
         new_lo, new_hi = (float(torch.tensor(v, dtype=self.lo.dtype)) for v in (q_lo - widen * span, q_hi + widen * span))

@@ -159,3 +159,15 @@ def test_swap_gelu_for_crrelu_in_timm_vit_tiny_adds_twelve_parameters():
 def test_crrelu_eps_value_is_validated():
     with pytest.raises(ValueError, match="eps"):
         CRReLU(eps=math.nan)
+
+
+def test_swap_and_find_leave_the_inside_of_activations_alone():
+    from dynact import EAFOActivation
+    from dynact.activations import find_activations
+
+    model = nn.Sequential(nn.Linear(4, 4), EAFOActivation(base="relu"), nn.ReLU())
+    assert [name for name, _ in find_activations(model)] == ["1", "2"]  # not "1.base"
+    replaced = swap_activations(model, nn.ReLU, "eafo")
+    assert replaced == ["2"]
+    assert isinstance(model[1].base, nn.ReLU)  # no EAFOActivation nested in another
+    assert isinstance(model[2], EAFOActivation)

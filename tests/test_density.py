@@ -384,3 +384,13 @@ def test_two_gloo_processes_get_identical_densities_equal_to_one_process(tmp_pat
         assert_same_density(Density.load(tmp_path / f"{name}_0_again.pt"), ref)
         local0 = Density.load(tmp_path / f"{name}_0_local.pt")
         assert local0.count == float(torch.isfinite(x.chunk(2)[0]).sum())
+
+
+def test_density_quantiles_match_scipy():
+    from scipy import stats as _stats
+
+    d = Density.from_pdf(_stats.norm.pdf, -8.0, 8.0, 1600)
+    for q in (5e-4, 0.1, 0.5, 0.9, 1 - 5e-4):
+        assert d.quantile(q) == pytest.approx(_stats.norm.ppf(q), abs=2e-3)
+    with pytest.raises(ValueError, match="q must be"):
+        d.quantile(1.5)

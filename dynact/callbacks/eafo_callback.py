@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from dynact import activations, eafo
+from dynact.activations import activation_types, find_activations
 from dynact.callbacks._logging import (
     _curve_figure,
     _layer_tag,
@@ -38,7 +39,7 @@ from dynact.callbacks._logging import (
     _tensorboard_writers,
 )
 from dynact.density import KDE, Density, Histogram, _single_thread, check_grid
-from dynact.spline import EAFOActivation, _quantile
+from dynact.spline import EAFOActivation
 
 __all__ = ["EAFOCallback"]
 
@@ -244,7 +245,7 @@ class EAFOCallback(Callback):
             self._generators = {}
             self._num_updates = 0
             self._convert(pl_module)
-            for name, module in _activation_modules(pl_module):
+            for name, module in find_activations(pl_module):
                 dynamic = isinstance(module, EAFOActivation) and self.mode != "monitor"
                 self._layers[name] = _Layer(name, _layer_tag(name), module, dynamic, self._new_estimator(*self.init_range))
             if not self._layers:
@@ -271,11 +272,11 @@ class EAFOCallback(Callback):
     def _convert(self, pl_module: nn.Module) -> None:
         converted: list[str] = []
         # Outermost activations only: an EAFOActivation's own base is never converted.
-        for name, module in _activation_modules(pl_module):
+        for name, module in find_activations(pl_module):
             kind = next((k for k in self.convert if isinstance(module, k)), None)
             if kind is None:
                 continue
-            base = _registry_name(kind)
+            base = activation_types()[kind]
             pl_module.set_submodule(name, EAFOActivation(base=base).to(pl_module.device))
             converted.append(f"{name} ({base})")
         if converted:
@@ -414,7 +415,7 @@ class EAFOCallback(Callback):
             metrics[_tag("outside", layer.tag)] = density.outside
             layer.estimator = self._new_estimator(*_covering(density, ends))
             return None
-        q_lo, q_hi = _quantile(density, _Q_LO), _quantile(density, _Q_HI)
+        q_lo, q_hi = density.quantile(_Q_LO), density.quantile(_Q_HI)
         coarse = q_hi - q_lo < _MIN_FILL * (density.hi - density.lo)
         record = self._apply(layer.module, density, q_hi - q_lo) if layer.dynamic and not coarse else None
         metrics.update(self._layer_metrics(layer, density, record))
@@ -458,7 +459,7 @@ class EAFOCallback(Callback):
             figure = None
             if curves:
                 # Zoom on the data: the correction is small next to the base's full range.
-                x = torch.linspace(*_around(_quantile(density, _Q_LO), _quantile(density, _Q_HI)), 400, dtype=torch.float64)
+                x = torch.linspace(*_around(density.quantile(_Q_LO), density.quantile(_Q_HI)), 400, dtype=torch.float64)
                 y = eafo.derivatives(layer.module, x)[0]
                 base = eafo.derivatives(layer.module.base, x)[0] if isinstance(layer.module, EAFOActivation) else None
                 figure = _curve_figure(f"{layer.name} (step {step})", x, y, density, base)
@@ -535,15 +536,10 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
-def _registry_types() -> dict[type, str]:
-    """Activation module classes of the registry and their names (factories are skipped)."""
-    return {factory: name for name, factory in activations._REGISTRY.items() if isinstance(factory, type)}
-
-
 def _convert_types(convert: Iterable[Union[type, str]]) -> tuple[type, ...]:
     if isinstance(convert, (str, type)):
         convert = (convert,)
-    registry = _registry_types()
+    registry = activation_types()
     types: list[type] = []
     for item in convert:
         kind = activations.resolve_activation(item) if isinstance(item, str) else item
@@ -555,24 +551,6 @@ def _convert_types(convert: Iterable[Union[type, str]]) -> tuple[type, ...]:
             )
         types.append(kind)
     return tuple(types)
-
-
-def _registry_name(kind: type) -> str:
-    return _registry_types()[kind]
-
-
-def _activation_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Activation modules of ``model`` by qualified name, outermost only (an EAFOActivation's
-    ``base`` is part of it, not a layer of its own)."""
-    kinds = tuple(_registry_types()) + (EAFOActivation,)
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if not name or not isinstance(module, kinds):
-            continue
-        if any(name.startswith(outer + ".") for outer, _ in found):
-            continue
-        found.append((name, module))
-    return found
 
 
 def _around(q_lo: float, q_hi: float) -> tuple[float, float]:
