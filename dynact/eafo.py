@@ -174,7 +174,7 @@ def correction(f: Activation, density: Density, flat_tol: float = FLAT_TOL) -> t
     return _correction_from(density, d1, d2, flat_tol)
 
 
-def _kinks(y: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, h: float) -> torch.Tensor:
+def _kinks(d1: torch.Tensor, d2: torch.Tensor, h: float) -> torch.Tensor:
     """Grid points where ``f'`` is not smooth: autograd's ``f''`` disagrees with the central
     difference of ``f'``. For a smooth ``f`` they agree to O(h^2); a kink in ``f`` (ReLU) or a
     jump in ``f''`` (ELU at 0) makes them differ by O(1) or more."""
@@ -214,7 +214,7 @@ def step(f: Activation, density: Density, eta: float, method: str = "x", flat_to
             f"method='g' needs a strictly increasing activation on [{density.lo}, {density.hi}]{span}; "
             "use method='x', which works for every activation"
         )
-    kinks = _kinks(y, d1, d2, density.step)
+    kinks = _kinks(d1, d2, density.step)
     if bool(kinks.any()):
         raise ValueError(
             "method='g' needs a smooth activation, but its slope has a kink near x = "
