@@ -297,7 +297,10 @@ class EAFOActivation(nn.Module):
         hit = self._cache.get(dtype)
         if hit is not None and all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(hit[0], key)):
             return hit[1]
-        with torch.no_grad():
+        # Built outside inference mode even when called inside it: inference tensors cannot be
+        # saved for backward, so cached ones would break the first training step after a
+        # validation pass (Lightning validates under inference_mode).
+        with torch.inference_mode(False), torch.no_grad():
             tables = _tables(self.s, self.lo, self.hi, dtype)
         self._cache[dtype] = (key, tables)
         return tables

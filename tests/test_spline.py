@@ -239,6 +239,47 @@ def test_in_place_change_of_the_spline_reaches_forward():
     assert torch.equal(clone(x), torch.relu(x)) and torch.equal(act(x), after)
 
 
+def test_training_works_after_a_forward_under_inference_mode():
+    # The table cache must not keep inference tensors: they cannot be saved for backward.
+    act = EAFOActivation("relu", eps=0.5)
+    x = torch.randn(64)
+    with torch.inference_mode():
+        y_inf = act(x)
+    xt = x.clone().requires_grad_(True)
+    y = act(xt)
+    y.sum().backward()
+    assert torch.equal(y.detach(), y_inf)
+    assert torch.isfinite(xt.grad).all() and act.eps.grad is not None
+
+
+def test_lightning_validate_before_fit_trains():
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), EAFOActivation("relu"), nn.Linear(8, 1))
+
+        def training_step(self, batch, _):
+            return self.net(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, _):
+            self.log("val", self.net(batch[0]).pow(2).mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=8)
+    model = Tiny()
+    eps0 = float(model.net[1].eps)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(model, data, verbose=False)  # runs under torch.inference_mode
+    trainer.fit(model, data)
+    assert trainer.global_step == 2 and float(model.net[1].eps) != eps0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_matches_cpu(dtype):
