@@ -23,6 +23,7 @@ import time
 import torch
 from torch import nn
 
+from dynact import _kernels
 from dynact.activations import CRReLU
 from dynact.spline import EAFOActivation
 
@@ -57,21 +58,34 @@ def _time_round_robin(fns: dict, x: torch.Tensor, grad: torch.Tensor, warmup: in
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _activations(device: torch.device, impls: bool) -> dict[str, nn.Module]:
+class _Path(nn.Module):
+    """Runs ``act`` with dynact's kernel mode forced (the backward follows the forward's choice)."""
+
+    def __init__(self, act: nn.Module, mode: str) -> None:
+        super().__init__()
+        self.act, self.mode = act, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        before, _kernels.MODE = _kernels.MODE, self.mode
+        try:
+            return self.act(x)
+        finally:
+            _kernels.MODE = before
+
+
+def _activations(device: torch.device, impls: bool, compiled: bool) -> dict[str, nn.Module]:
     acts: dict[str, nn.Module] = {
         "GELU": nn.GELU(),
         "ReLU": nn.ReLU(),
         "CRReLU": CRReLU(),
         "EAFOActivation": EAFOActivation("relu"),
     }
-    if impls:
-        # The two implementations behind EAFOActivation, forced (for choosing the default).
-        ops = EAFOActivation("relu")
-        ops._impl = "ops"
-        fn = EAFOActivation("relu")
-        fn._impl = "function"
-        acts["EAFOActivation[ops]"] = ops
-        acts["EAFOActivation[function]"] = fn
+    if impls and not compiled:
+        # The slower eager paths, forced: the autograd functions over tensor ops (taken where the
+        # fused kernels cannot be built) and the plain ops (what torch.compile traces).
+        for mode in ("reference", "ops"):
+            acts[f"CRReLU[{mode}]"] = _Path(CRReLU(), mode)
+            acts[f"EAFOActivation[{mode}]"] = _Path(EAFOActivation("relu"), mode)
     return {k: v.to(device) for k, v in acts.items()}
 
 
@@ -86,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")
-    parser.add_argument("--impls", action="store_true", help="also time both EAFOActivation implementations forced")
+    parser.add_argument("--impls", action="store_true", help="also time the reference and plain-ops eager paths")
     args = parser.parse_args(argv)
 
     if args.threads is not None:
@@ -102,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     results: dict[str, dict] = {}
     for mode in modes:
-        acts = _activations(device, args.impls)
+        acts = _activations(device, args.impls, mode == "compiled")
         fns = {name: torch.compile(act, fullgraph=True) if mode == "compiled" else act for name, act in acts.items()}
         seconds = _time_round_robin(fns, x, grad, args.warmup, args.repeats)
         ref = seconds["GELU"]

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynact import _kernels
+
 __all__ = [
     "CRReLU",
     "crrelu",
@@ -100,7 +102,14 @@ class CRReLU(nn.Module):
         self.learnable = learnable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or not (x.requires_grad or self.eps.requires_grad):
+        # Compiled: plain ops, which Inductor fuses with the neighbours. Eager: the fused
+        # kernels of dynact._kernels (one pass per direction) or, where they cannot be built,
+        # the hand-written backward below.
+        if torch.compiler.is_compiling() or _kernels.MODE == "ops":
+            return crrelu(x, self.eps.to(x.dtype))
+        if _kernels.available(x):
+            return _kernels.FusedCRReLU.apply(x, self.eps)
+        if not (x.requires_grad or self.eps.requires_grad):
             return crrelu(x, self.eps.to(x.dtype))
         return _CRReLUFunction.apply(x, self.eps)
 

@@ -11,9 +11,11 @@ both ends, so outside ``[lo, hi]`` the activation is exactly its base. The knot 
 grid ends are buffers (saved in ``state_dict``, never touched by the optimizer).
 
 Speed: the spline costs one clamp, one gather pair and one multiply-add per element. Eager mode
-runs a custom autograd function that saves nothing but the input (the base saves it anyway) and
-recomputes the segment index in backward; under ``torch.compile`` the same arithmetic is written
-as plain tensor ops, which Inductor fuses with the base into one kernel per direction.
+runs the fused kernels of :mod:`dynact._kernels` (one pass over the tensor per direction, the
+ReLU base included) and saves nothing but the input; where they cannot be built, a custom
+autograd function over tensor ops (the reference path). Under ``torch.compile`` the same
+arithmetic is written as plain tensor ops, which Inductor fuses with the base into one kernel
+per direction.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from dynact import eafo
+from dynact import _kernels, eafo
 from dynact.activations import ActSpec, make_activation
 from dynact.density import Density, check_grid
 
@@ -216,10 +218,6 @@ class EAFOActivation(nn.Module):
         torch.Size([4, 8])
     """
 
-    #: "auto" (custom autograd function in eager, plain ops under torch.compile), "function" or
-    #: "ops": forced paths for tests and benchmarks.
-    _impl: str = "auto"
-
     def __init__(
         self,
         base: ActSpec = "relu",
@@ -277,23 +275,28 @@ class EAFOActivation(nn.Module):
         return torch.linspace(float(self.lo), float(self.hi), self.knots, dtype=dtype, device=self.s.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y0 = self.base(x)
-        impl = self._impl
-        if impl == "ops" or (impl == "auto" and torch.compiler.is_compiling()):
+        if torch.compiler.is_compiling() or _kernels.MODE == "ops":
             cdt = _compute_dtype(x.dtype)
+            y0 = self.base(x)
             return (y0.to(cdt) + self.eps.to(cdt) * _spline_ops(x, self.s, self.lo, self.hi)).to(x.dtype)
-        value, slope, a, b = self._eager_tables(_compute_dtype(x.dtype))
-        return _SplineTerm.apply(x, y0, self.eps, value, slope, a, b)
+        value, slope, a, b, pairs = self._eager_tables(_compute_dtype(x.dtype))
+        if _kernels.available(x):
+            # A plain ReLU base runs inside the kernel (with its derivative); any other base
+            # runs as itself and the kernel adds the spline term in the same pass.
+            inside = type(self.base) is nn.ReLU and not (self.base._forward_hooks or self.base._forward_pre_hooks)
+            y0 = None if inside else self.base(x)
+            return _kernels.FusedSpline.apply(x, self.eps, y0, pairs, a, b)
+        return _SplineTerm.apply(x, self.base(x), self.eps, value, slope, a, b)
 
     def _eager_tables(self, dtype: torch.dtype):
+        """``(value, slope, a, b, pairs)``: :func:`_tables` and the fused kernels' packed table."""
         # The tables are a few hundred numbers, but building them costs several tiny kernel
         # launches per call; reuse them until a buffer is replaced or modified in place.
-        if torch.compiler.is_compiling():
-            return _tables(self.s, self.lo, self.hi, dtype)
         try:
             key = (self.s, self.lo, self.hi, self.s._version, self.lo._version, self.hi._version)
         except RuntimeError:  # inference tensors carry no version counter
-            return _tables(self.s, self.lo, self.hi, dtype)
+            tables = _tables(self.s, self.lo, self.hi, dtype)
+            return (*tables, _kernels.pack(tables[0], tables[1]))
         hit = self._cache.get(dtype)
         if hit is not None and all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(hit[0], key)):
             return hit[1]
@@ -302,6 +305,7 @@ class EAFOActivation(nn.Module):
         # validation pass (Lightning validates under inference_mode).
         with torch.inference_mode(False), torch.no_grad():
             tables = _tables(self.s, self.lo, self.hi, dtype)
+            tables = (*tables, _kernels.pack(tables[0], tables[1]))
         self._cache[dtype] = (key, tables)
         return tables
 

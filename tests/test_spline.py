@@ -18,17 +18,26 @@ from scipy import stats
 from torch import nn
 from torch.func import functional_call
 
-from dynact import eafo
+from dynact import _kernels, eafo
 from dynact.activations import CRReLU, activation_names, make_activation
 from dynact.density import KDE, Density, Histogram
 from dynact.spline import DEFAULT_KNOTS, EAFOActivation
 
 SQRT_2PI = math.sqrt(2 * math.pi)
-IMPLS = ["function", "ops"]
+#: The eager paths: fused kernels where they build ("auto"), the autograd function over tensor
+#: ops ("reference"), the plain ops that torch.compile traces ("ops").
+IMPLS = ["auto", "reference", "ops"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernel_mode():
+    mode = _kernels.MODE
+    yield
+    _kernels.MODE = mode
 
 
 def _forced(act: EAFOActivation, impl: str) -> EAFOActivation:
-    act._impl = impl
+    _kernels.MODE = impl
     return act
 
 

@@ -1,0 +1,290 @@
+"""Fused forward and backward passes of CRReLU and EAFOActivation (eager mode).
+
+Eager PyTorch runs one kernel per elementwise operation, so ``relu(x) + eps * s(x)`` written
+with tensor ops reads and writes the tensor several times per direction. Here each direction is
+one pass: the forward reads ``x`` and writes ``y``; the backward reads ``x`` and ``grad`` and
+writes ``grad_x`` while summing ``grad * s(x)`` (the ``eps`` gradient) in the same loop, the
+memory traffic of GELU's own kernels.
+
+- CPU: ``_kernels_cpu.SOURCE``, plain C++ (no PyTorch headers, about a second to build), compiled once
+  per machine with the system's C++ compiler and cached under ``$DYNACT_CACHE`` (default
+  ``~/.cache/dynact``), then called through :mod:`ctypes`. The eps gradient is summed in double
+  over fixed chunks, so it is the same bit for bit whatever the thread count (deterministic
+  mode needs nothing more).
+- CUDA: Triton kernels (``dynact._triton``) when Triton is installed; per-block partial sums of
+  the eps gradient are added by one deterministic ``torch.sum``.
+
+Where a fast path cannot be built (no compiler, build error, no Triton) the reference path runs
+instead (the autograd functions of :mod:`dynact.activations` and :mod:`dynact.spline`) and one
+warning says why. ``DYNACT_KERNELS=reference`` turns the fused kernels off. Under
+``torch.compile`` none of this runs: the activations are plain tensor ops there, which Inductor
+fuses with their neighbours.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__: list[str] = []
+
+#: "auto": fused kernels where they can be built, the reference path elsewhere; "reference":
+#: never fused; "ops": plain tensor ops as under torch.compile (for tests and benchmarks). Read
+#: from the environment variable DYNACT_KERNELS; tests change it directly.
+MODE = os.environ.get("DYNACT_KERNELS", "auto").strip().lower()
+
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-fno-math-errno", "-fno-trapping-math",
+          # No fused multiply-add contraction: the same roundings as the reference path's ops.
+          "-ffp-contract=off"]
+_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_ABI = 2
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_failure: Optional[str] = None  # why the CPU library is unavailable (None: not tried or built)
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DYNACT_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "dynact"
+
+
+def _compiler() -> Optional[str]:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _cpu_id() -> str:
+    # -march=native binds the library to this processor: its flags are part of the cache key.
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build(cxx: str) -> Path:
+    """Compile the library once per (source, compiler, flags, processor); return its path."""
+    from dynact._kernels_cpu import SOURCE
+
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(
+        "\n".join([SOURCE, cxx, version, " ".join(_FLAGS), _cpu_id(), sys.platform]).encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"dynact_kernels_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: processes building at once (DDP ranks) never load
+    # a half-written file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out, source = Path(tmp) / target.name, Path(tmp) / "dynact_kernels.cpp"
+        source.write_text(SOURCE)
+        proc = subprocess.run([cxx, *_FLAGS, str(source), "-o", str(out)], capture_output=True, text=True,
+                              timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(out, target)
+    return target
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    """The CPU library, built on first use; None (and one warning) if it cannot be built."""
+    global _lib, _failure
+    if _lib is not None or _failure is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _failure is not None:
+            return _lib
+        cxx = _compiler()
+        try:
+            if cxx is None:
+                raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+            lib = ctypes.CDLL(str(_build(cxx)))
+            if lib.dynact_abi_version() != _ABI:
+                raise RuntimeError("stale library in the cache")
+            _declare(lib)
+            _lib = lib
+        except Exception as err:  # any failure means: use the reference path
+            _failure = f"{type(err).__name__}: {err}"
+            _warn_once("cpu", f"dynact: the fused CPU kernels could not be built ({_failure}); "
+                              "using the slower reference path")
+    return _lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    lib.dynact_eafo_forward.argtypes = [i32, i32, p, p, p, i64, p, f64, f64, i32, f64, i32]
+    lib.dynact_eafo_backward.argtypes = [i32, i32, p, p, p, p, i64, p, f64, f64, i32, f64, i32]
+    lib.dynact_crrelu_forward.argtypes = [i32, p, p, i64, f64, i32]
+    lib.dynact_crrelu_backward.argtypes = [i32, p, p, p, p, i64, f64, i32]
+    for fn in (lib.dynact_eafo_forward, lib.dynact_eafo_backward, lib.dynact_crrelu_forward,
+               lib.dynact_crrelu_backward):
+        fn.restype = i32
+
+
+def _reset() -> None:
+    """Forget the library and the warnings (tests)."""
+    global _lib, _failure
+    _lib, _failure = None, None
+    _warned.clear()
+    from dynact import _triton
+
+    _triton.reset()
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether a fused kernel serves ``x`` (its device and dtype) in this process."""
+    if MODE != "auto" or x.dtype not in _DTYPES:
+        return False
+    if x.device.type == "cpu":
+        return _load() is not None
+    if x.device.type == "cuda" and x.dtype != torch.float64:
+        from dynact import _triton
+
+        return _triton.available()
+    return False
+
+
+# ----------------------------------------------------------------------------- CPU calls
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise RuntimeError("dynact fused kernel: unsupported arguments")
+
+
+def pack(value: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """``(K + 3, 2)`` table of ``(value[j], slope[j])`` pairs (``slope`` padded with a zero), from
+    the tables of ``dynact.spline._tables``: the kernels fetch both numbers with one load."""
+    return torch.stack([value, torch.cat([slope, slope.new_zeros(1)])], 1).contiguous()
+
+
+def eafo_forward(x: torch.Tensor, y0: Optional[torch.Tensor], pairs: torch.Tensor, a: torch.Tensor,
+                 b: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``base(x) + eps * s(x)``: ReLU as the base if ``y0`` is None, else ``y0 + eps * s(x)``.
+
+    ``pairs`` (see :func:`pack`), ``a``, ``b``: the spline's tables in the compute dtype (float32
+    for half inputs); ``eps`` 0-d. Scalars stay tensors so that CUDA never synchronises.
+    """
+    x = x.contiguous()
+    if x.device.type == "cuda":
+        from dynact import _triton
+
+        return _triton.eafo_forward(x, y0, pairs, a, b, eps)
+    y0 = None if y0 is None else y0.to(x.dtype).contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _check(_lib.dynact_eafo_forward(_DTYPES[x.dtype], 0 if y0 is not None else 1, _ptr(x), _ptr(y0), _ptr(out),
+                                    x.numel(), _ptr(pairs), float(a), float(b), pairs.shape[0] - 2, float(eps),
+                                    torch.get_num_threads()))
+    return out
+
+
+def eafo_backward(grad: torch.Tensor, x: torch.Tensor, relu: bool, pairs: torch.Tensor, a: torch.Tensor,
+                  b: torch.Tensor, eps: torch.Tensor, need_x: bool, need_eps: bool):
+    """``(grad_x, grad_eps)``: ``grad_x`` includes ReLU's derivative if ``relu``; ``grad_eps`` 0-d,
+    float64 on CPU, float32 on CUDA."""
+    grad, x = grad.contiguous(), x.contiguous()
+    if x.device.type == "cuda":
+        from dynact import _triton
+
+        return _triton.eafo_backward(grad, x, relu, pairs, a, b, eps, need_x, need_eps)
+    grad = grad.to(x.dtype)
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    geps = torch.zeros((), dtype=torch.float64) if need_eps else None
+    _check(_lib.dynact_eafo_backward(_DTYPES[x.dtype], int(relu), _ptr(grad), _ptr(x), _ptr(gx), _ptr(geps),
+                                     x.numel(), _ptr(pairs), float(a), float(b), pairs.shape[0] - 2, float(eps),
+                                     torch.get_num_threads()))
+    return gx, geps
+
+
+def crrelu_forward(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    if x.device.type == "cuda":
+        from dynact import _triton
+
+        return _triton.crrelu_forward(x, eps)
+    eps = float(eps)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _check(_lib.dynact_crrelu_forward(_DTYPES[x.dtype], _ptr(x), _ptr(out), x.numel(), eps,
+                                      torch.get_num_threads()))
+    return out
+
+
+def crrelu_backward(grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, need_x: bool, need_eps: bool):
+    grad, x = grad.contiguous(), x.contiguous()
+    if x.device.type == "cuda":
+        from dynact import _triton
+
+        return _triton.crrelu_backward(grad, x, eps, need_x, need_eps)
+    eps = float(eps)
+    grad = grad.to(x.dtype)
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    geps = torch.zeros((), dtype=torch.float64) if need_eps else None
+    _check(_lib.dynact_crrelu_backward(_DTYPES[x.dtype], _ptr(grad), _ptr(x), _ptr(gx), _ptr(geps), x.numel(),
+                                       eps, torch.get_num_threads()))
+    return gx, geps
+
+
+# ----------------------------------------------------------------------------- autograd
+class FusedSpline(torch.autograd.Function):
+    """``base(x) + eps * s(x)`` in one pass per direction; ``y0 = None`` means a ReLU base
+    computed inside the kernel (and its derivative in the backward). Saves only ``x`` and the
+    small tables."""
+
+    @staticmethod
+    def forward(ctx, x, eps, y0, pairs, a, b):  # noqa: D102
+        eps = eps.detach()
+        ctx.relu = y0 is None
+        ctx.save_for_backward(x, eps, pairs, a, b)
+        return eafo_forward(x, y0, pairs, a, b, eps)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, eps, pairs, a, b = ctx.saved_tensors
+        need_x, need_eps, need_y0 = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        gx = geps = None
+        if need_x or need_eps:
+            gx, geps = eafo_backward(grad, x, ctx.relu, pairs, a, b, eps, need_x, need_eps)
+        if geps is not None:
+            geps = geps.to(eps.dtype).reshape(eps.shape)
+        return gx, geps, (grad if need_y0 else None), None, None, None
+
+
+class FusedCRReLU(torch.autograd.Function):
+    """``relu(x) + eps * x * exp(-x**2/2)`` in one pass per direction; saves only ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, eps):  # noqa: D102
+        ctx.save_for_backward(x, eps)
+        return crrelu_forward(x, eps.detach())
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, eps = ctx.saved_tensors
+        gx, geps = crrelu_backward(grad, x, eps.detach(), ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        if geps is not None:
+            geps = geps.to(eps.dtype).reshape(eps.shape)
+        return gx, geps

@@ -1,0 +1,361 @@
+"""C++ source of the fused CPU kernels, compiled by :mod:`dynact._kernels` on first use.
+
+Kept as a string in a Python module so that it ships inside the package with no packaging
+configuration; ``python -m dynact._kernels_cpu > k.cpp`` writes it out for reading or editing.
+"""
+
+SOURCE = r"""// Fused CPU kernels of dynact's activations: one pass over the tensor per direction.
+//
+// Plain C++ without PyTorch headers, so that building it takes about a second; dynact/_kernels.py
+// compiles it once per machine, caches the shared library and calls it through ctypes.
+//
+// Element types (code): 0 float32, 1 float64, 2 bfloat16, 3 float16. Half types are computed in
+// float32 (the segment index of a 257-knot spline needs more than 8 mantissa bits), float64 in
+// float64. Every element is independent, except the eps gradient, a sum: it is split into fixed
+// chunks of CHUNK elements (whatever the thread count), each summed in double in a fixed order,
+// and the chunk sums are added in order, so the result is the same bit for bit on every call.
+// (Inside a chunk, runs of SUB elements are summed in the compute type first, which keeps the
+// loops vectorised; the order is still fixed.)
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t CHUNK = 16384;  // elements per parallel task and per partial sum of the eps gradient
+constexpr int64_t SUB = 512;       // elements per short sum inside a chunk
+
+struct bf16 { uint16_t v; };
+struct f16 { uint16_t v; };
+
+inline float as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t as_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+template <class T> struct Type;
+template <> struct Type<float> {
+  using C = float;
+  static C load(float v) { return v; }
+  static float store(C v) { return v; }
+};
+template <> struct Type<double> {
+  using C = double;
+  static C load(double v) { return v; }
+  static double store(C v) { return v; }
+};
+template <> struct Type<bf16> {
+  using C = float;
+  static C load(bf16 h) { return as_float(uint32_t(h.v) << 16); }
+  static bf16 store(float f) {  // round to nearest even; NaN stays a (quiet) NaN
+    uint32_t u = as_bits(f);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = (u >> 16) | 0x40u;
+    return bf16{uint16_t((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded)};
+  }
+};
+template <> struct Type<f16> {
+  using C = float;
+  // IEEE half <-> float by bit arithmetic (subnormals, infinities and NaN included), written
+  // without branches so that loops over it vectorise.
+  static C load(f16 h) {
+    const uint32_t exp_mask = 0x7c00u << 13;
+    uint32_t o = (uint32_t(h.v) & 0x7fffu) << 13;
+    uint32_t e = o & exp_mask;
+    o += (127u - 15u) << 23;
+    uint32_t inf_nan = o + ((128u - 16u) << 23);
+    uint32_t subnormal = as_bits(as_float(o + (1u << 23)) - as_float(113u << 23));
+    o = e == exp_mask ? inf_nan : (e == 0 ? subnormal : o);
+    return as_float(o | ((uint32_t(h.v) & 0x8000u) << 16));
+  }
+  static f16 store(float f) {  // round to nearest even
+    const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+    uint32_t u = as_bits(f);
+    uint32_t sign = u & 0x80000000u;
+    u ^= sign;
+    uint32_t big = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+    uint32_t sub = as_bits(as_float(u) + as_float(denorm_magic)) - denorm_magic;
+    uint32_t norm = (u + (uint32_t(15 - 127) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
+    uint32_t o = u >= ((127u + 16u) << 23) ? big : (u < (113u << 23) ? sub : norm);
+    return f16{uint16_t(o | (sign >> 16))};
+  }
+};
+
+// exp(t) for t <= 0 (or NaN), float: Cephes' polynomial, within 2 ulp; 0 below -87.
+inline float exp_nonpositive(float t) {
+  float tc = t < -87.0f ? -87.0f : t;
+  float fx = std::floor(tc * 1.44269504088896341f + 0.5f);
+  fx = fx == fx ? fx : 0.0f;
+  float r = tc - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * r * r + r + 1.0f;
+  float scale = as_float(uint32_t(int32_t(fx) + 127) << 23);
+  return t < -87.0f ? 0.0f : y * scale;
+}
+inline double exp_nonpositive(double t) { return std::exp(t); }
+
+template <class C> inline C relu(C x) { return x < C(0) ? C(0) : x; }  // NaN passes through
+
+// Segment j and position in it: u = a x + b clamped to [0, last] (NaN stays NaN, j = 0).
+template <class C> inline C mul_add(C x, C a, C b) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  // As ATen's vectorised addcmul: the reference path's segments and values, bit for bit.
+  return std::fma(x, a, b);
+#else
+  return b + x * a;
+#endif
+}
+
+template <class C> inline int segment(C x, C a, C b, C last, C* frac) {
+  C u = mul_add(x, a, b);
+  u = u < C(0) ? C(0) : u;
+  u = u > last ? last : u;
+  int j = int(u == u ? u : C(0));
+  *frac = u - C(j);
+  return j;
+}
+
+// The knot table holds (value, slope) pairs: one 64-bit gather fetches both for float, half
+// the gather work of two separate tables (gathers dominate these loops).
+typedef uint64_t __attribute__((may_alias)) u64_alias;
+inline void lookup(const float* __restrict pairs, int j, float* value, float* slope) {
+  uint64_t e = reinterpret_cast<const u64_alias*>(pairs)[j];
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  *value = as_float(uint32_t(e));
+  *slope = as_float(uint32_t(e >> 32));
+#else
+  *value = as_float(uint32_t(e >> 32));
+  *slope = as_float(uint32_t(e));
+#endif
+}
+inline void lookup(const double* __restrict pairs, int j, double* value, double* slope) {
+  *value = pairs[2 * j];
+  *slope = pairs[2 * j + 1];
+}
+
+inline int threads_for(int64_t n, int threads) { return n < 4 * CHUNK ? 1 : threads; }
+
+// The loops over elements live in small functions with restrict-qualified pointers, called per
+// chunk from the parallel loop: written inline in the OpenMP region, GCC left some of them
+// scalar (and branchy), several times slower.
+
+// Runs body(start, stop) over fixed chunks in parallel; with a sum, body returns the partial
+// sum of its chunk and the chunk sums are added in chunk order.
+template <class Body> void for_chunks(int64_t n, int threads, Body body) {
+  const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+#pragma omp parallel for num_threads(threads_for(n, threads)) schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) body(c * CHUNK, c * CHUNK + CHUNK < n ? c * CHUNK + CHUNK : n);
+}
+template <class Body> double sum_chunks(int64_t n, int threads, Body body) {
+  const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+  std::vector<double> partial(chunks);
+#pragma omp parallel for num_threads(threads_for(n, threads)) schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t end = c * CHUNK + CHUNK < n ? c * CHUNK + CHUNK : n;
+    double acc = 0.0;
+    // Runs of SUB elements are summed in the compute type (keeps the loop vectorised).
+    for (int64_t s = c * CHUNK; s < end; s += SUB) acc += double(body(s, s + SUB < end ? s + SUB : end));
+    partial[c] = acc;
+  }
+  double total = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) total += partial[c];
+  return total;
+}
+
+// ----------------------------------------------------------------------------- EAFO spline
+// y = base(x) + eps * s(x), s(x) = value[j] + frac * slope[j] with (value, slope) = pairs[j].
+// BASE 0: base(x) given as y0; BASE 1: ReLU computed here.
+template <class T, int BASE, class C = typename Type<T>::C>
+void eafo_forward_run(const T* __restrict x, const T* __restrict y0, T* __restrict out, int64_t start,
+                      int64_t stop, const C* __restrict pairs, C a, C b, C last, C eps) {
+#pragma omp simd
+  for (int64_t i = start; i < stop; ++i) {
+    C xv = Type<T>::load(x[i]);
+    C frac, value, slope;
+    int j = segment(xv, a, b, last, &frac);
+    lookup(pairs, j, &value, &slope);
+    C s = mul_add(frac, slope, value);
+    C base = BASE == 1 ? relu(xv) : Type<T>::load(y0[i]);
+    out[i] = Type<T>::store(mul_add(s, eps, base));
+  }
+}
+
+template <class T, int BASE>
+void eafo_forward(const T* x, const T* y0, T* out, int64_t n, const typename Type<T>::C* pairs, double a,
+                  double b, int last, double eps, int threads) {
+  using C = typename Type<T>::C;
+  for_chunks(n, threads, [&](int64_t start, int64_t stop) {
+    eafo_forward_run<T, BASE>(x, y0, out, start, stop, pairs, C(a), C(b), C(last), C(eps));
+  });
+}
+
+// grad_x = grad * (base'(x) + slope[j] * (a * eps)) (BASE 0: the spline's part only);
+// returns sum(grad * s(x)) over [start, stop) (at most SUB elements) if GE.
+template <class T, int BASE, bool GX, bool GE, class C = typename Type<T>::C>
+C eafo_backward_run(const T* __restrict grad, const T* __restrict x, T* __restrict gx, int64_t start,
+                    int64_t stop, const C* __restrict pairs, C a, C b, C last, C a_eps) {
+  // The products are stored and summed in a second loop: with the sum in the main loop GCC
+  // left it scalar (5x slower).
+  C terms[GE ? SUB : 1];
+#pragma omp simd
+  for (int64_t i = start; i < stop; ++i) {
+    C xv = Type<T>::load(x[i]);
+    C g = Type<T>::load(grad[i]);
+    C frac, value, slope;
+    int j = segment(xv, a, b, last, &frac);
+    lookup(pairs, j, &value, &slope);
+    if (GE) terms[i - start] = g * mul_add(frac, slope, value);
+    if (GX) {
+      C spline = g * (slope * a_eps);
+      gx[i] = Type<T>::store(BASE == 1 ? (xv > C(0) ? g + spline : spline) : spline);
+    }
+  }
+  C sum = C(0);
+  if (GE) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < stop - start; ++i) sum += terms[i];
+  }
+  return sum;
+}
+
+template <class T, int BASE, bool GX, bool GE>
+void eafo_backward(const T* grad, const T* x, T* gx, double* geps, int64_t n, const typename Type<T>::C* pairs,
+                   double a_, double b_, int last_, double eps_, int threads) {
+  using C = typename Type<T>::C;
+  const C a = C(a_), b = C(b_), last = C(last_), a_eps = C(a_) * C(eps_);
+  auto run = [&](int64_t start, int64_t stop) {
+    return eafo_backward_run<T, BASE, GX, GE>(grad, x, gx, start, stop, pairs, a, b, last, a_eps);
+  };
+  if (GE) *geps = sum_chunks(n, threads, run);
+  else for_chunks(n, threads, run);
+}
+
+// ----------------------------------------------------------------------------- CRReLU
+// y = relu(x) + eps * x * exp(-x^2/2)
+template <class T, class C = typename Type<T>::C>
+void crrelu_forward_run(const T* __restrict x, T* __restrict out, int64_t start, int64_t stop, C eps) {
+#pragma omp simd
+  for (int64_t i = start; i < stop; ++i) {
+    C xv = Type<T>::load(x[i]);
+    C gauss = exp_nonpositive(xv * xv * C(-0.5));
+    out[i] = Type<T>::store(relu(xv) + gauss * xv * eps);
+  }
+}
+
+template <class T>
+void crrelu_forward(const T* x, T* out, int64_t n, double eps, int threads) {
+  using C = typename Type<T>::C;
+  for_chunks(n, threads, [&](int64_t start, int64_t stop) { crrelu_forward_run<T>(x, out, start, stop, C(eps)); });
+}
+
+// grad_x = grad * (1[x > 0] + eps * (1 - x^2) * exp(-x^2/2)); returns sum(grad * x * exp(-x^2/2)) if GE.
+template <class T, bool GX, bool GE, class C = typename Type<T>::C>
+C crrelu_backward_run(const T* __restrict grad, const T* __restrict x, T* __restrict gx, int64_t start,
+                      int64_t stop, C eps) {
+  C terms[GE ? SUB : 1];
+#pragma omp simd
+  for (int64_t i = start; i < stop; ++i) {
+    C xv = Type<T>::load(x[i]);
+    C g = Type<T>::load(grad[i]);
+    C x2 = xv * xv;
+    C gauss = exp_nonpositive(x2 * C(-0.5));
+    if (GE) terms[i - start] = g * xv * gauss;
+    if (GX) {
+      C slope = (C(1) - x2) * gauss * eps + (xv > C(0) ? C(1) : C(0));
+      gx[i] = Type<T>::store(slope * g);
+    }
+  }
+  C sum = C(0);
+  if (GE) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < stop - start; ++i) sum += terms[i];
+  }
+  return sum;
+}
+
+template <class T, bool GX, bool GE>
+void crrelu_backward(const T* grad, const T* x, T* gx, double* geps, int64_t n, double eps, int threads) {
+  using C = typename Type<T>::C;
+  auto run = [&](int64_t start, int64_t stop) {
+    return crrelu_backward_run<T, GX, GE>(grad, x, gx, start, stop, C(eps));
+  };
+  if (GE) *geps = sum_chunks(n, threads, run);
+  else for_chunks(n, threads, run);
+}
+
+// ----------------------------------------------------------------------------- dispatch
+template <class F> int by_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case 0: f(float{}); return 0;
+    case 1: f(double{}); return 0;
+    case 2: f(bf16{}); return 0;
+    case 3: f(f16{}); return 0;
+    default: return 1;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int dynact_abi_version() { return 2; }
+
+// pairs: (value, slope) per segment, 2 * (last + 1) numbers of the compute type.
+int dynact_eafo_forward(int dtype, int base, const void* x, const void* y0, void* out, int64_t n,
+                        const void* pairs, double a, double b, int last, double eps, int threads) {
+  if (base != 0 && base != 1) return 1;
+  return by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = typename Type<T>::C;
+    auto f = base == 1 ? eafo_forward<T, 1> : eafo_forward<T, 0>;
+    f(static_cast<const T*>(x), static_cast<const T*>(y0), static_cast<T*>(out), n, static_cast<const C*>(pairs),
+      a, b, last, eps, threads);
+  });
+}
+
+int dynact_eafo_backward(int dtype, int base, const void* grad, const void* x, void* gx, double* geps,
+                         int64_t n, const void* pairs, double a, double b, int last, double eps, int threads) {
+  if ((base != 0 && base != 1) || (gx == nullptr && geps == nullptr)) return 1;
+  return by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = typename Type<T>::C;
+    using Fn = void (*)(const T*, const T*, T*, double*, int64_t, const C*, double, double, int, double, int);
+    Fn table[2][3] = {{eafo_backward<T, 0, true, true>, eafo_backward<T, 0, true, false>,
+                       eafo_backward<T, 0, false, true>},
+                      {eafo_backward<T, 1, true, true>, eafo_backward<T, 1, true, false>,
+                       eafo_backward<T, 1, false, true>}};
+    int which = gx == nullptr ? 2 : (geps == nullptr ? 1 : 0);
+    table[base][which](static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(gx), geps, n,
+                       static_cast<const C*>(pairs), a, b, last, eps, threads);
+  });
+}
+
+int dynact_crrelu_forward(int dtype, const void* x, void* out, int64_t n, double eps, int threads) {
+  return by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    crrelu_forward<T>(static_cast<const T*>(x), static_cast<T*>(out), n, eps, threads);
+  });
+}
+
+int dynact_crrelu_backward(int dtype, const void* grad, const void* x, void* gx, double* geps, int64_t n,
+                           double eps, int threads) {
+  if (gx == nullptr && geps == nullptr) return 1;
+  return by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto f = gx == nullptr ? crrelu_backward<T, false, true>
+                           : (geps == nullptr ? crrelu_backward<T, true, false> : crrelu_backward<T, true, true>);
+    f(static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(gx), geps, n, eps, threads);
+  });
+}
+
+}  // extern "C"
+"""
+
+if __name__ == "__main__":
+    print(SOURCE, end="")

@@ -1,0 +1,317 @@
+"""The fused kernels of CRReLU and EAFOActivation against their reference paths.
+
+Oracle: the reference path of each module (``dynact._kernels.MODE = "reference"``: autograd
+functions over tensor ops, tested against closed forms, numpy and gradcheck in
+test_spline.py / test_activations.py), evaluated in float32 for half-precision inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from dynact import _kernels
+from dynact.activations import CRReLU
+from dynact.spline import EAFOActivation
+
+CPU_FUSED = _kernels._compiler() is not None
+needs_compiler = pytest.mark.skipif(not CPU_FUSED, reason="no C++ compiler: the fused CPU kernels cannot be built")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+# More than four chunks of the C++ kernels (16384 elements), so several threads share the work.
+N = 70_001
+
+
+@pytest.fixture(autouse=True)
+def _restore_mode():
+    mode = _kernels.MODE
+    yield
+    _kernels.MODE = mode
+
+
+def _inputs(n: int = N, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = 3 * torch.randn(n, generator=g)
+    x[:7] = torch.tensor([-7.0, -6.0, 0.0, 6.0, 9.0, 1e-8, -1e-8])  # beyond, on and inside the grid ends
+    return x
+
+
+def _modules() -> dict[str, nn.Module]:
+    """A CRReLU, a ReLU-based spline (ReLU inside the kernel) and a GELU-based one (base outside)."""
+    torch.manual_seed(0)
+    relu = EAFOActivation("relu", eps=0.3)
+    gelu = EAFOActivation("gelu", lo=-4.0, hi=5.0, knots=65, eps=-0.7)
+    with torch.no_grad():
+        relu.s.mul_(3.0)
+        gelu.s[1:-1] = torch.randn(63)
+    return {"crrelu": CRReLU(0.3), "eafo_relu": relu, "eafo_gelu": gelu}
+
+
+def _run(act: nn.Module, x: torch.Tensor, grad: torch.Tensor, mode: str):
+    _kernels.MODE = mode
+    act.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    y = act(x)
+    y.backward(grad)
+    return y.detach(), x.grad, act.eps.grad.clone(), y.grad_fn
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["crrelu", "eafo_relu", "eafo_gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_equals_reference_in_values_and_gradients(name, dtype):
+    act = _modules()[name].to(dtype)
+    x = _inputs().to(dtype)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y, gx, geps, fn = _run(act, x, grad, "auto")
+    assert type(fn).__name__ in ("FusedSplineBackward", "FusedCRReLUBackward")  # the fused path ran
+    y_ref, gx_ref, geps_ref, fn_ref = _run(act, x, grad, "reference")
+    assert "Fused" not in type(fn_ref).__name__
+    # The spline kernels repeat the reference's arithmetic (bit for bit where the compiler fuses
+    # multiply-adds as ATen does); CRReLU's exp differs from ATen's by an ulp or two.
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(gx, gx_ref, rtol=tol, atol=tol)
+    # The eps gradient is a sum of N terms: the kernel sums in double, the reference in the
+    # input's dtype (CRReLU's in float32).
+    torch.testing.assert_close(geps, geps_ref, rtol=1e-5, atol=1e-6)
+    assert gx.dtype == dtype and geps.dtype == act.eps.dtype
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["crrelu", "eafo_relu", "eafo_gelu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_half_precision_matches_reference(name, dtype):
+    act = _modules()[name]
+    x = _inputs().to(dtype)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y, gx, geps, _ = _run(act, x, grad, "auto")
+    assert y.dtype == gx.dtype == dtype and geps.dtype == torch.float32
+    # The kernels compute in float32 and round once. The spline's reference path does the same
+    # for the values and rounds grad_x twice (spline part, then plus ReLU's); CRReLU's rounds
+    # after every op, so it is compared in float32 on the same (rounded) inputs.
+    ref_dtype = torch.float32 if name == "crrelu" else dtype
+    y_ref, gx_ref, geps_ref, _ = _run(act, x.to(ref_dtype), grad.to(ref_dtype), "reference")
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=ulp, atol=1e-6)
+    torch.testing.assert_close(gx.float(), gx_ref.float(), rtol=ulp, atol=1e-6)
+    torch.testing.assert_close(geps, geps_ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["crrelu", "eafo_relu"])
+def test_nan_inf_and_noncontiguous_inputs(name):
+    act = _modules()[name]
+    x = _inputs(4096).reshape(64, 64).t()  # a transposed view
+    x[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    grad = torch.randn(64, 64).t()
+    y, gx, geps, _ = _run(act, x, grad, "auto")
+    y_ref, gx_ref, geps_ref, _ = _run(act, x, grad, "reference")
+    torch.testing.assert_close(y, y_ref, equal_nan=True, rtol=2e-6, atol=2e-6)
+    assert y[0, 0].isnan()
+    if name == "eafo_relu":  # (CRReLU's inf * exp(-inf) is NaN, in the reference too)
+        assert y[0, 1] == float("inf") and y[0, 2] == 0
+    finite = torch.isfinite(x)
+    torch.testing.assert_close(gx[finite], gx_ref[finite], rtol=2e-6, atol=2e-6)
+    assert geps.isnan() and geps_ref.isnan()  # NaN in, NaN out, as the reference
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["crrelu", "eafo_relu", "eafo_gelu"])
+def test_only_the_gradients_asked_for(name):
+    act = _modules()[name]
+    x = _inputs(1000)
+    _kernels.MODE = "auto"
+    # eps frozen: only grad_x
+    act.eps.requires_grad_(False)
+    xg = x.clone().requires_grad_(True)
+    act(xg).sum().backward()
+    _kernels.MODE = "reference"
+    xr = x.clone().requires_grad_(True)
+    act(xr).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=2e-6, atol=2e-6)
+    # input without grad (a first layer): only grad_eps
+    act.eps.requires_grad_(True)
+    _kernels.MODE = "auto"
+    act(x).sum().backward()
+    fused = act.eps.grad.clone()
+    act.eps.grad = None
+    _kernels.MODE = "reference"
+    act(x).sum().backward()
+    torch.testing.assert_close(fused, act.eps.grad, rtol=1e-5, atol=1e-6)
+    # inference: forward only, same values
+    with torch.no_grad():
+        _kernels.MODE = "auto"
+        y = act(x)
+        _kernels.MODE = "reference"
+        torch.testing.assert_close(y, act(x), rtol=2e-6, atol=2e-6)
+    _kernels.MODE = "auto"
+    assert act(x[:0]).shape == (0,)
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["crrelu", "eafo_relu"])
+def test_eps_gradient_is_deterministic_across_threads(name):
+    act = _modules()[name]
+    x = _inputs(300_000)
+    grad = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        with _deterministic():
+            for n in (1, 2, 1, 3):
+                torch.set_num_threads(n)
+                results.append(_run(act, x, grad, "auto")[2])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+class _deterministic:
+    def __enter__(self):
+        self.before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.before)
+
+
+@needs_compiler
+def test_forward_pre_hooks_still_see_and_change_the_input():
+    # EAFOCallback samples the input of every EAFOActivation with a forward pre-hook.
+    act = _modules()["eafo_relu"]
+    seen = []
+    handle = act.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    x = _inputs(100)
+    act(x)
+    assert len(seen) == 1 and torch.equal(seen[0], x)
+    handle.remove()
+    act.register_forward_pre_hook(lambda module, args: (args[0] * 0 + 2.0,))
+    assert torch.allclose(act(x), act.base(torch.full_like(x, 2.0)) + act.eps * _spline_at(act, 2.0))
+
+
+def _spline_at(act: EAFOActivation, value: float) -> torch.Tensor:
+    _kernels.MODE = "reference"
+    with torch.no_grad():
+        out = act(torch.tensor([value])) - act.base(torch.tensor([value]))
+    _kernels.MODE = "auto"
+    return out / act.eps.detach()
+
+
+@needs_compiler
+def test_user_torch_compile_traces_without_graph_breaks():
+    model = nn.Sequential(nn.Linear(8, 16), EAFOActivation("relu", eps=0.2), nn.Linear(16, 16), CRReLU(0.1))
+    x = torch.randn(32, 8)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
+    out = compiled(x)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- building and fallback
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty kernel cache and a forgotten library; restored afterwards."""
+    monkeypatch.setenv("DYNACT_CACHE", str(tmp_path))
+    _kernels._reset()
+    yield tmp_path
+    monkeypatch.undo()
+    _kernels._reset()
+
+
+def _fallback_equals_reference():
+    act = _modules()["eafo_relu"]
+    x = _inputs(5000)
+    grad = torch.randn_like(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y, gx, geps, fn = _run(act, x, grad, "auto")
+        _run(_modules()["crrelu"], x, grad, "auto")  # a second module: no second warning
+    y_ref, gx_ref, geps_ref, _ = _run(act, x, grad, "reference")
+    assert "Fused" not in type(fn).__name__
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref) and torch.equal(geps, geps_ref)
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_no_compiler_falls_back_with_one_warning(fresh_build, monkeypatch):
+    monkeypatch.setattr(_kernels, "_compiler", lambda: None)
+    messages = _fallback_equals_reference()
+    assert len(messages) == 1 and "could not be built" in messages[0] and "no C++ compiler" in messages[0]
+    assert not list(fresh_build.iterdir())
+
+
+@needs_compiler
+def test_build_error_falls_back_with_one_warning(fresh_build, monkeypatch):
+    from dynact import _kernels_cpu
+
+    monkeypatch.setattr(_kernels_cpu, "SOURCE", "this is not C++")
+    messages = _fallback_equals_reference()
+    assert len(messages) == 1 and "could not be built" in messages[0]
+
+
+@needs_compiler
+def test_library_is_built_once_then_loaded_from_the_cache(fresh_build, monkeypatch):
+    x = torch.zeros(1)
+    assert _kernels.available(x)
+    built = list(fresh_build.glob("dynact_kernels_*.so"))
+    assert len(built) == 1
+    calls = []
+    run = _kernels.subprocess.run
+    monkeypatch.setattr(_kernels.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or run(cmd, **kw))
+    _kernels._reset()
+    assert _kernels.available(x)
+    assert calls and all("--version" in cmd for cmd in calls)  # nothing compiled
+    assert list(fresh_build.glob("dynact_kernels_*.so")) == built
+
+
+def test_reference_mode_turns_the_kernels_off():
+    _kernels.MODE = "reference"
+    assert not _kernels.available(torch.zeros(3))
+    act = EAFOActivation("relu")
+    x = torch.randn(10, requires_grad=True)
+    assert type(act(x).grad_fn).__name__ == "_SplineTermBackward"
+
+
+# --------------------------------------------------------------------------- CUDA
+@needs_cuda
+@pytest.mark.parametrize("name", ["crrelu", "eafo_relu", "eafo_gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_fused_equals_reference(name, dtype):
+    act = _modules()[name].cuda()
+    x = _inputs().to("cuda", dtype)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
+    y, gx, geps, fn = _run(act, x, grad, "auto")
+    assert "Fused" in type(fn).__name__, "Triton kernels unavailable on a CUDA machine"
+    y_ref, gx_ref, geps_ref, _ = _run(copy.deepcopy(act), x.float(), grad.float(), "reference")
+    rtol = {torch.float32: 2e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    torch.testing.assert_close(y.float(), y_ref, rtol=rtol, atol=1e-5)
+    torch.testing.assert_close(gx.float(), gx_ref, rtol=rtol, atol=1e-5)
+    torch.testing.assert_close(geps.float(), geps_ref.float(), rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+def test_cuda_eps_gradient_is_deterministic():
+    act = _modules()["eafo_relu"].cuda()
+    x = _inputs(1_000_003).cuda()
+    grad = torch.randn_like(x)
+    with _deterministic():
+        first = _run(act, x, grad, "auto")[2]
+        assert all(torch.equal(_run(act, x, grad, "auto")[2], first) for _ in range(3))
+
+
+@needs_cuda
+def test_cuda_autocast_bf16_and_compile():
+    model = nn.Sequential(nn.Linear(64, 256), EAFOActivation("relu", eps=0.2), nn.Linear(256, 64), CRReLU(0.1)).cuda()
+    x = torch.randn(128, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(compiled.float(), eager.float(), rtol=2e-2, atol=2e-2)
+    eager.float().sum().backward()
+    assert torch.isfinite(model[1].eps.grad) and torch.isfinite(model[3].eps.grad)
