@@ -7,8 +7,8 @@ On CUDA the default dtype is bfloat16, on CPU float32.
 
 Usage::
 
-    python benchmarks/bench_activation.py                    # 256 x 65 x 768, eager + compiled
-    python benchmarks/bench_activation.py --batch 32 --no-compile
+    python benchmarks/bench_activation.py                    # 64 x 65 x 768, eager + compiled
+    python benchmarks/bench_activation.py --batch 32 --no-compile --impls
     python benchmarks/bench_activation.py --device cuda --dtype bfloat16
 """
 
@@ -18,6 +18,7 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
@@ -38,13 +39,19 @@ def _fwd_bwd(fn, x: torch.Tensor, grad: torch.Tensor) -> None:
     fn(x).backward(grad)
 
 
-def _time_round_robin(fns: dict, x: torch.Tensor, grad: torch.Tensor, warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds of ``fn(x).backward(grad)`` for each function.
+def _time_round_robin(fns: dict, x: torch.Tensor, grad: torch.Tensor, warmup: int, repeats: int):
+    """Median seconds of ``fn(x).backward(grad)`` for each function, and of its first call.
 
     The functions take turns within every repeat, so a busy machine slows them alike and the
-    ratios stay meaningful even when the absolute times drift.
+    ratios stay meaningful even when the absolute times drift. The first call includes any
+    compilation (``torch.compile``'s, or building dynact's kernels if not cached yet).
     """
-    for fn in fns.values():
+    first: dict[str, float] = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        _fwd_bwd(fn, x, grad)
+        _sync(x.device)
+        first[name] = time.perf_counter() - start
         for _ in range(warmup):
             _fwd_bwd(fn, x, grad)
     _sync(x.device)
@@ -55,7 +62,33 @@ def _time_round_robin(fns: dict, x: torch.Tensor, grad: torch.Tensor, warmup: in
             _fwd_bwd(fn, x, grad)
             _sync(x.device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: statistics.median(ts) for name, ts in times.items()}, first, times
+
+
+def _kernel_build_seconds() -> dict[str, float]:
+    """Seconds to build dynact's CPU kernels from scratch (what a first run on a machine pays
+    once) and to load them from the cache (what every later process pays)."""
+    import os
+
+    saved = os.environ.get("DYNACT_CACHE")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["DYNACT_CACHE"] = tmp
+            _kernels._reset()
+            start = time.perf_counter()
+            ok = _kernels._load() is not None
+            build = time.perf_counter() - start
+            _kernels._reset()
+            start = time.perf_counter()
+            _kernels._load()
+            load = time.perf_counter() - start
+    finally:
+        if saved is None:
+            os.environ.pop("DYNACT_CACHE", None)
+        else:
+            os.environ["DYNACT_CACHE"] = saved
+        _kernels._reset()
+    return {"built": ok, "build_s": round(build, 3), "load_from_cache_s": round(load, 4)}
 
 
 class _Path(nn.Module):
@@ -71,6 +104,11 @@ class _Path(nn.Module):
             return self.act(x)
         finally:
             _kernels.MODE = before
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
 
 
 def _activations(device: torch.device, impls: bool, compiled: bool) -> dict[str, nn.Module]:
@@ -91,13 +129,13 @@ def _activations(device: torch.device, impls: bool, compiled: bool) -> dict[str,
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=65)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")
     parser.add_argument("--impls", action="store_true", help="also time the reference and plain-ops eager paths")
@@ -118,14 +156,26 @@ def main(argv: list[str] | None = None) -> dict:
     for mode in modes:
         acts = _activations(device, args.impls, mode == "compiled")
         fns = {name: torch.compile(act, fullgraph=True) if mode == "compiled" else act for name, act in acts.items()}
-        seconds = _time_round_robin(fns, x, grad, args.warmup, args.repeats)
+        seconds, first, samples = _time_round_robin(fns, x, grad, args.warmup, args.repeats)
         ref = seconds["GELU"]
         results[mode] = {
-            name: {"ms": round(1e3 * t, 3), "ratio_to_gelu": round(t / ref, 3)} for name, t in seconds.items()
+            name: {
+                "ms": round(1e3 * t, 3),
+                "ratio_to_gelu": round(t / ref, 3),
+                # Ratio of the repeat-by-repeat pairs (same moment of the machine's load): the
+                # interquartile range of these is the noise of the ratio.
+                "ratio_to_gelu_iqr": [round(q, 3) for q in _quartiles(
+                    [a / b for a, b in zip(samples[name], samples["GELU"])])],
+                "first_call_s": round(first[name], 3),
+            }
+            for name, t in seconds.items()
         }
 
     report = {
         "benchmark": "activation forward+backward (input and eps grads)",
+        "fused_kernels": "cuda (triton)" if device.type == "cuda" and _kernels.available(x) else (
+            "cpu (c++)" if device.type == "cpu" and _kernels.available(x) else "unavailable: reference path"),
+        "cpu_kernel_build": _kernel_build_seconds() if device.type == "cpu" else None,
         "shape": list(shape),
         "dtype": dtype_name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

@@ -1,19 +1,30 @@
-"""Overhead of EAFOCallback on a ViT-Tiny training loop, as ratios measured in one run.
+"""What dynamic EAFO costs a training run, against the model a user would otherwise train.
 
-ViT-Tiny (``dynact.models.ImageClassifier("vit_tiny", act="eafo")``: 12 dynamic activations)
-trains on random CIFAR-shaped batches with Lightning's Trainer and a TensorBoard logger, once
-without the callback and once per callback setting (``every_n_steps`` 50 and 10, both
-estimators); settings are interleaved round by round so that drift in the machine's load
-hits all of them alike. Prints JSON: per setting the mean step time, its ratio to the run
-without the callback (the overhead; goal <= 1.03 at every_n_steps=50 on CPU, <= 1.02 on a
-GPU), the ratio of medians, the mean time of steps that sample and of steps that update, and
-the callback's own clocked work (hook time per sampling step; time per update, the figures'
-cost spread over ``curves_every`` updates; the figures' cost; all medians) with the overhead
-it implies, ``(window * hook + update) / (N * median step without callback)``, which a busy
-shared machine disturbs less than the ratio of step times.
+ViT-Tiny (``dynact.models.ImageClassifier("vit_tiny")``, 12 MLP activations) trains on random
+CIFAR-shaped batches with Lightning's Trainer, AdamW and a TensorBoard logger, in these arms:
 
-    python benchmarks/bench_callback.py --batch 32 --steps 100
-    python benchmarks/bench_callback.py --batch 256 --steps 300 --rounds 3   # GPU
+==============  =====================================================================
+``gelu``        GELU, no callback: the model the user had (the reference of every ratio)
+``relu``        ReLU, no callback
+``crrelu``      CRReLU (learnable eps), no callback
+``eafo_static`` EAFOActivation (ReLU base), no callback: the activation's own cost
+``eafo_n50``    ReLU model + ``EAFOCallback(every_n_steps=50, curves_every=0)``: converted to
+                dynamic EAFOActivations at setup, sampled and updated by the callback,
+                scalars and histograms logged (the activation-curve figures, about 1 s per
+                drawing for 12 layers, are off: a short run would draw them at its only update)
+``eafo_n10``    the same with ``every_n_steps=10``
+==============  =====================================================================
+
+Every arm runs ``--rounds`` times, the arms taking turns within each round (the order rotates
+from round to round), so that drift in a shared machine's load hits all of them alike. Each
+run leaves out its first ``--warmup`` steps. Prints JSON: per arm the mean and median step
+time, the ratio of means (total training time: includes the callback's update steps) and of
+medians to ``gelu`` and to ``relu``, and the per-round ratios of means, whose spread is the
+noise of the measurement; for callback arms also the mean time of update steps and of
+sampling steps.
+
+    python benchmarks/bench_callback.py                                   # CPU, fp32, batch 32
+    python benchmarks/bench_callback.py --accelerator gpu --precision bf16-mixed --batch 256 --steps 120
 """
 
 from __future__ import annotations
@@ -36,12 +47,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from dynact import EAFOCallback
 from dynact.models import ImageClassifier
 
-SETTINGS: dict[str, Optional[dict[str, Any]]] = {
-    "none": None,
-    "n50_kde": {"every_n_steps": 50, "estimator": "kde"},
-    "n50_hist": {"every_n_steps": 50, "estimator": "hist"},
-    "n10_kde": {"every_n_steps": 10, "estimator": "kde"},
-    "n10_hist": {"every_n_steps": 10, "estimator": "hist"},
+#: arm -> (MLP activation, callback arguments or None)
+ARMS: dict[str, tuple[str, Optional[dict[str, Any]]]] = {
+    "gelu": ("gelu", None),
+    "relu": ("relu", None),
+    "crrelu": ("crrelu", None),
+    "eafo_static": ("eafo", None),
+    "eafo_n50": ("relu", {"every_n_steps": 50, "curves_every": 0}),
+    "eafo_n10": ("relu", {"every_n_steps": 10, "curves_every": 0}),
 }
 
 
@@ -70,58 +83,26 @@ class _StepTimer(Callback):
         return [(step, b - a) for (step, a), b in zip(self.starts, times[1:])]
 
 
-class _TimedEAFO(EAFOCallback):
-    """EAFOCallback that also clocks its own work: the sampling hooks and the updates (host
-    time; on a GPU the hooks only launch kernels, so their device time is not in it)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.hook_s: dict[int, float] = {}  # per optimizer step: time in the sampling hooks
-        self.update_s: list[float] = []
-        self.figures_s: list[float] = []  # per update: time of the TensorBoard part if it drew figures
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self._step = trainer.global_step
-
-    def _collect(self, layer, module, args):
-        t = time.perf_counter()
-        super()._collect(layer, module, args)
-        if self._collecting:
-            self.hook_s[self._step] = self.hook_s.get(self._step, 0.0) + time.perf_counter() - t
-
-    def _update(self, trainer):
-        t = time.perf_counter()
-        self.figures_s.append(0.0)
-        super()._update(trainer)
-        self.update_s.append(time.perf_counter() - t)
-
-    def _log_tensorboard(self, trainer, measured, step):
-        t = time.perf_counter()
-        super()._log_tensorboard(trainer, measured, step)
-        if (self._num_updates - 1) % self.curves_every == 0:
-            self.figures_s[-1] = time.perf_counter() - t
-
-
-def _run(setting: Optional[dict[str, Any]], args: argparse.Namespace, logdir: str) -> tuple[list[tuple[int, float]], Optional[_TimedEAFO]]:
+def _run(arm: str, args: argparse.Namespace, logdir: str) -> list[tuple[int, float]]:
+    act, setting = ARMS[arm]
     pl.seed_everything(0, verbose=False)
-    # Four distinct batches, cycled: the data cost nothing, the model and callback do.
-    batches = 4
-    model = ImageClassifier("vit_tiny", num_classes=10, img_size=32, patch_size=4, act="eafo",
+    batches = 4  # four distinct batches, cycled: the data cost nothing, the model and callback do
+    model = ImageClassifier("vit_tiny", num_classes=10, img_size=32, patch_size=4, act=act,
                             warmup_epochs=1, epochs=-(-args.steps // batches))
     g = torch.Generator().manual_seed(0)
     n = batches * args.batch
     data = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
-    timer = _StepTimer(cuda=args.accelerator != "cpu" and torch.cuda.is_available())
-    cb = None if setting is None else _TimedEAFO(**setting)
-    callbacks: list[Callback] = [timer] if cb is None else [cb, timer]
+    timer = _StepTimer(cuda=args.accelerator not in ("cpu",) and torch.cuda.is_available())
+    callbacks: list[Callback] = [timer]
+    if setting is not None:
+        callbacks.insert(0, EAFOCallback(estimator=args.estimator, **setting))
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=1,
         max_steps=args.steps,
         precision=args.precision,
         callbacks=callbacks,
-        logger=TensorBoardLogger(logdir, name="bench"),
+        logger=TensorBoardLogger(logdir, name=arm),
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
@@ -130,82 +111,77 @@ def _run(setting: Optional[dict[str, Any]], args: argparse.Namespace, logdir: st
         log_every_n_steps=50,
     )
     trainer.fit(model, DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True))
-    return timer.durations()[args.warmup:], cb
+    return timer.durations()[args.warmup:]
 
 
-def _summary(
-    name: str, steps: list[tuple[int, float]], cbs: list[_TimedEAFO], base_mean: float, base_median: float
-) -> dict[str, Any]:
-    times = [t for _, t in steps]
+def _summary(arm: str, runs: list[list[tuple[int, float]]], ref: dict[str, list[list[tuple[int, float]]]]) -> dict:
+    times = [t for run in runs for _, t in run]
     out: dict[str, Any] = {
         "steps": len(times),
         "step_ms_mean": round(1e3 * statistics.fmean(times), 2),
         "step_ms_median": round(1e3 * statistics.median(times), 2),
-        "ratio_mean": round(statistics.fmean(times) / base_mean, 4),
-        "ratio_median": round(statistics.median(times) / base_median, 4),
     }
-    setting = SETTINGS[name]
+    for base in ("gelu", "relu"):
+        base_times = [t for run in ref[base] for _, t in run]
+        out[f"ratio_to_{base}_mean"] = round(statistics.fmean(times) / statistics.fmean(base_times), 4)
+        out[f"ratio_to_{base}_median"] = round(statistics.median(times) / statistics.median(base_times), 4)
+    # Round by round (arms run back to back within a round): the spread is the noise.
+    out["ratio_to_gelu_mean_per_round"] = [
+        round(statistics.fmean(t for _, t in run) / statistics.fmean(t for _, t in base), 4)
+        for run, base in zip(runs, ref["gelu"])
+    ]
+    setting = ARMS[arm][1]
     if setting is not None:
-        n = setting["every_n_steps"]
-        window = min(n, 20)
-        update = [t for s, t in steps if (s + 1) % n == 0]
-        collect = [t for s, t in steps if (s + 1) % n and s % n >= n - window]
+        every = setting["every_n_steps"]
+        window = min(every, 20)
+        update = [t for run in runs for s, t in run if (s + 1) % every == 0]
+        sampling = [t for run in runs for s, t in run if (s + 1) % every and s % every >= every - window]
+        out["updates"] = len(update)
         out["update_step_ms_mean"] = round(1e3 * statistics.fmean(update), 2) if update else None
-        out["sampling_step_ms_mean"] = round(1e3 * statistics.fmean(collect), 2) if collect else None
-        out["window"] = window
-        # The callback's own clocked work (medians) and the overhead it implies per N steps,
-        # against the median step without it: robust to a shared machine's load spikes.
-        # Figures come every curves_every updates: spread their cost over that many updates.
-        updates = [u - f + f / cb.curves_every for cb in cbs for u, f in zip(cb.update_s, cb.figures_s)]
-        figures = [f for cb in cbs for f in cb.figures_s if f > 0]
-        hooks = [h for cb in cbs for h in cb.hook_s.values()]
-        hook_ms = 1e3 * statistics.median(hooks) if hooks else 0.0
-        update_ms = 1e3 * statistics.median(updates) if updates else 0.0
-        out["hook_ms_per_sampling_step_median"] = round(hook_ms, 3)
-        out["update_ms_median"] = round(update_ms, 2)
-        out["figures_ms_median"] = round(1e3 * statistics.median(figures), 2) if figures else None
-        out["overhead_from_costs"] = round((window * hook_ms + update_ms) / (n * 1e3 * base_median), 4)
+        out["sampling_step_ms_mean"] = round(1e3 * statistics.fmean(sampling), 2) if sampling else None
     return out
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run (>= 50 for an update at N=50)")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (>= 50 for an update at N=50)")
     parser.add_argument("--warmup", type=int, default=5, help="first steps of each run left out")
-    parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of all settings")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of all arms")
     parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--precision", default="32-true", help="e.g. 32-true, bf16-mixed (GPU)")
+    parser.add_argument("--estimator", default="kde", choices=["kde", "hist"])
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    args = parser.parse_args()
-    names = ["none"] + [s for s in args.settings if s != "none"]
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    args = parser.parse_args(argv)
+    arms = ["gelu", "relu"] + [a for a in args.arms if a not in ("gelu", "relu")]
 
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
-    steps: dict[str, list[tuple[int, float]]] = {name: [] for name in names}
-    cbs: dict[str, list[_TimedEAFO]] = {name: [] for name in names}
+    runs: dict[str, list[list[tuple[int, float]]]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory() as logdir:
-        for _ in range(args.rounds):
-            for name in names:
-                times, cb = _run(SETTINGS[name], args, logdir)
-                steps[name] += times
-                cbs[name] += [cb] if cb is not None else []
+        for r in range(args.rounds):
+            shift = r % len(arms)
+            for arm in arms[shift:] + arms[:shift]:
+                runs[arm].append(_run(arm, args, logdir))
 
-    base = [t for _, t in steps["none"]]
-    base_mean, base_median = statistics.fmean(base), statistics.median(base)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.accelerator != "cpu" else platform.processor() or "cpu"
-    print(json.dumps({
-        "benchmark": "EAFOCallback overhead, ViT-Tiny (12 EAFOActivation layers), random 32x32 batches",
-        "device": device,
+    cuda = torch.cuda.is_available() and args.accelerator != "cpu"
+    report = {
+        "benchmark": "ViT-Tiny training step time per arm, random 32x32 batches, AdamW; ratios to the GELU model",
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "batch": args.batch,
         "steps_per_run": args.steps,
+        "warmup_steps_left_out": args.warmup,
         "rounds": args.rounds,
         "precision": args.precision,
-        "results": {name: _summary(name, steps[name], cbs[name], base_mean, base_median) for name in names},
-    }, indent=2))
+        "estimator": args.estimator,
+        "results": {arm: _summary(arm, runs[arm], runs) for arm in arms},
+    }
+    print(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

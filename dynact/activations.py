@@ -102,10 +102,12 @@ class CRReLU(nn.Module):
         self.learnable = learnable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Compiled: plain ops, which Inductor fuses with the neighbours. Eager: the fused
-        # kernels of dynact._kernels (one pass per direction) or, where they cannot be built,
-        # the hand-written backward below.
+        # Eager: the fused kernels of dynact._kernels (one pass per direction) or, where they
+        # cannot be built, the hand-written backward below. Compiled: the same kernels as a
+        # custom op on CPU, plain ops (fused by Inductor) elsewhere.
         if torch.compiler.is_compiling() or _kernels.MODE == "ops":
+            if _kernels.MODE != "ops" and _kernels.compiled_on_cpu(x):
+                return _kernels.crrelu_op(x, self.eps)  # on CPU the C++ kernel beats Inductor's loop
             return crrelu(x, self.eps.to(x.dtype))
         if _kernels.available(x):
             return _kernels.FusedCRReLU.apply(x, self.eps)

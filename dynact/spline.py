@@ -277,6 +277,12 @@ class EAFOActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() or _kernels.MODE == "ops":
             cdt = _compute_dtype(x.dtype)
+            if _kernels.MODE != "ops" and _kernels.compiled_on_cpu(x):
+                # On CPU the C++ kernels beat Inductor's loop: call them as opaque custom ops.
+                value, slope, a, b = _tables(self.s, self.lo, self.hi, cdt)
+                inside = type(self.base) is nn.ReLU and not (self.base._forward_hooks or self.base._forward_pre_hooks)
+                y0 = None if inside else self.base(x)
+                return _kernels.spline_op(x, self.eps, y0, _kernels.pack(value, slope), a, b)
             y0 = self.base(x)
             return (y0.to(cdt) + self.eps.to(cdt) * _spline_ops(x, self.s, self.lo, self.hi)).to(x.dtype)
         value, slope, a, b, pairs = self._eager_tables(_compute_dtype(x.dtype))

@@ -57,7 +57,8 @@ def _run(act: nn.Module, x: torch.Tensor, grad: torch.Tensor, mode: str):
     x = x.detach().clone().requires_grad_(True)
     y = act(x)
     y.backward(grad)
-    return y.detach(), x.grad, act.eps.grad.clone(), y.grad_fn
+    eps = getattr(act, "eps", None)
+    return y.detach(), x.grad, None if eps is None else eps.grad.clone(), y.grad_fn
 
 
 @needs_compiler
@@ -214,6 +215,37 @@ def test_user_torch_compile_traces_without_graph_breaks():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@needs_compiler
+def test_compiled_cpu_graph_calls_the_kernels_as_single_ops():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    model = nn.Sequential(nn.Linear(8, 16), EAFOActivation("gelu", eps=0.2), CRReLU(0.1))
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = torch.randn(4, 8)
+    compiled(x)
+    assert "dynact.spline_forward" in graphs[0] and "dynact.crrelu_forward" in graphs[0]
+    assert "gelu" in graphs[0]  # a base other than ReLU stays in the graph, for the compiler
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_custom_ops_pass_opcheck(dtype):
+    # Fake (meta) implementations, autograd registration and schema agree with the real ops.
+    act = _modules()["eafo_relu"]
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    value, slope, a, b, pairs = act._eager_tables(cdt)
+    x = _inputs(300).to(dtype).requires_grad_(True)
+    eps = act.eps.detach().to(cdt).clone().requires_grad_(True)
+    torch.library.opcheck(torch.ops.dynact.spline_forward.default, (x, None, pairs, a, b, eps))
+    y0 = torch.randn(300).to(dtype).requires_grad_(True)
+    torch.library.opcheck(torch.ops.dynact.spline_forward.default, (x, y0, pairs, a, b, eps))
+    torch.library.opcheck(torch.ops.dynact.crrelu_forward.default, (x, eps))
+
+
 # --------------------------------------------------------------------------- building and fallback
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
@@ -244,6 +276,25 @@ def test_no_compiler_falls_back_with_one_warning(fresh_build, monkeypatch):
     messages = _fallback_equals_reference()
     assert len(messages) == 1 and "could not be built" in messages[0] and "no C++ compiler" in messages[0]
     assert not list(fresh_build.iterdir())
+
+
+def test_compiled_graph_without_the_library_computes_the_same(fresh_build, monkeypatch):
+    monkeypatch.setattr(_kernels, "_compiler", lambda: None)
+    torch._dynamo.reset()
+    model = nn.Sequential(EAFOActivation("relu", eps=0.3), CRReLU(0.2))
+    x = _inputs(2000)
+    grad = torch.randn_like(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y, gx, _, _ = _run(torch.compile(model, fullgraph=True), x, grad, "auto")
+    grads = [p.grad.clone() for p in model.parameters()]
+    y_ref, gx_ref, _, _ = _run(model, x, grad, "reference")
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert sum("could not be built" in str(w.message) for w in caught) == 1
+    torch._dynamo.reset()
 
 
 @needs_compiler
