@@ -65,7 +65,7 @@ if triton is not None:
 
     @triton.jit
     def _segment(x, a, b, last):
-        u = b + x * a
+        u = tl.fma(x, a, b)  # fused, as the CPU kernels and ATen's addcmul: the same segments at knots
         u = tl.where(u < 0.0, 0.0, u)
         u = tl.where(u > last, last, u)
         j = tl.where(u == u, u, 0.0).to(tl.int32)  # NaN: segment 0, frac NaN
@@ -78,12 +78,12 @@ if triton is not None:
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         j, frac = _segment(x, tl.load(a_ptr), tl.load(b_ptr), last)
-        s = tl.load(pairs_ptr + 2 * j, mask=mask, other=0.0) + frac * tl.load(pairs_ptr + 2 * j + 1, mask=mask, other=0.0)
+        s = tl.fma(frac, tl.load(pairs_ptr + 2 * j + 1, mask=mask, other=0.0), tl.load(pairs_ptr + 2 * j, mask=mask, other=0.0))
         if RELU:
             base = tl.where(x < 0.0, 0.0, x)
         else:
             base = tl.load(y0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = base + s * tl.load(eps_ptr).to(tl.float32)
+        y = tl.fma(s, tl.load(eps_ptr).to(tl.float32), base)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -105,7 +105,7 @@ if triton is not None:
                 gx = spline
             tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
         if GE:
-            s = tl.load(pairs_ptr + 2 * j, mask=mask, other=0.0) + frac * slope
+            s = tl.fma(frac, slope, tl.load(pairs_ptr + 2 * j, mask=mask, other=0.0))
             tl.store(part_ptr + pid, tl.sum(g * s, axis=0))
 
     @triton.jit

@@ -330,6 +330,57 @@ def test_reference_mode_turns_the_kernels_off():
 
 
 # --------------------------------------------------------------------------- CUDA
+_TRITON_ON_CPU = r"""
+import contextlib, torch
+from dynact import _kernels, _triton
+from dynact.spline import EAFOActivation
+torch.cuda.device = lambda device: contextlib.nullcontext()  # the interpreter runs on CPU tensors
+act = EAFOActivation("relu", eps=0.3)
+with torch.no_grad():
+    act.s.mul_(3.0)
+value, slope, a, b, pairs = act._eager_tables(torch.float32)
+eps = act.eps.detach()
+assert _kernels._load() is not None
+for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 2 ** -7), (torch.float16, 2 ** -10)):
+    x = (3 * torch.randn(3000)).to(dtype)
+    x[:4] = torch.tensor([7.0, 6.0, -7.0, -6.0])
+    g = torch.randn(3000).to(dtype)
+    y0 = torch.nn.functional.gelu(x)
+    pairs_of_results = [
+        (_triton.eafo_forward(x, None, pairs, a, b, eps), _kernels.eafo_forward(x, None, pairs, a, b, eps)),
+        (_triton.eafo_forward(x, y0, pairs, a, b, eps), _kernels.eafo_forward(x, y0, pairs, a, b, eps)),
+        (_triton.crrelu_forward(x, eps), _kernels.crrelu_forward(x, eps)),
+    ]
+    # At a knot the slope is one-sided: whether u = a x + b lands just below or on it depends on
+    # a fused multiply-add, which the interpreter does not reproduce; compare grad_x off the knots.
+    u = (x.double() + 6.0) / act.knot_step
+    off = (u - u.round()).abs() > 1e-3
+    for relu in (True, False):
+        t, k = _triton.eafo_backward(g, x, relu, pairs, a, b, eps, True, True), _kernels.eafo_backward(g, x, relu, pairs, a, b, eps, True, True)
+        pairs_of_results += [(t[0][off], k[0][off]), (t[1], k[1])]
+    t, k = _triton.crrelu_backward(g, x, eps, True, True), _kernels.crrelu_backward(g, x, eps, True, True)
+    pairs_of_results += [(t[0], k[0]), (t[1], k[1])]
+    for got, want in pairs_of_results:
+        torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=1e-5)
+print("triton kernels ok")
+"""
+
+
+@needs_compiler
+def test_triton_kernels_agree_with_the_cpu_kernels_in_triton_interpreter():
+    # No GPU needed: Triton's interpreter runs the CUDA kernels' code on CPU tensors.
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _TRITON_ON_CPU], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0 and "triton kernels ok" in proc.stdout, proc.stderr[-3000:]
+
+
+
 @needs_cuda
 @pytest.mark.parametrize("name", ["crrelu", "eafo_relu", "eafo_gelu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
