@@ -1,4 +1,4 @@
-"""Fused forward and backward passes of CRReLU and EAFOActivation (eager mode).
+"""Fused forward and backward passes of CRReLU and EAFOActivation.
 
 Eager PyTorch runs one kernel per elementwise operation, so ``relu(x) + eps * s(x)`` written
 with tensor ops reads and writes the tensor several times per direction. Here each direction is
@@ -6,19 +6,22 @@ one pass: the forward reads ``x`` and writes ``y``; the backward reads ``x`` and
 writes ``grad_x`` while summing ``grad * s(x)`` (the ``eps`` gradient) in the same loop, the
 memory traffic of GELU's own kernels.
 
-- CPU: ``_kernels_cpu.SOURCE``, plain C++ (no PyTorch headers, about a second to build), compiled once
-  per machine with the system's C++ compiler and cached under ``$DYNACT_CACHE`` (default
-  ``~/.cache/dynact``), then called through :mod:`ctypes`. The eps gradient is summed in double
-  over fixed chunks, so it is the same bit for bit whatever the thread count (deterministic
-  mode needs nothing more).
-- CUDA: Triton kernels (``dynact._triton``) when Triton is installed; per-block partial sums of
-  the eps gradient are added by one deterministic ``torch.sum``.
+- CPU: ``dynact._kernels_cpu.SOURCE``, plain C++ (no PyTorch headers, a few seconds to build),
+  compiled once per machine with the system's C++ compiler and cached under ``$DYNACT_CACHE``
+  (default ``~/.cache/dynact``), then called through :mod:`ctypes`. The eps gradient is summed
+  in double over fixed chunks, so it is the same bit for bit whatever the thread count
+  (deterministic mode needs nothing more).
+- CUDA: Triton kernels (:mod:`dynact._triton`) when Triton is installed; per-block partial sums
+  of the eps gradient are added by one deterministic ``torch.sum``.
 
 Where a fast path cannot be built (no compiler, build error, no Triton) the reference path runs
 instead (the autograd functions of :mod:`dynact.activations` and :mod:`dynact.spline`) and one
-warning says why. ``DYNACT_KERNELS=reference`` turns the fused kernels off. Under
-``torch.compile`` none of this runs: the activations are plain tensor ops there, which Inductor
-fuses with their neighbours.
+warning says why. ``DYNACT_KERNELS=reference`` turns the fused kernels off.
+
+Under ``torch.compile``: on CPU the graph calls the C++ kernels as ``torch.library`` custom ops
+(``dynact::spline_forward``, ``dynact::crrelu_forward``; opaque to the compiler, no graph
+break); on CUDA the activations are plain tensor ops, which Inductor fuses with their
+neighbours.
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ __all__: list[str] = []
 #: from the environment variable DYNACT_KERNELS; tests change it directly.
 MODE = os.environ.get("DYNACT_KERNELS", "auto").strip().lower()
 
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-fno-math-errno", "-fno-trapping-math",
-          # No fused multiply-add contraction: the same roundings as the reference path's ops.
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17",
+          # Without these GCC leaves the loops scalar (errno and trap-free selects block it).
+          "-fno-math-errno", "-fno-trapping-math",
+          # Multiply-adds are fused exactly where the source says so (as ATen's addcmul does).
           "-ffp-contract=off"]
 _DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 _ABI = 2

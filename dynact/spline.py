@@ -10,12 +10,12 @@ density the layer really sees: :meth:`EAFOActivation.update` recomputes ``s`` fr
 both ends, so outside ``[lo, hi]`` the activation is exactly its base. The knot values and the
 grid ends are buffers (saved in ``state_dict``, never touched by the optimizer).
 
-Speed: the spline costs one clamp, one gather pair and one multiply-add per element. Eager mode
-runs the fused kernels of :mod:`dynact._kernels` (one pass over the tensor per direction, the
-ReLU base included) and saves nothing but the input; where they cannot be built, a custom
-autograd function over tensor ops (the reference path). Under ``torch.compile`` the same
-arithmetic is written as plain tensor ops, which Inductor fuses with the base into one kernel
-per direction.
+Speed: the spline costs one clamp, one gather and one multiply-add per element. Eager mode runs
+the fused kernels of :mod:`dynact._kernels` (one pass over the tensor per direction, a ReLU
+base included) and saves nothing but the input; where they cannot be built, a custom autograd
+function over tensor ops (the reference path). Under ``torch.compile`` a CPU graph calls the
+same kernels as custom ops; elsewhere the arithmetic is plain tensor ops, which Inductor fuses
+with the base into one kernel per direction.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def _gather(table: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
 
 
 class _SplineTerm(torch.autograd.Function):
-    """``y0 + eps * s(x)`` with a hand-written backward (eager path).
+    """``y0 + eps * s(x)`` with a hand-written backward (the eager reference path, taken where
+    the fused kernels of :mod:`dynact._kernels` cannot be built or are turned off).
 
     Saves only ``x`` (already kept alive by the base) and the tiny tables; backward recomputes
     the segment index. ``grad_x = grad * eps * slope[j] * a``; ``grad_eps = sum(grad * s(x))``
