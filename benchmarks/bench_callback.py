@@ -15,13 +15,15 @@ CIFAR-shaped batches with Lightning's Trainer, AdamW and a TensorBoard logger, i
 ``eafo_n10``    the same with ``every_n_steps=10``
 ==============  =====================================================================
 
-Every arm runs ``--rounds`` times, the arms taking turns within each round (the order rotates
-from round to round), so that drift in a shared machine's load hits all of them alike. Each
-run leaves out its first ``--warmup`` steps. Prints JSON: per arm the mean and median step
-time, the ratio of means (total training time: includes the callback's update steps) and of
-medians to ``gelu`` and to ``relu``, and the per-round ratios of means, whose spread is the
-noise of the measurement; for callback arms also the mean time of update steps and of
-sampling steps.
+All arms train at the same time in threads that take turns step by step (one step of each arm,
+in order, then again), so that a shared machine's load hits every arm alike; ``--rounds``
+repeats that with the order rotated. Each run leaves out its first ``--warmup`` steps (by
+default 10 of 60: the 50 measured steps are one whole update cycle at every_n_steps=50: 20
+sampling steps, one update). Prints JSON: per arm the mean and median step time, the ratio of
+means (total training time, the callback's update steps included) and of medians to ``gelu``
+and to ``relu``, and the quartiles of the step-by-step ratio to the GELU step that ran just
+before (their spread is the noise of the machine); for callback arms also the mean time of
+update steps and of sampling steps.
 
     python benchmarks/bench_callback.py                                   # CPU, fp32, batch 32
     python benchmarks/bench_callback.py --accelerator gpu --precision bf16-mixed --batch 256 --steps 120
@@ -34,6 +36,7 @@ import json
 import platform
 import statistics
 import tempfile
+import threading
 import time
 import warnings
 from typing import Any, Optional
@@ -58,32 +61,66 @@ ARMS: dict[str, tuple[str, Optional[dict[str, Any]]]] = {
 }
 
 
-class _StepTimer(Callback):
-    """Wall time of each optimizer step: from one batch start to the next (or to the end),
-    so the callback's work in ``on_train_batch_end`` is inside the step it follows."""
+class _Baton:
+    """Round-robin turns between the arms' training threads: one step at a time, in order."""
 
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-        self.starts: list[tuple[int, float]] = []
-        self.end = 0.0
+    def __init__(self, names: list[str]) -> None:
+        self.cond = threading.Condition()
+        self.order = list(names)
+        self.turn = 0
+
+    def wait(self, name: str) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: not self.order or self.order[self.turn] == name)
+
+    def pass_on(self, name: str, leave: bool = False) -> None:
+        with self.cond:
+            if name in self.order:
+                i = self.order.index(name)
+                if leave:
+                    self.order.pop(i)
+                    self.turn = i % len(self.order) if self.order else 0
+                else:
+                    self.turn = (i + 1) % len(self.order)
+            self.cond.notify_all()
+
+
+class _StepTimer(Callback):
+    """Wall time of each optimizer step, from one batch start to the next (or to the end), so
+    the callback's work in ``on_train_batch_end`` is inside the step it follows. Between two
+    steps the arm hands the turn to the next arm and waits for its own."""
+
+    def __init__(self, name: str, baton: _Baton, cuda: bool) -> None:
+        self.name, self.baton, self.cuda = name, baton, cuda
+        self.steps: list[tuple[int, float]] = []
+        self.last: Optional[tuple[int, float]] = None
 
     def _now(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    def _close(self) -> None:
+        if self.last is not None:
+            step, start = self.last
+            self.steps.append((step, self._now() - start))
+            self.last = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.baton.wait(self.name)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.starts.append((trainer.global_step, self._now()))
+        if self.last is not None:
+            self._close()
+            self.baton.pass_on(self.name)
+            self.baton.wait(self.name)
+        self.last = (trainer.global_step, self._now())
 
     def on_train_end(self, trainer, pl_module):
-        self.end = self._now()
-
-    def durations(self) -> list[tuple[int, float]]:
-        times = [t for _, t in self.starts] + [self.end]
-        return [(step, b - a) for (step, a), b in zip(self.starts, times[1:])]
+        self._close()
 
 
-def _run(arm: str, args: argparse.Namespace, logdir: str) -> list[tuple[int, float]]:
+def _build(arm: str, args: argparse.Namespace, logdir: str, baton: _Baton):
     act, setting = ARMS[arm]
     pl.seed_everything(0, verbose=False)
     batches = 4  # four distinct batches, cycled: the data cost nothing, the model and callback do
@@ -92,8 +129,8 @@ def _run(arm: str, args: argparse.Namespace, logdir: str) -> list[tuple[int, flo
     g = torch.Generator().manual_seed(0)
     n = batches * args.batch
     data = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
-    timer = _StepTimer(cuda=args.accelerator not in ("cpu",) and torch.cuda.is_available())
-    callbacks: list[Callback] = [timer]
+    timer = _StepTimer(arm, baton, cuda=args.accelerator not in ("cpu",) and torch.cuda.is_available())
+    callbacks: list[Callback] = [timer]  # last: it times the other callbacks' work too
     if setting is not None:
         callbacks.insert(0, EAFOCallback(estimator=args.estimator, **setting))
     trainer = pl.Trainer(
@@ -110,8 +147,33 @@ def _run(arm: str, args: argparse.Namespace, logdir: str) -> list[tuple[int, flo
         limit_val_batches=0,
         log_every_n_steps=50,
     )
-    trainer.fit(model, DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True))
-    return timer.durations()[args.warmup:]
+    loader = DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True)
+    return trainer, model, loader, timer
+
+
+def _round(arms: list[str], args: argparse.Namespace, logdir: str) -> dict[str, list[tuple[int, float]]]:
+    """All arms train at once, one step each in turn; returns each arm's measured steps."""
+    baton = _Baton(arms)
+    built = {arm: _build(arm, args, logdir, baton) for arm in arms}
+    errors: list[BaseException] = []
+
+    def fit(arm: str) -> None:
+        trainer, model, loader, _ = built[arm]
+        try:
+            trainer.fit(model, loader)
+        except BaseException as err:  # reported after the round; the other arms go on
+            errors.append(err)
+        finally:
+            baton.pass_on(arm, leave=True)
+
+    threads = [threading.Thread(target=fit, args=(arm,), name=f"arm-{arm}") for arm in arms]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return {arm: [(s, t) for s, t in built[arm][3].steps if s >= args.warmup] for arm in arms}
 
 
 def _summary(arm: str, runs: list[list[tuple[int, float]]], ref: dict[str, list[list[tuple[int, float]]]]) -> dict:
@@ -125,11 +187,11 @@ def _summary(arm: str, runs: list[list[tuple[int, float]]], ref: dict[str, list[
         base_times = [t for run in ref[base] for _, t in run]
         out[f"ratio_to_{base}_mean"] = round(statistics.fmean(times) / statistics.fmean(base_times), 4)
         out[f"ratio_to_{base}_median"] = round(statistics.median(times) / statistics.median(base_times), 4)
-    # Round by round (arms run back to back within a round): the spread is the noise.
-    out["ratio_to_gelu_mean_per_round"] = [
-        round(statistics.fmean(t for _, t in run) / statistics.fmean(t for _, t in base), 4)
-        for run, base in zip(runs, ref["gelu"])
-    ]
+    # Step i of this arm ran right after step i of the GELU arm: the spread of these paired
+    # ratios is the noise of the machine.
+    paired = [t / dict(base)[s] for run, base in zip(runs, ref["gelu"]) for s, t in run if s in dict(base)]
+    q = statistics.quantiles(paired, n=4)
+    out["paired_ratio_to_gelu_quartiles"] = [round(q[0], 4), round(q[1], 4), round(q[2], 4)]
     setting = ARMS[arm][1]
     if setting is not None:
         every = setting["every_n_steps"]
@@ -146,8 +208,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (>= 50 for an update at N=50)")
-    parser.add_argument("--warmup", type=int, default=5, help="first steps of each run left out")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of all arms")
+    parser.add_argument("--warmup", type=int, default=10,
+                        help="first steps of each run left out (default: 60 - 10 = one 50-step update cycle)")
+    parser.add_argument("--rounds", type=int, default=1, help="repetitions of the interleaved run of all arms")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true", help="e.g. 32-true, bf16-mixed (GPU)")
     parser.add_argument("--estimator", default="kde", choices=["kde", "hist"])
@@ -163,8 +226,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     with tempfile.TemporaryDirectory() as logdir:
         for r in range(args.rounds):
             shift = r % len(arms)
-            for arm in arms[shift:] + arms[:shift]:
-                runs[arm].append(_run(arm, args, logdir))
+            for arm, steps in _round(arms[shift:] + arms[:shift], args, logdir).items():
+                runs[arm].append(steps)
 
     cuda = torch.cuda.is_available() and args.accelerator != "cpu"
     report = {
