@@ -9,6 +9,7 @@ Usage::
 
     python benchmarks/bench_activation.py                    # 64 x 65 x 768, eager + compiled
     python benchmarks/bench_activation.py --batch 32 --no-compile --impls
+    python benchmarks/bench_activation.py --threads 1 --keep-freed-memory   # without page faults
     python benchmarks/bench_activation.py --device cuda --dtype bfloat16
 """
 
@@ -106,6 +107,25 @@ class _Path(nn.Module):
             _kernels.MODE = before
 
 
+def _keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed blocks instead of returning them to the system.
+
+    By default every output tensor of this size is a fresh ``mmap`` whose pages fault in on
+    first touch, and in a small benchmark that costs more than the activation itself (and
+    varies with the order of the arms). A long training run mostly reuses its heap; this
+    measures the kernels without the page faults. Returns False where not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def _quartiles(values: list[float]) -> tuple[float, float]:
     q = statistics.quantiles(values, n=4)
     return q[0], q[2]
@@ -139,7 +159,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")
     parser.add_argument("--impls", action="store_true", help="also time the reference and plain-ops eager paths")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="CPU: glibc malloc keeps freed blocks (no page faults per output tensor)")
     args = parser.parse_args(argv)
+    allocator = "default"
+    if args.keep_freed_memory:
+        allocator = "malloc keeps freed memory" if _keep_freed_memory() else "default (mallopt unavailable)"
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -176,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fused_kernels": "cuda (triton)" if device.type == "cuda" and _kernels.available(x) else (
             "cpu (c++)" if device.type == "cpu" and _kernels.available(x) else "unavailable: reference path"),
         "cpu_kernel_build": _kernel_build_seconds() if device.type == "cpu" else None,
+        "allocator": allocator,
         "shape": list(shape),
         "dtype": dtype_name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
