@@ -281,19 +281,20 @@ class EAFOActivation(nn.Module):
             if _kernels.MODE != "ops" and _kernels.compiled_on_cpu(x):
                 # On CPU the C++ kernels beat Inductor's loop: call them as opaque custom ops.
                 value, slope, a, b = _tables(self.s, self.lo, self.hi, cdt)
-                inside = type(self.base) is nn.ReLU and not (self.base._forward_hooks or self.base._forward_pre_hooks)
-                y0 = None if inside else self.base(x)
+                y0 = None if self._relu_in_kernel() else self.base(x)
                 return _kernels.spline_op(x, self.eps, y0, _kernels.pack(value, slope), a, b)
             y0 = self.base(x)
             return (y0.to(cdt) + self.eps.to(cdt) * _spline_ops(x, self.s, self.lo, self.hi)).to(x.dtype)
         value, slope, a, b, pairs = self._eager_tables(_compute_dtype(x.dtype))
         if _kernels.available(x):
-            # A plain ReLU base runs inside the kernel (with its derivative); any other base
-            # runs as itself and the kernel adds the spline term in the same pass.
-            inside = type(self.base) is nn.ReLU and not (self.base._forward_hooks or self.base._forward_pre_hooks)
-            y0 = None if inside else self.base(x)
+            y0 = None if self._relu_in_kernel() else self.base(x)
             return _kernels.FusedSpline.apply(x, self.eps, y0, pairs, a, b)
         return _SplineTerm.apply(x, self.base(x), self.eps, value, slope, a, b)
+
+    def _relu_in_kernel(self) -> bool:
+        # A plain ReLU base runs inside the fused kernel (with its derivative); any other base
+        # (or a hooked one) runs as itself and the kernel adds the spline term in the same pass.
+        return type(self.base) is nn.ReLU and not (self.base._forward_hooks or self.base._forward_pre_hooks)
 
     def _eager_tables(self, dtype: torch.dtype):
         """``(value, slope, a, b, pairs)``: :func:`_tables` and the fused kernels' packed table."""

@@ -195,6 +195,20 @@ def test_forward_pre_hooks_still_see_and_change_the_input():
     assert torch.allclose(act(x), act.base(torch.full_like(x, 2.0)) + act.eps * _spline_at(act, 2.0))
 
 
+@needs_compiler
+def test_a_hook_on_the_relu_base_still_runs():
+    # A ReLU base is computed inside the kernel, unless someone hooked it.
+    act = _modules()["eafo_relu"]
+    calls = []
+    act.base.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    x = _inputs(100)
+    y, gx, geps, _ = _run(act, x, torch.ones_like(x), "auto")
+    y_ref, gx_ref, geps_ref, _ = _run(act, x, torch.ones_like(x), "reference")
+    assert len(calls) == 2
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-6)
+
+
 def _spline_at(act: EAFOActivation, value: float) -> torch.Tensor:
     _kernels.MODE = "reference"
     with torch.no_grad():
