@@ -1,6 +1,6 @@
 """EAFO numerics against independent oracles: analytic formulas, quadrature, sampling, scipy.
 
-Each test names the check of eafo-math.md section 7 it reproduces.
+Reference values are those of docs/math.md; each is recomputed here from scipy, quadrature or sampling.
 """
 
 import math
@@ -163,15 +163,82 @@ def test_relu_entropy_is_finite_and_counts_the_atom(normal):
     assert h == pytest.approx(expected, abs=1e-3)
 
 
-def test_output_stats_report_dead_mass_and_scale_free_entropy(normal):
+def _normal(sigma: float, bins: int = 3200) -> Density:
+    return Density.from_pdf(stats.norm(scale=sigma).pdf, -8 * sigma, 8 * sigma, bins)
+
+
+def test_output_stats_relu_has_half_dead_mass_and_the_mixed_entropy_without_resolution(normal):
+    # Oracle: the atom's -0.5 log 0.5 plus the continuous half, 0.5 * H[half-normal]
+    # + 0.5 log 2 with H[half-normal] = scipy's halfnorm entropy.
     relu = eafo.output_stats(F.relu, normal)
+    expected = -0.5 * math.log(0.5) + 0.5 * float(stats.halfnorm.entropy()) - 0.5 * math.log(0.5)
+    assert expected == pytest.approx(1.0561, abs=1e-4)
     assert relu["dead"] == pytest.approx(0.5, abs=1e-3)
-    assert relu["std_out"] == pytest.approx(math.sqrt(0.5 - 1 / (2 * math.pi)), abs=1e-3)
-    ident = eafo.output_stats(lambda x: 5 * x, normal)
+    assert relu["entropy"] == pytest.approx(expected, abs=2e-3)
+    assert relu["std"] == pytest.approx(math.sqrt(0.5 - 1 / (2 * math.pi)), abs=1e-3)
+    assert relu["log_slope"] == pytest.approx(0.0, abs=1e-9)  # slope 1 on all the rising mass
+    ident = eafo.output_stats(_identity, normal)
     assert ident["dead"] == 0.0
-    # zero-mean Gaussian output reaches the maximum 0.5 log(2 pi e) whatever its scale
-    assert ident["entropy_out_scale_free"] == pytest.approx(0.5 * math.log(2 * math.pi * math.e), abs=5e-3)
-    assert ident["entropy_in"] == pytest.approx(1.4189, abs=1e-3)
+    assert ident["entropy"] == pytest.approx(float(stats.norm.entropy()), abs=2e-3)
+    assert ident["entropy_in"] == pytest.approx(float(stats.norm.entropy()), abs=1e-3)
+
+
+def test_output_stats_do_not_depend_on_the_grid_resolution():
+    # The old discretised entropy moved by 0.5 * log(10) between these resolutions; the mixed
+    # entropy is a property of the activation and the density alone.
+    coarse, fine = (eafo.output_stats(F.relu, _normal(1.0, bins)) for bins in (800, 6400))
+    for key in ("dead", "entropy", "entropy_scale_free", "log_slope", "std"):
+        assert coarse[key] == pytest.approx(fine[key], abs=2e-3), key
+
+
+@pytest.mark.parametrize("name, f", [("relu", F.relu), ("identity", _identity)])
+def test_entropy_scale_free_is_invariant_under_input_scale(name, f):
+    # X = sigma Z and a positively homogeneous f give Y = sigma f(Z): atoms stay put, the
+    # continuous part stretches; entropy moves by (1 - dead) log sigma, the scale-free one not.
+    stats_by_sigma = {s: eafo.output_stats(f, _normal(s)) for s in (0.25, 1.0, 4.0)}
+    ref = stats_by_sigma[1.0]
+    for sigma, st in stats_by_sigma.items():
+        assert st["entropy_scale_free"] == pytest.approx(ref["entropy_scale_free"], abs=2e-3), sigma
+        live = 1 - ref["dead"]
+        assert st["entropy"] == pytest.approx(ref["entropy"] + live * math.log(sigma), abs=2e-3), sigma
+
+
+def test_decreasing_parts_are_not_dead_but_flat_parts_are(normal):
+    # GELU dips below zero for x < -0.75: decreasing, invertible there, so not dead. Hardtanh is
+    # flat beyond +-1: two atoms holding 2 * P(X > 1).
+    assert eafo.output_stats(F.gelu, normal)["dead"] < 1e-6
+    hard = eafo.output_stats(F.hardtanh, normal)
+    tail = 2 * float(stats.norm.sf(1.0))
+    assert hard["dead"] == pytest.approx(tail, abs=1e-3)
+    # two atoms of mass tail/2 each, and the uniform-ish middle: entropy by quadrature
+    atoms = -tail * math.log(tail / 2)
+    xs = np.linspace(-1, 1, 20001)
+    q = stats.norm.pdf(xs)
+    assert hard["entropy"] == pytest.approx(atoms - integrate.trapezoid(q * np.log(q), xs), abs=2e-3)
+
+
+def test_overlapping_branches_add_their_densities(normal):
+    # |x| folds N(0,1) onto the half-normal: both branches land on the same outputs, so the
+    # entropy is the half-normal's, not the sum of two halves.
+    folded = eafo.output_stats(torch.abs, normal)
+    assert folded["dead"] == 0.0
+    assert folded["entropy"] == pytest.approx(float(stats.halfnorm.entropy()), abs=2e-3)
+
+
+def test_log_slope_is_the_mean_log_slope_over_the_rising_mass(normal):
+    # ELU: slope e^x for x < 0 and 1 after, so E[log f'; rising] = E[X; X < 0] = -phi(0).
+    assert eafo.output_stats(F.elu, normal)["log_slope"] == pytest.approx(-stats.norm.pdf(0.0), abs=1e-3)
+    assert eafo.output_stats(lambda x: 3 * x, normal)["log_slope"] == pytest.approx(math.log(3), abs=1e-6)
+
+
+def test_crrelu_turns_the_atom_into_a_narrow_continuous_part(normal):
+    # Any eps != 0 gives ReLU's negative half a slope: the atom is gone (dead 0) and its mass
+    # becomes a narrow continuous part of very low entropy: a jump at eps = 0, not a small step.
+    relu = eafo.output_stats(F.relu, normal)
+    for eps in (-0.01, 0.01):
+        st = eafo.output_stats(CRReLU(eps), normal)
+        assert st["dead"] < 1e-3
+        assert st["entropy"] < relu["entropy"] - 1.0
 
 
 def test_crrelu_sign_decides_the_entropy_direction(normal):
