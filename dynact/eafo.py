@@ -198,7 +198,7 @@ def _kinks(d1: torch.Tensor, d2: torch.Tensor, h: float) -> torch.Tensor:
     return jump > _KINK_SAFETY * bound + atol
 
 
-def _unfold(x_new: torch.Tensor, dg: torch.Tensor, eta: float) -> torch.Tensor:
+def _unfold(x_new: torch.Tensor, dg: torch.Tensor, eta: float, x: torch.Tensor) -> torch.Tensor:
     """The moved grid of method "g", made increasing where ``f''`` jumps; else a clear error.
 
     Where ``f''`` jumps (ELU at 0: from 1 to 0), so does ``dg``, by ``eta p [f''] / f'^2``
@@ -216,10 +216,15 @@ def _unfold(x_new: torch.Tensor, dg: torch.Tensor, eta: float) -> torch.Tensor:
     neighbour[1:] = ddg[:-1]
     neighbour[:-1] = torch.maximum(neighbour[:-1], ddg[1:])
     isolated = ddg > _KINK_SAFETY * neighbour
+    smooth = ~isolated & (torch.diff(dg) < 0)
     if bool((fall & ~isolated).any()):
+        # On a smooth stretch x + dg rises iff eta * max(-d(dg/eta)/dx) < 1.
+        worst = int(torch.argmax(torch.where(smooth, -torch.diff(dg), torch.zeros_like(ddg))))
+        limit = eta * float(x[1] - x[0]) / float(-(dg[worst + 1] - dg[worst]))
         raise ValueError(
-            f"eta={eta} is too large for method='g': the moved inverse is no longer increasing; "
-            "use a smaller eta or method='x'"
+            f"eta={eta} is too large for method='g': the moved inverse is no longer increasing near "
+            f"x = {float(x[worst]):.3g} (where p f''/f'^2 changes fast); use eta below about "
+            f"{limit:.2g}, or method='x'"
         )
     x_new = torch.sort(x_new).values
     if bool((torch.diff(x_new) <= 0).any()):  # coinciding points: PCHIP needs distinct ones
@@ -279,9 +284,15 @@ def step(f: Activation, density: Density, eta: float, method: str = "x", flat_to
         )
     dg = torch.zeros_like(x)
     dg[bulk] = -eta * (density.dp[bulk] / d1[bulk] - density.p[bulk] * d2[bulk] / d1[bulk] ** 2)
-    x_new = _unfold(x + dg, dg, eta)
-    interp = PchipInterpolator(x_new.cpu().numpy(), y.cpu().numpy(), extrapolate=True)
-    return torch.as_tensor(interp(x.cpu().numpy()), dtype=torch.float64, device=x.device)
+    x_new = _unfold(x + dg, dg, eta, x)
+    interp = PchipInterpolator(x_new.cpu().numpy(), y.cpu().numpy(), extrapolate=False)
+    out = torch.as_tensor(interp(x.cpu().numpy()), dtype=torch.float64, device=x.device)
+    # Grid points beyond the moved ends: the inverse keeps the end's shift there, so
+    # f~(x) = f(x - dg_end). (A cubic extrapolated over several steps need not be monotone.)
+    for beyond, shift in ((x < x_new[0], dg[0]), (x > x_new[-1], dg[-1])):
+        if bool(beyond.any()):
+            out[beyond] = _evaluate(_as_function(f, x.device), x[beyond] - shift, grad=False)[0]
+    return out
 
 
 # --------------------------------------------------------------------------- entropy

@@ -385,6 +385,17 @@ def test_g_step_on_a_wide_grid_moves_only_the_bulk_of_the_density():
             assert _entropy_by_sampling(eafo.Tabulated(x, new)) == pytest.approx(h_after, abs=5e-3)
 
 
-def test_g_step_with_too_large_eta_is_a_clear_error(normal):
+@pytest.mark.parametrize("f,density", [
+    (F.softplus, "normal"),
+    (torch.tanh, "student-t"),  # heavy tails: p f''/f'^2 ~ x^-4 e^(2x) grows along the grid
+])
+def test_g_step_with_too_large_eta_names_the_largest_eta_that_works(normal, f, density):
+    import re
+
+    d = normal if density == "normal" else Density.from_pdf(stats.t(df=3).pdf, -8.0, 8.0, 1600)
+    with pytest.raises(ValueError, match="too large") as err:
+        eafo.step(f, d, 3.0, method="g")
+    limit = float(re.search(r"eta below about ([0-9.e+-]+)", str(err.value)).group(1))
+    assert bool((torch.diff(eafo.step(f, d, 0.9 * limit, method="g")) > 0).all())
     with pytest.raises(ValueError, match="too large"):
-        eafo.step(F.softplus, normal, 3.0, method="g")
+        eafo.step(f, d, 1.1 * limit, method="g")
