@@ -223,7 +223,7 @@ def _unfold(x_new: torch.Tensor, dg: torch.Tensor, eta: float, x: torch.Tensor) 
         limit = eta * float(x[1] - x[0]) / float(-(dg[worst + 1] - dg[worst]))
         raise ValueError(
             f"eta={eta} is too large for method='g': the moved inverse is no longer increasing near "
-            f"x = {float(x[worst]):.3g} (where p f''/f'^2 changes fast); use eta below about "
+            f"x = {float(x[worst]):.3g} (where dg = -eta (p'/f' - p f''/f'^2) falls steeply); use eta below about "
             f"{limit:.2g}, or method='x'"
         )
     x_new = torch.sort(x_new).values
