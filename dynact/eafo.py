@@ -183,15 +183,62 @@ def correction(f: Activation, density: Density, flat_tol: float = FLAT_TOL, tape
     return _correction_from(density, d1, d2, flat_tol, float(taper))
 
 
+#: Tail mass (each side) beyond which method "g" leaves the inverse as it is: the step is
+#: taken, and ``f`` must be invertible and C^1, only where the density has mass.
+G_TAIL = 1e-6
+#: How far ``|f'(x_k+1) - f'(x_k)|`` may exceed ``h * max |f''|`` before it counts as a kink.
+_KINK_SAFETY = 4.0
+
+
 def _kinks(d1: torch.Tensor, d2: torch.Tensor, h: float) -> torch.Tensor:
-    """Grid points where ``f'`` is not smooth: autograd's ``f''`` disagrees with the central
-    difference of ``f'``. For a smooth ``f`` they agree to O(h^2); a kink in ``f`` (ReLU) or a
-    jump in ``f''`` (ELU at 0) makes them differ by O(1) or more."""
-    fd = torch.zeros_like(d2)
-    fd[1:-1] = (d1[2:] - d1[:-2]) / (2 * h)
-    fd[0], fd[-1] = d2[0], d2[-1]
-    tol = 0.05 * (1.0 + float(d2.abs().max()))
-    return (fd - d2).abs() > tol
+    """Grid intervals ``[x_k, x_k+1]`` where ``f'`` jumps, i.e. ``f`` is not C^1 there.
+
+    Where ``f'`` is continuous, ``|f'(x_k+1) - f'(x_k)| = h |f''(xi)|`` for some ``xi`` in the
+    interval, which the larger ``|f''|`` at the two ends bounds up to a safety factor (also when
+    ``f''`` changes sign inside, or jumps, as ELU's does at 0). A jump of ``f'`` (ReLU,
+    leaky ReLU, ELU with ``alpha != 1``) is O(1) while ``h |f''|`` is O(h) at the ends.
+
+    Returns:
+        ``(B - 1,)`` bool tensor, True for intervals that hold a kink.
+    """
+    jump = (d1[1:] - d1[:-1]).abs()
+    bound = h * torch.maximum(d2[1:].abs(), d2[:-1].abs())
+    atol = 1e-9 * (1.0 + float(d1.abs().max()))  # round-off of autograd's f'
+    return jump > _KINK_SAFETY * bound + atol
+
+
+def _unfold(x_new: torch.Tensor, dg: torch.Tensor, eta: float, x: torch.Tensor) -> torch.Tensor:
+    """The moved grid of method "g", made increasing where ``f''`` jumps; else a clear error.
+
+    Where ``f''`` jumps (ELU at 0: from 1 to 0), so does ``dg``, by ``eta p [f''] / f'^2``
+    (0.02 for ELU, N(0, 1), eta 0.05); a downward jump wider than the grid step folds the moved
+    points over one another. The x-step has an upward jump of ``f~`` there; the exact analogue
+    is the increasing rearrangement of the moved inverse (sorting ``x + dg`` against the
+    unchanged ``f(x)``), a steep rise across the fold. A fold spread over several intervals,
+    where ``dg`` falls faster than ``x`` rises on a smooth stretch, is a step too large instead.
+    """
+    fall = torch.diff(x_new) <= 0
+    if not bool(fall.any()):
+        return x_new
+    ddg = torch.diff(dg).abs()
+    neighbour = torch.zeros_like(ddg)
+    neighbour[1:] = ddg[:-1]
+    neighbour[:-1] = torch.maximum(neighbour[:-1], ddg[1:])
+    isolated = ddg > _KINK_SAFETY * neighbour
+    smooth = ~isolated & (torch.diff(dg) < 0)
+    if bool((fall & ~isolated).any()):
+        # On a smooth stretch x + dg rises iff eta * max(-d(dg/eta)/dx) < 1.
+        worst = int(torch.argmax(torch.where(smooth, -torch.diff(dg), torch.zeros_like(ddg))))
+        limit = eta * float(x[1] - x[0]) / float(-(dg[worst + 1] - dg[worst]))
+        raise ValueError(
+            f"eta={eta} is too large for method='g': the moved inverse is no longer increasing near "
+            f"x = {float(x[worst]):.3g} (where dg = -eta (p'/f' - p f''/f'^2) falls steeply); use eta below about "
+            f"{limit:.2g}, or method='x'"
+        )
+    x_new = torch.sort(x_new).values
+    if bool((torch.diff(x_new) <= 0).any()):  # coinciding points: PCHIP needs distinct ones
+        raise ValueError(f"method='g' with eta={eta}: moved points coincide; use a smaller eta or method='x'")
+    return x_new
 
 
 def step(f: Activation, density: Density, eta: float, method: str = "x", flat_tol: float = FLAT_TOL) -> torch.Tensor:
@@ -200,8 +247,10 @@ def step(f: Activation, density: Density, eta: float, method: str = "x", flat_to
     - ``method="x"`` (section 2b, any activation): ``f~ = f + eta * correction(f, density)``.
     - ``method="g"`` (section 2a, exact in the inverse): the inverse ``g`` moves by
       ``dg(f(x)) = -eta * (p'/f' - p f''/f'^2)``; the points ``(x + dg, f(x))`` lie on the new
-      activation, which is resampled onto the grid by monotone (PCHIP) interpolation. Needs a
-      smooth, strictly increasing ``f``; otherwise it raises ``ValueError`` (use ``"x"``).
+      activation, which is resampled onto the grid by monotone (PCHIP) interpolation. Needs
+      ``f`` strictly increasing and C^1 (a continuous slope; ELU with ``alpha=1``, softplus,
+      tanh, sigmoid) where the density has mass, and moves only there (the inverse is left as
+      it is beyond the ``G_TAIL`` quantiles); otherwise it raises ``ValueError`` (use ``"x"``).
 
     The two agree to O(eta^2). Use :class:`Tabulated` to turn the result into a callable.
     """
@@ -216,28 +265,43 @@ def step(f: Activation, density: Density, eta: float, method: str = "x", flat_to
     if method == "x":
         return y + eta * _correction_from(density, d1, d2, flat_tol)
 
-    if bool((d1 <= flat_tol).any()) or bool((torch.diff(y) <= 0).any()):
-        where = x[d1 <= flat_tol]
-        span = f" (flat near x in [{float(where.min()):.3g}, {float(where.max()):.3g}])" if where.numel() else ""
+    # Section 2a moves the inverse g = f^{-1}, which exists and is smooth only where f is
+    # strictly increasing and C^1; that is required, and the step taken, on the density's bulk
+    # (tail mass G_TAIL each side). Beyond it dg = 0: a saturating f (tanh, sigmoid) has
+    # f' ~ 1e-7 or 0 in far tails that hold ~1e-15 of the mass, where p f''/f'^2 is noise.
+    cdf = density.cdf()
+    bulk = (cdf >= G_TAIL) & (cdf <= 1.0 - G_TAIL)
+    if not bool(bulk.any()):
+        raise ValueError("method='g': the density has no bulk on its grid; widen [lo, hi]")
+    pair = bulk[1:] & bulk[:-1]
+    rising = (d1 > flat_tol) | ~bulk
+    if not bool(rising.all()) or bool((torch.diff(y)[pair] <= 0).any()):
+        where = x[~rising]
+        span = f"; it is flat or decreasing on [{float(where.min()):.3g}, {float(where.max()):.3g}]" if where.numel() else ""
         raise ValueError(
-            f"method='g' needs a strictly increasing activation on [{density.lo}, {density.hi}]{span}; "
+            "method='g' needs an activation that is strictly increasing where the density has mass, "
+            f"x in [{float(x[bulk][0]):.3g}, {float(x[bulk][-1]):.3g}]{span}; "
             "use method='x', which works for every activation"
         )
-    kinks = _kinks(d1, d2, density.step)
+    kinks = _kinks(d1, d2, density.step) & pair
     if bool(kinks.any()):
+        k = int(torch.nonzero(kinks)[0])
         raise ValueError(
-            "method='g' needs a smooth activation, but its slope has a kink near x = "
-            f"{float(x[kinks][0]):.3g}; use method='x', which works for every activation"
+            "method='g' needs a C^1 activation (a continuous slope), but its slope jumps between "
+            f"x = {float(x[k]):.3g} and {float(x[k + 1]):.3g} (a kink, as in ReLU or leaky ReLU); "
+            "use method='x', which works for every activation"
         )
-    dg = -eta * (density.dp / d1 - density.p * d2 / d1**2)
-    x_new = x + dg
-    if bool((torch.diff(x_new) <= 0).any()):
-        raise ValueError(
-            f"eta={eta} is too large for method='g': the moved inverse is no longer increasing; "
-            "use a smaller eta or method='x'"
-        )
-    interp = PchipInterpolator(x_new.cpu().numpy(), y.cpu().numpy(), extrapolate=True)
-    return torch.as_tensor(interp(x.cpu().numpy()), dtype=torch.float64, device=x.device)
+    dg = torch.zeros_like(x)
+    dg[bulk] = -eta * (density.dp[bulk] / d1[bulk] - density.p[bulk] * d2[bulk] / d1[bulk] ** 2)
+    x_new = _unfold(x + dg, dg, eta, x)
+    interp = PchipInterpolator(x_new.cpu().numpy(), y.cpu().numpy(), extrapolate=False)
+    out = torch.as_tensor(interp(x.cpu().numpy()), dtype=torch.float64, device=x.device)
+    # Grid points beyond the moved ends: the inverse keeps the end's shift there, so
+    # f~(x) = f(x - dg_end). (A cubic extrapolated over several steps need not be monotone.)
+    for beyond, shift in ((x < x_new[0], dg[0]), (x > x_new[-1], dg[-1])):
+        if bool(beyond.any()):
+            out[beyond] = _evaluate(_as_function(f, x.device), x[beyond] - shift, grad=False)[0]
+    return out
 
 
 # --------------------------------------------------------------------------- entropy

@@ -124,12 +124,15 @@ def test_x_and_g_steps_agree_to_second_order(normal):
     assert large.abs().max() > 8 * small.abs().max()  # O(eta^2): 4x the step, ~16x the gap
 
 
-def test_elu_x_step_matches_table_and_g_step_refuses_the_kink(normal):
+def test_elu_x_step_matches_table_and_g_step_refuses_only_a_slope_jump(normal):
     assert eafo.output_entropy(F.elu, normal) == pytest.approx(1.0200, abs=5e-3)
     after = eafo.output_entropy(eafo.Tabulated(normal.grid, eafo.step(F.elu, normal, 0.05)), normal)
     assert after == pytest.approx(1.0095, abs=5e-3)
+    # ELU(alpha=1) is C^1 (only f'' jumps at 0), so method g takes it; alpha=0.5 is a kink.
+    after_g = eafo.output_entropy(eafo.Tabulated(normal.grid, eafo.step(F.elu, normal, 0.05, method="g")), normal)
+    assert after_g == pytest.approx(1.0095, abs=5e-3)
     with pytest.raises(ValueError, match="method='x'"):
-        eafo.step(F.elu, normal, 0.05, method="g")
+        eafo.step(lambda x: F.elu(x, alpha=0.5), normal, 0.05, method="g")
 
 
 def test_g_step_refuses_flat_activations(normal):
@@ -332,3 +335,134 @@ def test_results_live_on_the_density_device_and_never_nan(normal):
         assert c.shape == normal.grid.shape and c.dtype == torch.float64
         assert torch.isfinite(c).all()
         assert math.isfinite(eafo.output_entropy(f, normal))
+
+
+# ---------------------------------------------------------------- method g (section 2a): which activations, and how well
+def _first_order_entropy_change(d1, d2, eta: float) -> float:
+    """Section 2b's dH = -eta * int f' ((p/f')')^2 dx for p = N(0,1), by scipy quadrature of
+    the analytic derivatives: an oracle independent of grids, interpolation and push-forward."""
+    def integrand(x):
+        p = stats.norm.pdf(x)
+        r = -x * p / d1(x) - p * d2(x) / d1(x) ** 2
+        return d1(x) * r * r
+    return -eta * integrate.quad(integrand, -12, 12, points=[0], limit=200)[0]
+
+
+def _sig(x):
+    return 1 / (1 + np.exp(-x))
+
+
+G_CASES = [
+    # name, f, f' and f'' (numpy), H before (section 2's table; sigmoid: section 4), H after at eta 0.05
+    ("softplus", F.softplus, _sig, lambda x: _sig(x) * (1 - _sig(x)), 0.6129, 0.5990),
+    ("tanh", torch.tanh, lambda x: np.cosh(x) ** -2, lambda x: -2 * np.tanh(x) * np.cosh(x) ** -2, 0.6698, 0.6655),
+    ("identity", _identity, np.ones_like, np.zeros_like, 1.4189, 1.4118),
+    ("sigmoid", torch.sigmoid, lambda x: _sig(x) * (1 - _sig(x)),
+     lambda x: _sig(x) * (1 - _sig(x)) * (1 - 2 * _sig(x)), -0.193, None),
+]
+
+
+@pytest.mark.parametrize("name,f,d1,d2,h_before,h_after", G_CASES, ids=[c[0] for c in G_CASES])
+def test_g_step_lowers_entropy_by_formula_and_by_sampling(normal, name, f, d1, d2, h_before, h_after):
+    new = eafo.step(f, normal, 0.05, method="g")
+    expected = h_before + _first_order_entropy_change(d1, d2, 0.05)
+    if h_after is not None:
+        assert expected == pytest.approx(h_after, abs=5e-3)  # the oracle reproduces the table
+    assert _entropy_by_formula(new, normal) == pytest.approx(expected, abs=5e-3)
+    before = _entropy_by_sampling(f)
+    after = _entropy_by_sampling(eafo.Tabulated(normal.grid, new))
+    assert before == pytest.approx(h_before, abs=5e-3)
+    assert after == pytest.approx(expected, abs=5e-3)
+    assert after < before
+    assert bool((torch.diff(new) > 0).all())  # still strictly increasing
+
+
+def _kink_intervals(f, density):
+    _, d1, d2 = eafo.derivatives(f, density.grid)
+    return torch.nonzero(eafo._kinks(d1, d2, density.step)).flatten().tolist()
+
+
+@pytest.mark.parametrize("name,f", [
+    ("elu", F.elu),
+    ("softplus", F.softplus),
+    ("tanh", torch.tanh),
+    ("sigmoid", torch.sigmoid),
+    ("identity", _identity),
+    ("celu-0.2", lambda x: F.celu(x, alpha=0.2)),  # CELU's slope is continuous for every alpha
+    ("celu-3", lambda x: F.celu(x, alpha=3.0)),
+    ("gelu", F.gelu),
+    ("silu", F.silu),
+])
+def test_kink_detector_accepts_continuous_slopes(normal, name, f):
+    assert _kink_intervals(f, normal) == []
+
+
+@pytest.mark.parametrize("name,f", [
+    ("relu", F.relu),
+    ("leaky-relu", F.leaky_relu),
+    ("elu-0.5", lambda x: F.elu(x, alpha=0.5)),
+    ("elu-2", lambda x: F.elu(x, alpha=2.0)),
+    ("prelu", torch.nn.PReLU(init=0.25)),
+    ("crrelu", CRReLU(eps=0.01)),
+])
+def test_kink_detector_finds_the_slope_jump_at_zero(normal, name, f):
+    # each of these has f'(0-) != f'(0+) and a continuous slope everywhere else
+    (k,) = _kink_intervals(f, normal)
+    assert normal.grid[k] < 0 < normal.grid[k + 1]
+
+
+@pytest.mark.parametrize("name,f,message", [
+    ("relu", F.relu, "strictly increasing"),
+    ("gelu", F.gelu, "strictly increasing"),
+    ("silu", F.silu, "strictly increasing"),
+    ("mish", F.mish, "strictly increasing"),
+    ("leaky-relu", F.leaky_relu, "slope jumps"),
+    ("elu-0.5", lambda x: F.elu(x, alpha=0.5), "slope jumps"),
+    ("prelu", torch.nn.PReLU(init=0.25), "slope jumps"),
+])
+def test_g_step_refuses_non_monotone_and_kinked_activations_naming_method_x(normal, name, f, message):
+    with pytest.raises(ValueError, match=message) as err:
+        eafo.step(f, normal, 0.05, method="g")
+    assert "method='x'" in str(err.value)
+
+
+def test_g_step_of_elu_agrees_with_x_step_away_from_the_jump_of_its_curvature(normal):
+    # ELU's f'' jumps at 0, so dg jumps by eta p(0) = 0.02 and the moved points fold; away
+    # from 0 the exact and first-order steps agree to O(eta^2).
+    g = eafo.step(F.elu, normal, 0.05, method="g")
+    x = eafo.step(F.elu, normal, 0.05, method="x")
+    away = normal.grid.abs() > 0.1
+    assert (g - x)[away].abs().max() < 1e-3
+    assert (g - x).abs().max() < 0.03  # at 0 both rise steeply by about eta * p(0)
+    assert bool((torch.diff(g) > 0).all())
+    after = _entropy_by_sampling(eafo.Tabulated(normal.grid, g))
+    assert after == pytest.approx(1.0095, abs=5e-3)  # section 2's table, x-space column
+
+
+def test_g_step_on_a_wide_grid_moves_only_the_bulk_of_the_density():
+    # tanh saturates in float64 (tanh(20) == 1): strictly increasing only where p has mass.
+    wide = Density.from_pdf(stats.norm.pdf, -30.0, 30.0, 6000)
+    assert float(torch.tanh(torch.tensor(20.0, dtype=torch.float64))) == 1.0
+    for f, h_after in ((torch.tanh, 0.6655), (torch.sigmoid, None), (F.softplus, 0.5990)):
+        new = eafo.step(f, wide, 0.05, method="g")
+        x = wide.grid
+        tails = x.abs() > 6  # beyond the 1e-6 quantiles (|x| = 4.75): the inverse is not moved
+        assert torch.equal(new[tails], f(x[tails]))
+        if h_after is not None:
+            assert _entropy_by_sampling(eafo.Tabulated(x, new)) == pytest.approx(h_after, abs=5e-3)
+
+
+@pytest.mark.parametrize("f,density", [
+    (F.softplus, "normal"),
+    (torch.tanh, "student-t"),  # heavy tails: p f''/f'^2 ~ x^-4 e^(2x) grows along the grid
+])
+def test_g_step_with_too_large_eta_names_the_largest_eta_that_works(normal, f, density):
+    import re
+
+    d = normal if density == "normal" else Density.from_pdf(stats.t(df=3).pdf, -8.0, 8.0, 1600)
+    with pytest.raises(ValueError, match="too large") as err:
+        eafo.step(f, d, 3.0, method="g")
+    limit = float(re.search(r"eta below about ([0-9.e+-]+)", str(err.value)).group(1))
+    assert bool((torch.diff(eafo.step(f, d, 0.9 * limit, method="g")) > 0).all())
+    with pytest.raises(ValueError, match="too large"):
+        eafo.step(f, d, 1.1 * limit, method="g")
