@@ -244,8 +244,8 @@ def _unfold(x_new: torch.Tensor, dg: torch.Tensor, eta: float, x: torch.Tensor) 
 def step(f: Activation, density: Density, eta: float, method: str = "x", flat_tol: float = FLAT_TOL) -> torch.Tensor:
     """One EAFO update of ``f`` with step size ``eta``; the new activation's values on ``density.grid``.
 
-    - ``method="x"`` (section 2b, any activation): ``f~ = f + eta * correction(f, density)``.
-    - ``method="g"`` (section 2a, exact in the inverse): the inverse ``g`` moves by
+    - ``method="x"`` (``docs/math.md``, "The correction"; any activation): ``f~ = f + eta * correction(f, density)``.
+    - ``method="g"`` (exact in the inverse): the inverse ``g`` moves by
       ``dg(f(x)) = -eta * (p'/f' - p f''/f'^2)``; the points ``(x + dg, f(x))`` lie on the new
       activation, which is resampled onto the grid by monotone (PCHIP) interpolation. Needs
       ``f`` strictly increasing and C^1 (a continuous slope; ELU with ``alpha=1``, softplus,
