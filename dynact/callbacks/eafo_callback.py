@@ -14,9 +14,10 @@ module only schedules it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterable, Literal, Optional, Union
+from typing import Any, Iterable, Iterator, Literal, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from dynact import activations, eafo
-from dynact.activations import activation_types, find_activations
+from dynact.activations import activation_types, find_activations, to_eafo
 from dynact.callbacks._logging import (
     _curve_figure,
     _layer_tag,
@@ -38,7 +39,7 @@ from dynact.callbacks._logging import (
     _tag,
     _tensorboard_writers,
 )
-from dynact.density import KDE, Density, Histogram, _single_thread, check_grid
+from dynact.density import KDE, MIN_BINS, Density, Histogram, _single_thread, check_grid
 from dynact.spline import EAFOActivation
 
 __all__ = ["EAFOCallback"]
@@ -49,6 +50,15 @@ _MODES = ("refresh", "iterate", "monitor")
 _Q_LO, _Q_HI = 1e-3, 1.0 - 1e-3
 # A grid is too coarse when the central 99.8% of the data covers fewer than 1/8 of its bins.
 _MIN_FILL = 1.0 / 8.0
+# Inputs spanning less than this times max(1, |x|) are treated as constant: even the narrowest
+# grid _around fits (half-width 1e-3 * max(1, |x|)) would be too coarse for them (2e-3 / 7).
+_MIN_SPREAD = 3e-4
+# Upper bounds of the arguments: beyond them one update costs seconds and gigabytes.
+_MAX_BINS = 65_536
+_MAX_SAMPLE = 2**20
+_DELTA_RANGE = (1e-4, 1e4)
+# The generator seed is seed + 7919 * rank and must fit in a signed 64-bit integer.
+_MAX_SEED = 2**62
 
 
 @dataclass
@@ -64,7 +74,13 @@ class _Layer:
     # [-min, max] of the finite values sampled this window, on the module's device; reduced
     # with MAX across ranks when the grid has to grow to the data.
     extrema: Optional[torch.Tensor] = None
-    skipped: int = 0  # updates skipped because of non-finite inputs
+    # Updates skipped, by reason ("nonfinite", "constant", "parameters", "grid", or the name of
+    # the error the update raised); each reason is warned about once per layer.
+    skips: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skips.values())
 
 
 class EAFOCallback(Callback):
@@ -106,8 +122,24 @@ class EAFOCallback(Callback):
 
     Scalars go to every Lightning logger with the trainer's ``global_step``; histograms and
     figures only to ``TensorBoardLogger`` (none is needed: ``CSVLogger`` and ``logger=False``
-    work). A layer whose window held NaN/Inf values is not updated that time (a warning says
-    so and ``nonfinite/<layer>`` counts them); everything else proceeds.
+    work).
+
+    Skips: a layer whose update cannot be made sensibly is skipped for that update: its
+    window held NaN/Inf values (``nonfinite/<layer>`` counts them), its input was constant
+    (spanning less than ``3e-4 * max(1, |x|)``), its own parameters (``eps``) are not finite,
+    its grid cannot be stored in the activation's dtype (float16 beyond 65504, bfloat16's
+    coarse steps), or the update's numerics raised. Nothing of that layer changes (its
+    activation is restored if the update got half-way), one warning per layer and reason names
+    it, ``skipped/<layer>`` logs the running count and :attr:`skips` holds the counts by
+    reason; training and every other layer proceed.
+
+    Conversion happens in ``fit`` only (``validate``, ``test`` and ``predict`` neither change
+    nor measure the model) and keeps each module as the new activation's base, settings and
+    parameters included (:func:`dynact.activations.to_eafo`); an in-place module
+    (``inplace=True``) is switched to out of place. Such a model's checkpoint loads back into a
+    fresh model with ``dynact.activations.convert_like_state_dict`` (``ImageClassifier`` does it
+    by itself), and a checkpoint saved without conversion resumes with it (the corrections
+    start afresh, the optimizer state is matched).
 
     Grids: each estimator starts on ``init_range`` with ``bins`` bins. When a window's data
     spill beyond it (more than ``max_outside`` of the mass) or fill less than 1/8 of it, the
@@ -145,6 +177,9 @@ class EAFOCallback(Callback):
         collect_eval: also sample forward passes made in evaluation mode (e.g. validation)
             while a window is open.
         seed: seed of the callback's own sampling generator (offset by the process rank).
+
+    Valid ranges: ``8 <= bins <= 65536``, ``1 <= sample_size <= 2**20``,
+    ``1e-4 <= delta <= 1e4``, ``0 <= seed <= 2**62``, ``init_range`` within ``[-1e100, 1e100]``.
 
     Raises:
         ValueError: an argument is out of range; the message names it and the accepted values.
@@ -186,11 +221,13 @@ class EAFOCallback(Callback):
             raise ValueError(f"mode must be one of {_MODES}, got mode={mode!r}")
         if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta > 0):
             raise ValueError(f"eta must be a finite number > 0 (the iterate step size), got eta={eta!r}")
+        if isinstance(bins, bool) or not isinstance(bins, int) or not MIN_BINS <= bins <= _MAX_BINS:
+            raise ValueError(f"bins must be an int in [{MIN_BINS}, {_MAX_BINS}], got bins={bins!r}")
         try:
             lo, hi, bins = check_grid(*tuple(init_range), bins)
         except (TypeError, ValueError) as err:
             raise ValueError(f"init_range and bins: {err} (got init_range={init_range!r}, bins={bins!r})") from None
-        self.sample_size = _positive_int("sample_size", sample_size)
+        self.sample_size = _positive_int("sample_size", sample_size, _MAX_SAMPLE)
         window = min(self.every_n_steps, 20) if window is None else window
         if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= self.every_n_steps:
             raise ValueError(
@@ -199,10 +236,15 @@ class EAFOCallback(Callback):
             )
         if isinstance(curves_every, bool) or not isinstance(curves_every, int) or curves_every < 0:
             raise ValueError(f"curves_every must be an int >= 0 (0: no figures), got curves_every={curves_every!r}")
-        if not (isinstance(delta, (int, float)) and math.isfinite(delta) and delta > 0):
-            raise ValueError(f"delta must be a finite number > 0 (output bin width), got delta={delta!r}")
+        if isinstance(delta, bool) or not (isinstance(delta, (int, float)) and _DELTA_RANGE[0] <= delta <= _DELTA_RANGE[1]):
+            raise ValueError(
+                f"delta must be a number in [{_DELTA_RANGE[0]:g}, {_DELTA_RANGE[1]:g}] (output bin width, > 0), "
+                f"got delta={delta!r}"
+            )
         if not (isinstance(max_outside, (int, float)) and 0 < max_outside < 1):
             raise ValueError(f"max_outside must be a fraction in (0, 1), got max_outside={max_outside!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, 2**62], got seed={seed!r}")
         self.estimator = estimator
         self.mode = mode
         self.eta = float(eta)
@@ -225,6 +267,10 @@ class EAFOCallback(Callback):
         self._rank = 0
         self._generators: dict[str, torch.Generator] = {}
         self._restored: Optional[dict[str, Any]] = None
+        # Parameters that conversion added and a resumed checkpoint does not know (see
+        # on_load_checkpoint), and that checkpoint, whose optimizer states must be matched.
+        self._new_params: list[nn.Parameter] = []
+        self._resumed: Optional[dict[str, Any]] = None
 
     @property
     def state_key(self) -> str:
@@ -235,9 +281,16 @@ class EAFOCallback(Callback):
         """Qualified names of the hooked activation modules (known after ``setup``)."""
         return list(self._layers)
 
+    @property
+    def skips(self) -> dict[str, dict[str, int]]:
+        """Skipped updates per layer, by reason (``{"layer": {"nonfinite": 2}}``)."""
+        return {name: dict(layer.skips) for name, layer in self._layers.items()}
+
     # ------------------------------------------------------------------ set-up and tear-down
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # validate, test and predict leave the model as it is and are not measured
         self._rank = trainer.global_rank
         if self._model is not pl_module:  # a new model starts from scratch
             self._model = pl_module
@@ -276,9 +329,10 @@ class EAFOCallback(Callback):
             kind = next((k for k in self.convert if isinstance(module, k)), None)
             if kind is None:
                 continue
-            base = activation_types()[kind]
-            pl_module.set_submodule(name, EAFOActivation(base=base).to(pl_module.device))
-            converted.append(f"{name} ({base})")
+            # The module itself becomes the base: its settings and parameters stay.
+            act = to_eafo(module)
+            pl_module.set_submodule(name, act)
+            converted.append(f"{name} ({act.base_name})")
         if converted:
             rank_zero_info(
                 f"EAFOCallback: converted {len(converted)} activation module(s) to EAFOActivation "
@@ -330,7 +384,7 @@ class EAFOCallback(Callback):
         if not self._collecting or not (module.training or self.collect_eval):
             return
         x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0 or x.is_meta:
             return
         # Work on a few thousand values: extra intra-op threads only add wake-up latency (ms
         # per op on a busy host), so on CPU it runs on one.
@@ -341,7 +395,8 @@ class EAFOCallback(Callback):
             sample = (x.reshape(-1)[idx] if x.is_contiguous() else x[torch.unravel_index(idx, x.shape)]).float()
             layer.estimator.update(sample)
             # Track the extremes of the finite values (for growing the grid) without a host sync.
-            ends = torch.stack([-sample, sample]).nan_to_num_(nan=-math.inf, posinf=-math.inf).amax(dim=1)
+            # (every non-finite value becomes -inf: nan_to_num's default would make -inf finite)
+            ends = torch.stack([-sample, sample]).nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf).amax(dim=1)
             prev = layer.extrema
             layer.extrema = ends if prev is None else torch.maximum(prev.to(ends.device), ends)
 
@@ -372,15 +427,14 @@ class EAFOCallback(Callback):
         step = trainer.global_step
         self._num_updates += 1
         layers = list(self._layers.values())
-        # Collectives first, in the same order on every rank. Layers for which no process saw
-        # a finite value (no extremes) have no density to compute.
-        extrema = _all_reduce_max([layer.extrema for layer in layers])
-        sync = _distributed()
-        densities = [None if ends is None else layer.estimator.compute(sync=sync) for layer, ends in zip(layers, extrema)]
+        # One collective for all layers, in the same order on every rank: counts summed, the
+        # extremes of the finite values maxed (None where no process saw one).
+        states, extrema = _reduce_windows(layers)
         metrics: dict[str, float] = {}
         measured: list[tuple[_Layer, Density]] = []
-        for layer, density, ends in zip(layers, densities, extrema):
-            used = self._update_layer(layer, density, ends, step, metrics)
+        for layer, state, ends in zip(layers, states, extrema):
+            used = self._update_layer(layer, state, ends, step, metrics)
+            metrics[_tag("skipped", layer.tag)] = float(layer.skipped)
             if used is not None:
                 measured.append((layer, used))
             layer.extrema = None
@@ -388,47 +442,99 @@ class EAFOCallback(Callback):
         self._log_tensorboard(trainer, measured, step)
 
     def _update_layer(
-        self, layer: _Layer, density: Optional[Density], ends: Optional[torch.Tensor], step: int,
+        self, layer: _Layer, state: torch.Tensor, ends: Optional[torch.Tensor], step: int,
         metrics: dict[str, float],
     ) -> Optional[Density]:
-        """Update one layer from its summed density, add its figures to ``metrics`` and start its
-        next window; returns the density its figures describe (None if it was not measured)."""
-        # compute() summed the counters over all processes, so every rank decides alike.
-        nonfinite = layer.estimator.nonfinite if density is None else density.nonfinite
+        """Update one layer from its summed counts, add its figures to ``metrics`` and start its
+        next window; returns the density its figures describe (None if it was not measured).
+
+        Every decision depends only on the summed counts and extremes, so all ranks decide alike.
+        """
+        count, nonfinite = layer.estimator.counts(state)
         metrics[_tag("nonfinite", layer.tag)] = float(nonfinite)
         if nonfinite > 0:
-            layer.skipped += 1
-            if layer.skipped == 1:  # once per layer: a week-long run must not flood the log
-                rank_zero_warn(
-                    f"EAFOCallback: layer {layer.name!r} saw {nonfinite} NaN/Inf pre-activation "
-                    f"value(s) in the window before step {step}; it is not updated then. Training "
-                    f"continues; later occurrences are only counted in nonfinite/{layer.tag}."
-                )
-            layer.estimator.reset()
+            return self._skip(layer, step, "nonfinite", f"saw {nonfinite} NaN/Inf pre-activation value(s) in the window")
+        if count == 0 or ends is None:  # the layer did not run during the window
             return None
-        if density is None:  # the layer did not run during the window
-            return None
-        # What follows is O(bins) work on a small grid: the host beats kernel launches.
-        density = density.to("cpu")
+        low, high = -float(ends[0]), float(ends[1])
+        if high - low <= _MIN_SPREAD * max(1.0, abs(low), abs(high)):
+            return self._skip(
+                layer, step, "constant",
+                f"its input was constant in the window (all values in [{low:.6g}, {high:.6g}]): it has no "
+                "density to measure",
+            )
+        bad = _nonfinite_tensors(layer.module)
+        if bad:
+            return self._skip(
+                layer, step, "parameters",
+                f"its own parameters/buffers {bad} are not finite while its input is; look at training "
+                "(learning rate, loss scale) rather than the data",
+            )
+        saved = {k: v.detach().clone() for k, v in layer.module.state_dict().items()}
+        try:
+            density = layer.estimator.compute_from(state.cpu())
+            figures: dict[str, float] = {}
+            used = self._measure(layer, density, ends, figures)
+            if used is not None:
+                bad = _nonfinite_tensors(layer.module)
+                if bad:
+                    raise _Skip("update", f"the update made {bad} non-finite")
+        except _Skip as skip:
+            _restore(layer.module, saved)
+            return self._skip(layer, step, skip.reason, skip.message)
+        except (ArithmeticError, ValueError, RuntimeError, TypeError, IndexError) as err:
+            # The numerics could not handle this window (e.g. a range they cannot resolve):
+            # undo whatever got half-way and go on; the warning carries the error.
+            _restore(layer.module, saved)
+            return self._skip(layer, step, type(err).__name__, f"its update raised {type(err).__name__}: {err}")
+        metrics.update(figures)
+        return used
+
+    def _measure(self, layer: _Layer, density: Density, ends: torch.Tensor, metrics: dict[str, float]) -> Optional[Density]:
+        """Grid upkeep, the update of a dynamic layer and its figures (the part that may raise)."""
         if density.outside > self.max_outside:
             # The data reach beyond the grid: re-measure on a grid that covers them first.
             metrics[_tag("outside", layer.tag)] = density.outside
             layer.estimator = self._new_estimator(*_covering(density, ends))
             return None
         q_lo, q_hi = density.quantile(_Q_LO), density.quantile(_Q_HI)
+        if q_hi - q_lo <= _MIN_SPREAD * max(1.0, abs(q_lo), abs(q_hi)):
+            # Nearly all the mass at one value (a few outliers aside): no grid resolves it.
+            layer.estimator.reset()
+            raise _Skip("constant", f"nearly all its input sat at {q_lo:.6g}: it has no density to measure")
         coarse = q_hi - q_lo < _MIN_FILL * (density.hi - density.lo)
         record = self._apply(layer.module, density, q_hi - q_lo) if layer.dynamic and not coarse else None
-        metrics.update(self._layer_metrics(layer, density, record))
+        with _out_of_place(layer.module):  # the figures evaluate the module on a leaf tensor
+            metrics.update(self._layer_metrics(layer, density, record))
         if coarse:  # too few bins on the data: re-measure on a grid fitted to them
             layer.estimator = self._new_estimator(*_around(q_lo, q_hi))
         else:
             layer.estimator.reset()
         return density
 
+    def _skip(self, layer: _Layer, step: int, reason: str, message: str) -> None:
+        """Count a skipped update of ``layer``, warn once per reason, start its next window."""
+        layer.skips[reason] = layer.skips.get(reason, 0) + 1
+        if layer.skips[reason] == 1:  # a week-long run must not flood the log
+            rank_zero_warn(
+                f"EAFOCallback: layer {layer.name!r} {message}; it is not updated at step {step}. "
+                f"Training continues; later skips for this reason are only counted in skipped/{layer.tag}."
+            )
+        layer.estimator.reset()
+        return None
+
     def _apply(self, act: EAFOActivation, density: Density, spread: float) -> dict:
         """Re-place the spline's grid if the data left or hardly fill it, then update it."""
         if act.outside_mass(density) > self.max_outside or spread < _MIN_FILL * (float(act.hi) - float(act.lo)):
-            act.place_grid(density)
+            try:
+                act.place_grid(density)
+            except ValueError as err:
+                # float16 overflows past 65504 and bfloat16 rounds neighbouring ends together.
+                raise _Skip(
+                    "grid",
+                    f"its grid cannot follow the data ({density.quantile(_Q_LO):.6g} to "
+                    f"{density.quantile(_Q_HI):.6g}) in its {act.lo.dtype} buffers ({err})",
+                ) from None
         return act.update(density, mode=self.mode, eta=self.eta)
 
     def _layer_metrics(self, layer: _Layer, density: Density, record: Optional[dict]) -> dict[str, float]:
@@ -460,9 +566,13 @@ class EAFOCallback(Callback):
             if curves:
                 # Zoom on the data: the correction is small next to the base's full range.
                 x = torch.linspace(*_around(density.quantile(_Q_LO), density.quantile(_Q_HI)), 400, dtype=torch.float64)
-                y = eafo.derivatives(layer.module, x)[0]
-                base = eafo.derivatives(layer.module.base, x)[0] if isinstance(layer.module, EAFOActivation) else None
-                figure = _curve_figure(f"{layer.name} (step {step})", x, y, density, base)
+                try:
+                    with _out_of_place(layer.module):
+                        y = eafo.derivatives(layer.module, x)[0]
+                        base = eafo.derivatives(layer.module.base, x)[0] if isinstance(layer.module, EAFOActivation) else None
+                    figure = _curve_figure(f"{layer.name} (step {step})", x, y, density, base)
+                except (ArithmeticError, ValueError, RuntimeError, TypeError) as err:
+                    rank_zero_warn(f"EAFOCallback: no curve figure for layer {layer.name!r} at step {step}: {err}")
             for writer in writers:
                 if self.log_histograms:
                     _log_histogram(writer, _tag("preact", layer.tag), density, step)
@@ -484,7 +594,7 @@ class EAFOCallback(Callback):
                     "range": (layer.estimator.lo, layer.estimator.hi),
                     "estimator": layer.estimator.state_dict(),
                     "extrema": None if layer.extrema is None else layer.extrema.detach().cpu(),
-                    "skipped": layer.skipped,
+                    "skips": dict(layer.skips),
                 }
                 for name, layer in self._layers.items()
             },
@@ -523,17 +633,61 @@ class EAFOCallback(Callback):
             if layer is None:
                 continue
             layer.estimator = self._new_estimator(*layer_state["range"])
-            layer.skipped = int(layer_state.get("skipped", 0))
+            skips = layer_state.get("skips")
+            if skips is None:  # checkpoints before skip reasons counted non-finite windows only
+                skips = {"nonfinite": int(layer_state.get("skipped", 0))} if layer_state.get("skipped") else {}
+            layer.skips = {str(k): int(v) for k, v in skips.items()}
             if own:
                 layer.estimator.load_state_dict(layer_state["estimator"])
                 layer.extrema = layer_state["extrema"]
 
 
 # ---------------------------------------------------------------------- helpers
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+def _positive_int(name: str, value: Any, most: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (most is not None and value > most):
+        bound = "" if most is None else f" in [1, {most}]"
+        raise ValueError(f"{name} must be a positive int{bound}, got {name}={value!r}")
     return value
+
+
+class _Skip(Exception):
+    """An update that cannot be made sensibly; ``reason`` keys the warning and the count."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+def _nonfinite_tensors(module: nn.Module) -> list[str]:
+    """Names of the module's floating parameters and buffers holding NaN/Inf."""
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+
+
+def _restore(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put back a state taken with ``state_dict`` (in place: parameters stay the same objects)."""
+    with torch.no_grad():
+        for name, value in module.state_dict().items():
+            if not torch.equal(value, saved[name]):
+                value.copy_(saved[name])
+
+
+@contextmanager
+def _out_of_place(module: nn.Module) -> Iterator[None]:
+    """Switch ``inplace=True`` submodules to out of place inside the block.
+
+    The figures evaluate the activation on a float64 leaf tensor that requires grad, where an
+    in-place activation (``nn.SiLU(inplace=True)``) raises. Updates run between optimizer
+    steps, so no forward pass sees the switch.
+    """
+    switched = [m for m in module.modules() if getattr(m, "inplace", None) is True]
+    for m in switched:
+        m.inplace = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.inplace = True
 
 
 def _convert_types(convert: Iterable[Union[type, str]]) -> tuple[type, ...]:
@@ -573,16 +727,32 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_reduce_max(values: list[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
-    """Element-wise MAX of each layer's ``[-min, max]`` across processes, in one collective;
-    ``None`` for layers without a finite value on any process."""
-    if not values:
-        return []
+def _reduce_windows(layers: list[_Layer]) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
+    """Every layer's estimator counts summed across processes and its ``[-min, max]`` maxed,
+    in one ``all_reduce``.
+
+    The counts are additive. The extremes are not, but a MAX over processes is a SUM of
+    one-hot rows: rank ``r`` writes its ``(layers, 2)`` extremes into row ``r`` of a
+    ``(world, layers, 2)`` block of zeros, the SUM gathers every rank's row, and each rank takes
+    the max over rows. The block adds ``2 * layers * world`` numbers to the message (48 KB for
+    12 layers on 256 ranks). Returns the summed states (CPU, float64) and the extremes (CPU;
+    None for layers without a finite value on any process).
+    """
+    if not layers:
+        return [], []
     distributed = _distributed()
-    nccl = distributed and dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    empty = torch.full((2,), -math.inf, dtype=torch.float32, device=device)
-    stacked = torch.stack([empty if v is None else v.to(device=device, dtype=torch.float32) for v in values])
+    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    device = torch.device("cuda", torch.cuda.current_device()) if distributed and dist.get_backend() == "nccl" else torch.device("cpu")
+    # float64 holds the float32 extremes exactly; 0 + (-inf) stays -inf in the sum.
+    ends = torch.zeros(world, len(layers), 2, dtype=torch.float64, device=device)
+    for i, layer in enumerate(layers):
+        ends[rank, i] = -math.inf if layer.extrema is None else layer.extrema.to(device=device, dtype=torch.float64)
+    parts = [layer.estimator.additive_state.to(device=device, dtype=torch.float64) for layer in layers]
+    buf = torch.cat(parts + [ends.reshape(-1)])
     if distributed:
-        dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
-    return [row.cpu() if bool(torch.isfinite(row).all()) else None for row in stacked]
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    buf = buf.cpu()
+    sizes = [p.numel() for p in parts]
+    *states, summed_ends = buf.split(sizes + [ends.numel()])
+    extremes = summed_ends.view(world, len(layers), 2).amax(dim=0)
+    return list(states), [row if bool(torch.isfinite(row).all()) else None for row in extremes]
