@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-__all__ = ["KDE", "MAX_BINS", "MIN_BINS", "Density", "Histogram", "check_grid"]
+__all__ = ["KDE", "MAX_BINS", "MIN_BINS", "Density", "Histogram", "check_grid", "sum_states"]
 
 #: Fewest bins any grid may have: derivatives and entropies need some resolution.
 MIN_BINS = 8
@@ -696,6 +696,56 @@ class KDE(_BinnedEstimator):
         p = (smooth[1:-1] / (total * h)).clamp_min_(0.0)  # FFT round-off can dip below 0
         dp = slope[1:-1] / (total * h * h)
         return p, dp, (bw, dp_bw)
+
+
+def sum_states(
+    estimators: list["_BinnedEstimator"],
+    maxima: torch.Tensor | None = None,
+    sync: bool | None = None,
+    group: Any = None,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Many estimators' states summed across processes, and per-row maxima maxed, in one collective.
+
+    Each estimator's :meth:`~_BinnedEstimator.compute` would reduce on its own (one
+    ``all_reduce`` per estimator); this packs all of them into one buffer. Maxima are not
+    additive, but a MAX over processes is a SUM of one-hot rows: rank ``r`` writes its maxima
+    into slot ``r`` of a ``(world, *maxima.shape)`` block of zeros, the SUM gathers every
+    rank's slot, and each rank takes the max over slots (exact, ``-inf`` allowed). The block
+    adds ``world * maxima.numel()`` numbers to the message.
+
+    Args:
+        estimators: the estimators (any mix of kinds and grids).
+        maxima: optional float tensor (e.g. ``(len(estimators), 2)`` extremes) to MAX.
+        sync: reduce across processes; ``None``: when ``torch.distributed`` is initialised with
+            more than one process (as :meth:`~_BinnedEstimator.compute`).
+        group: the process group (``None``: the world).
+
+    Returns:
+        The summed states (CPU, float64; pass each to its estimator's
+        :meth:`~_BinnedEstimator.compute_from`) and the maxima (CPU, float64, or None).
+    """
+    import torch.distributed as dist
+
+    distributed = _want_sync(sync, group)
+    world, rank = (dist.get_world_size(group), dist.get_rank(group)) if distributed else (1, 0)
+    nccl = distributed and dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    parts = [est.additive_state.to(device=device, dtype=torch.float64) for est in estimators]
+    block = None
+    if maxima is not None:
+        # float64 holds float32 values exactly, and 0 + (-inf) stays -inf in the sum.
+        block = torch.zeros((world, *maxima.shape), dtype=torch.float64, device=device)
+        block[rank] = maxima.to(device=device, dtype=torch.float64)
+        parts.append(block.reshape(-1))
+    if not parts:
+        return [], None
+    buf = torch.cat(parts)
+    if distributed:
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    pieces = list(buf.cpu().split([p.numel() for p in parts]))
+    if block is None:
+        return pieces, None
+    return pieces[:-1], pieces[-1].view(block.shape).amax(dim=0)
 
 
 # ---------------------------------------------------------------------------- helpers

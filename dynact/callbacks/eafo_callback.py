@@ -20,7 +20,6 @@ from functools import partial
 from typing import Any, Iterable, Iterator, Literal, Optional, Union
 
 import torch
-import torch.distributed as dist
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.trainer.states import TrainerFn
@@ -39,7 +38,7 @@ from dynact.callbacks._logging import (
     _tag,
     _tensorboard_writers,
 )
-from dynact.density import KDE, MIN_BINS, Density, Histogram, _single_thread, check_grid
+from dynact.density import KDE, MIN_BINS, Density, Histogram, _single_thread, check_grid, sum_states
 from dynact.spline import EAFOActivation
 
 __all__ = ["EAFOCallback"]
@@ -159,7 +158,8 @@ class EAFOCallback(Callback):
         estimator: ``"kde"`` (binned Gaussian KDE) or ``"hist"`` (histogram).
         mode: ``"refresh"`` (``s`` = the EAFO correction of the base under the measured
             density), ``"iterate"`` (guarded EAFO steps of the current activation, size
-            ``eta``) or ``"monitor"`` (measure and log only, never change the model).
+            ``eta``) or ``"monitor"`` (measure and log only, never change the model: nothing
+            is converted).
         eta: step size of ``"iterate"`` (ignored by the other modes).
         bins: bins of each estimator's grid.
         sample_size: values sampled per layer per forward pass.
@@ -297,7 +297,8 @@ class EAFOCallback(Callback):
             self._layers = {}
             self._generators = {}
             self._num_updates = 0
-            self._convert(pl_module)
+            if self.mode != "monitor":  # monitoring never changes the model
+                self._convert(pl_module)
             for name, module in find_activations(pl_module):
                 dynamic = isinstance(module, EAFOActivation) and self.mode != "monitor"
                 self._layers[name] = _Layer(name, _layer_tag(name), module, dynamic, self._new_estimator(*self.init_range))
@@ -460,14 +461,14 @@ class EAFOCallback(Callback):
         if high - low <= _MIN_SPREAD * max(1.0, abs(low), abs(high)):
             return self._skip(
                 layer, step, "constant",
-                f"its input was constant in the window (all values in [{low:.6g}, {high:.6g}]): it has no "
+                f"had a constant input in the window (all values in [{low:.6g}, {high:.6g}]), which has no "
                 "density to measure",
             )
         bad = _nonfinite_tensors(layer.module)
         if bad:
             return self._skip(
                 layer, step, "parameters",
-                f"its own parameters/buffers {bad} are not finite while its input is; look at training "
+                f"has non-finite parameters/buffers {bad} while its input is finite; look at training "
                 "(learning rate, loss scale) rather than the data",
             )
         saved = {k: v.detach().clone() for k, v in layer.module.state_dict().items()}
@@ -478,7 +479,7 @@ class EAFOCallback(Callback):
             if used is not None:
                 bad = _nonfinite_tensors(layer.module)
                 if bad:
-                    raise _Skip("update", f"the update made {bad} non-finite")
+                    raise _Skip("update", f"got non-finite {bad} from its update (undone)")
         except _Skip as skip:
             _restore(layer.module, saved)
             return self._skip(layer, step, skip.reason, skip.message)
@@ -486,7 +487,7 @@ class EAFOCallback(Callback):
             # The numerics could not handle this window (e.g. a range they cannot resolve):
             # undo whatever got half-way and go on; the warning carries the error.
             _restore(layer.module, saved)
-            return self._skip(layer, step, type(err).__name__, f"its update raised {type(err).__name__}: {err}")
+            return self._skip(layer, step, type(err).__name__, f"raised {type(err).__name__} in its update (undone): {err}")
         metrics.update(figures)
         return used
 
@@ -498,29 +499,34 @@ class EAFOCallback(Callback):
             layer.estimator = self._new_estimator(*_covering(density, ends))
             return None
         q_lo, q_hi = density.quantile(_Q_LO), density.quantile(_Q_HI)
-        if q_hi - q_lo <= _MIN_SPREAD * max(1.0, abs(q_lo), abs(q_hi)):
+        # Quantiles are resolved to a bin; the extremes seen bound them exactly, so a grid left
+        # far too wide by huge values fits the data again in one window, not in many.
+        fit_lo = min(max(q_lo, -float(ends[0])), float(ends[1]))
+        fit_hi = max(min(q_hi, float(ends[1])), fit_lo)
+        if fit_hi - fit_lo <= _MIN_SPREAD * max(1.0, abs(fit_lo), abs(fit_hi)):
             # Nearly all the mass at one value (a few outliers aside): no grid resolves it.
-            layer.estimator.reset()
-            raise _Skip("constant", f"nearly all its input sat at {q_lo:.6g}: it has no density to measure")
+            raise _Skip("constant", f"had nearly all its input at {fit_lo:.6g}, which has no density to measure")
         coarse = q_hi - q_lo < _MIN_FILL * (density.hi - density.lo)
+        # The next window's grid is settled first, so that it follows the data even when
+        # what comes next raises and the update is skipped.
+        if coarse:  # too few bins on the data: re-measure on a grid fitted to them
+            layer.estimator = self._new_estimator(*_around(fit_lo, fit_hi))
+        else:
+            layer.estimator.reset()
         record = self._apply(layer.module, density, q_hi - q_lo) if layer.dynamic and not coarse else None
         with _out_of_place(layer.module):  # the figures evaluate the module on a leaf tensor
             metrics.update(self._layer_metrics(layer, density, record))
-        if coarse:  # too few bins on the data: re-measure on a grid fitted to them
-            layer.estimator = self._new_estimator(*_around(q_lo, q_hi))
-        else:
-            layer.estimator.reset()
         return density
 
     def _skip(self, layer: _Layer, step: int, reason: str, message: str) -> None:
         """Count a skipped update of ``layer``, warn once per reason, start its next window."""
         layer.skips[reason] = layer.skips.get(reason, 0) + 1
+        layer.estimator.reset()
         if layer.skips[reason] == 1:  # a week-long run must not flood the log
             rank_zero_warn(
                 f"EAFOCallback: layer {layer.name!r} {message}; it is not updated at step {step}. "
                 f"Training continues; later skips for this reason are only counted in skipped/{layer.tag}."
             )
-        layer.estimator.reset()
         return None
 
     def _apply(self, act: EAFOActivation, density: Density, spread: float) -> dict:
@@ -532,7 +538,7 @@ class EAFOCallback(Callback):
                 # float16 overflows past 65504 and bfloat16 rounds neighbouring ends together.
                 raise _Skip(
                     "grid",
-                    f"its grid cannot follow the data ({density.quantile(_Q_LO):.6g} to "
+                    f"cannot place its grid around the data (about {density.quantile(_Q_LO):.6g} to "
                     f"{density.quantile(_Q_HI):.6g}) in its {act.lo.dtype} buffers ({err})",
                 ) from None
         return act.update(density, mode=self.mode, eta=self.eta)
@@ -601,6 +607,39 @@ class EAFOCallback(Callback):
         }
 
     @override
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+        # A checkpoint saved before conversion: the converted layers loaded its base weights (see
+        # dynact.activations.to_eafo) and keep their initial corrections, but their eps
+        # parameters are new to its optimizer states. Match those in on_fit_start, once the
+        # optimizers exist and before Lightning restores them.
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        saved = checkpoint.get("state_dict", {})
+        fresh = [
+            layer for layer in self._layers.values()
+            if isinstance(layer.module, EAFOActivation) and f"{layer.name}.s" not in saved
+        ]
+        if not fresh:
+            return
+        rank_zero_info(
+            f"EAFOCallback: the checkpoint was saved before its activations were converted; "
+            f"{len(fresh)} converted layer(s) took its weights and start with a fresh correction: "
+            f"{', '.join(layer.name for layer in fresh)}"
+        )
+        self._new_params = [layer.module.eps for layer in fresh if isinstance(layer.module.eps, nn.Parameter)]
+        if self._new_params and checkpoint.get("optimizer_states"):
+            self._resumed = checkpoint
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._resumed is None:
+            return
+        states = self._resumed["optimizer_states"]
+        for i, (optimizer, saved) in enumerate(zip(trainer.optimizers, states)):
+            states[i] = _insert_new_params(optimizer, saved, self._new_params)
+        self._resumed, self._new_params = None, []
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning restores callbacks after setup; before it (a manual call), keep the state
         # until setup has found the layers.
@@ -648,6 +687,33 @@ def _positive_int(name: str, value: Any, most: Optional[int] = None) -> int:
         bound = "" if most is None else f" in [1, {most}]"
         raise ValueError(f"{name} must be a positive int{bound}, got {name}={value!r}")
     return value
+
+
+def _insert_new_params(optimizer: torch.optim.Optimizer, saved: dict[str, Any], new: list[nn.Parameter]) -> dict[str, Any]:
+    """An optimizer state saved without the parameters ``new``, re-indexed for ``optimizer``,
+    which has them (with no state, as fresh parameters have). Left as it is when its groups do
+    not match ``optimizer``'s without ``new`` (then the optimizer's own error says so)."""
+    new_ids = {id(p) for p in new}
+    groups = optimizer.param_groups
+    if len(groups) != len(saved.get("param_groups", [])):
+        return saved
+    state: dict[int, Any] = {}
+    out_groups = []
+    index = 0
+    for group, saved_group in zip(groups, saved["param_groups"]):
+        if sum(id(p) not in new_ids for p in group["params"]) != len(saved_group["params"]):
+            return saved
+        old = iter(saved_group["params"])
+        params = []
+        for p in group["params"]:
+            if id(p) not in new_ids:
+                key = next(old)
+                if key in saved["state"]:
+                    state[index] = saved["state"][key]
+            params.append(index)
+            index += 1
+        out_groups.append({**saved_group, "params": params})
+    return {**saved, "state": state, "param_groups": out_groups}
 
 
 class _Skip(Exception):
@@ -723,36 +789,15 @@ def _covering(density: Density, ends: Optional[torch.Tensor]) -> tuple[float, fl
     return lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _reduce_windows(layers: list[_Layer]) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
     """Every layer's estimator counts summed across processes and its ``[-min, max]`` maxed,
-    in one ``all_reduce``.
-
-    The counts are additive. The extremes are not, but a MAX over processes is a SUM of
-    one-hot rows: rank ``r`` writes its ``(layers, 2)`` extremes into row ``r`` of a
-    ``(world, layers, 2)`` block of zeros, the SUM gathers every rank's row, and each rank takes
-    the max over rows. The block adds ``2 * layers * world`` numbers to the message (48 KB for
-    12 layers on 256 ranks). Returns the summed states (CPU, float64) and the extremes (CPU;
-    None for layers without a finite value on any process).
-    """
+    in one ``all_reduce`` (:func:`dynact.density.sum_states`). Returns the summed states and the
+    extremes (CPU; None for layers without a finite value on any process)."""
     if not layers:
         return [], []
-    distributed = _distributed()
-    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-    device = torch.device("cuda", torch.cuda.current_device()) if distributed and dist.get_backend() == "nccl" else torch.device("cpu")
-    # float64 holds the float32 extremes exactly; 0 + (-inf) stays -inf in the sum.
-    ends = torch.zeros(world, len(layers), 2, dtype=torch.float64, device=device)
-    for i, layer in enumerate(layers):
-        ends[rank, i] = -math.inf if layer.extrema is None else layer.extrema.to(device=device, dtype=torch.float64)
-    parts = [layer.estimator.additive_state.to(device=device, dtype=torch.float64) for layer in layers]
-    buf = torch.cat(parts + [ends.reshape(-1)])
-    if distributed:
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    buf = buf.cpu()
-    sizes = [p.numel() for p in parts]
-    *states, summed_ends = buf.split(sizes + [ends.numel()])
-    extremes = summed_ends.view(world, len(layers), 2).amax(dim=0)
-    return list(states), [row if bool(torch.isfinite(row).all()) else None for row in extremes]
+    ends = torch.stack([
+        torch.full((2,), -math.inf) if layer.extrema is None else layer.extrema.detach().float().cpu()
+        for layer in layers
+    ])
+    states, extremes = sum_states([layer.estimator for layer in layers], ends)
+    return states, [row if bool(torch.isfinite(row).all()) else None for row in extremes]
