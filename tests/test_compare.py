@@ -60,7 +60,7 @@ def test_every_arm_and_seed_is_a_real_tensorboard_run(sweep):
         # every arm logs per-layer output entropy (static ones in monitor mode): one per block,
         # at steps 2, 4, 6, 8
         depth = results["settings"]["model_kwargs"]["model_kwargs"]["depth"]
-        layers = sorted(t for t in scalars if t.startswith("entropy_out/"))
+        layers = sorted(t for t in scalars if t.startswith("entropy_scale_free/"))
         assert len(layers) == depth
         assert [e.step for e in acc.Scalars(layers[0])] == [2, 4, 6, 8]
         finals = [acc.Scalars(t)[-1].value for t in layers]

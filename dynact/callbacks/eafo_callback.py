@@ -45,6 +45,8 @@ __all__ = ["EAFOCallback"]
 
 _ESTIMATORS = {"kde": KDE, "hist": Histogram}
 _MODES = ("refresh", "iterate", "monitor")
+#: Figures of :func:`dynact.eafo.output_stats` logged per layer at each update.
+_LOGGED_STATS = ("entropy_in", "dead", "entropy", "entropy_scale_free", "log_slope", "std")
 # Quantiles that bound "the data" when a grid is fitted; the grid adds a margin around them.
 _Q_LO, _Q_HI = 1e-3, 1.0 - 1e-3
 # A grid is too coarse when the central 99.8% of the data covers fewer than 1/8 of its bins.
@@ -55,7 +57,6 @@ _MIN_SPREAD = 3e-4
 # Upper bounds of the arguments: beyond them one update costs seconds and gigabytes.
 _MAX_BINS = 65_536
 _MAX_SAMPLE = 2**20
-_DELTA_RANGE = (1e-4, 1e4)
 # The generator seed is seed + 7919 * rank and must fit in a signed 64-bit integer.
 _MAX_SEED = 2**62
 
@@ -76,6 +77,8 @@ class _Layer:
     # Updates skipped, by reason ("nonfinite", "constant", "parameters", "grid", or the name of
     # the error the update raised); each reason is warned about once per layer.
     skips: dict[str, int] = field(default_factory=dict)
+    # dtype of the inputs last sampled: an update must not make the activation overflow it.
+    in_dtype: torch.dtype = torch.float32
 
     @property
     def skipped(self) -> int:
@@ -107,10 +110,15 @@ class EAFOCallback(Callback):
 
     ==================================  ==========================================================
     ``entropy_in/<layer>``              differential entropy of the input (nats)
-    ``entropy_out/<layer>``             output entropy ``H_delta`` (eafo-math.md section 1)
-    ``entropy_out_scale_free/<layer>``  ``H_delta - log std(output)`` (section 5)
+    ``dead/<layer>``                    output mass on an atom: where the activation is flat
+    ``entropy/<layer>``                 mixed entropy of the output (atoms + continuous part;
+                                        resolution-free, nats; ``docs/math.md``)
+    ``entropy_scale_free/<layer>``      ``entropy - (1 - dead) log std``: unchanged by rescaling
+                                        the output; read it beside ``dead``
+    ``log_slope/<layer>``               ``E[log f'(X)]`` over the rising mass: the part of the
+                                        entropy an EAFO step acts on
+    ``std/<layer>``                     standard deviation of the output
     ``eps/<layer>``                     the correction's scale (CRReLU, EAFOActivation)
-    ``dead/<layer>``                    mass where the activation is flat
     ``outside/<layer>``                 mass beyond the grid (the spline's, for dynamic layers)
     ``update_size/<layer>``             largest change of the activation (dynamic layers)
     ``accepted/<layer>``                1 if the update was applied, else 0 (dynamic layers)
@@ -118,6 +126,8 @@ class EAFOCallback(Callback):
     ``preact/<layer>``                  TensorBoard histogram of the input
     ``curve/<layer>``                   TensorBoard figure: activation over its input density
     ==================================  ==========================================================
+
+    The latest update's scalars are also in :attr:`metrics` (a dict keyed by the same tags).
 
     Scalars go to every Lightning logger with the trainer's ``global_step``; histograms and
     figures only to ``TensorBoardLogger`` (none is needed: ``CSVLogger`` and ``logger=False``
@@ -127,7 +137,8 @@ class EAFOCallback(Callback):
     window held NaN/Inf values (``nonfinite/<layer>`` counts them), its input was constant
     (spanning less than ``3e-4 * max(1, |x|)``), its own parameters (``eps``) are not finite,
     its grid cannot be stored in the activation's dtype (float16 beyond 65504, bfloat16's
-    coarse steps), or the update's numerics raised. Nothing of that layer changes (its
+    coarse steps), the updated activation would overflow the input's dtype for a finite input,
+    or the update's numerics raised. Nothing of that layer changes (its
     activation is restored if the update got half-way), one warning per layer and reason names
     it, ``skipped/<layer>`` logs the running count and :attr:`skips` holds the counts by
     reason; training and every other layer proceed.
@@ -171,15 +182,13 @@ class EAFOCallback(Callback):
         curves_every: write the activation-curve figures at the first update and every this
             many updates after it (a figure costs ~0.1 s); ``0`` turns them off.
         init_range: ``(lo, hi)`` of the estimators' first grid.
-        delta: output resolution of ``H_delta``, the same for every layer and update so that
-            the entropies compare.
         max_outside: mass beyond a grid that triggers re-fitting it.
         collect_eval: also sample forward passes made in evaluation mode (e.g. validation)
             while a window is open.
         seed: seed of the callback's own sampling generator (offset by the process rank).
 
     Valid ranges: ``8 <= bins <= 65536``, ``1 <= sample_size <= 2**20``,
-    ``1e-4 <= delta <= 1e4``, ``0 <= seed <= 2**62``, ``init_range`` within ``[-1e100, 1e100]``.
+    ``0 <= seed <= 2**62``, ``init_range`` within ``[-1e100, 1e100]``.
 
     Raises:
         ValueError: an argument is out of range; the message names it and the accepted values.
@@ -208,7 +217,6 @@ class EAFOCallback(Callback):
         log_histograms: bool = True,
         curves_every: int = 10,
         init_range: tuple[float, float] = (-8.0, 8.0),
-        delta: float = 0.01,
         max_outside: float = 0.01,
         collect_eval: bool = False,
         seed: int = 0,
@@ -236,11 +244,6 @@ class EAFOCallback(Callback):
             )
         if isinstance(curves_every, bool) or not isinstance(curves_every, int) or curves_every < 0:
             raise ValueError(f"curves_every must be an int >= 0 (0: no figures), got curves_every={curves_every!r}")
-        if isinstance(delta, bool) or not (isinstance(delta, (int, float)) and _DELTA_RANGE[0] <= delta <= _DELTA_RANGE[1]):
-            raise ValueError(
-                f"delta must be a number in [{_DELTA_RANGE[0]:g}, {_DELTA_RANGE[1]:g}] (output bin width, > 0), "
-                f"got delta={delta!r}"
-            )
         if not (isinstance(max_outside, (int, float)) and 0 < max_outside < 1):
             raise ValueError(f"max_outside must be a fraction in (0, 1), got max_outside={max_outside!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
@@ -254,7 +257,6 @@ class EAFOCallback(Callback):
         self.convert = _convert_types(convert)
         self.log_histograms = bool(log_histograms)
         self.curves_every = curves_every
-        self.delta = float(delta)
         self.max_outside = float(max_outside)
         self.collect_eval = bool(collect_eval)
         self.seed = int(seed)
@@ -271,6 +273,8 @@ class EAFOCallback(Callback):
         # on_load_checkpoint), and that checkpoint, whose optimizer states must be matched.
         self._new_params: list[nn.Parameter] = []
         self._resumed: Optional[dict[str, Any]] = None
+        #: The scalars of the latest update, keyed by tag (``"dead/net.0"``); empty before it.
+        self.metrics: dict[str, float] = {}
 
     @property
     def state_key(self) -> str:
@@ -395,6 +399,7 @@ class EAFOCallback(Callback):
             # Index without flattening: a non-contiguous input would be copied whole.
             sample = (x.reshape(-1)[idx] if x.is_contiguous() else x[torch.unravel_index(idx, x.shape)]).float()
             layer.estimator.update(sample)
+            layer.in_dtype = x.dtype
             # Track the extremes of the finite values (for growing the grid) without a host sync.
             # (every non-finite value becomes -inf: nan_to_num's default would make -inf finite)
             ends = torch.stack([-sample, sample]).nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf).amax(dim=1)
@@ -439,6 +444,7 @@ class EAFOCallback(Callback):
             if used is not None:
                 measured.append((layer, used))
             layer.extrema = None
+        self.metrics = metrics
         _log_scalars(trainer, metrics, step)
         self._log_tensorboard(trainer, measured, step)
 
@@ -476,10 +482,16 @@ class EAFOCallback(Callback):
             density = layer.estimator.compute_from(state.cpu())
             figures: dict[str, float] = {}
             used = self._measure(layer, density, ends, figures)
-            if used is not None:
+            if used is not None and layer.dynamic:
                 bad = _nonfinite_tensors(layer.module)
                 if bad:
                     raise _Skip("update", f"got non-finite {bad} from its update (undone)")
+                if _overflows(layer.module, layer.in_dtype):
+                    raise _Skip(
+                        "overflow",
+                        f"would overflow its {layer.in_dtype} input's range (|f(x)| > "
+                        f"{torch.finfo(layer.in_dtype).max:.5g} for a finite x) after its update (undone)",
+                    )
         except _Skip as skip:
             _restore(layer.module, saved)
             return self._skip(layer, step, skip.reason, skip.message)
@@ -544,16 +556,11 @@ class EAFOCallback(Callback):
         return act.update(density, mode=self.mode, eta=self.eta)
 
     def _layer_metrics(self, layer: _Layer, density: Density, record: Optional[dict]) -> dict[str, float]:
-        stats = eafo.output_stats(layer.module, density, delta=self.delta)
-        out = {
-            _tag("entropy_in", layer.tag): stats["entropy_in"],
-            _tag("entropy_out", layer.tag): stats["entropy_out"],
-            _tag("entropy_out_scale_free", layer.tag): stats["entropy_out_scale_free"],
-            _tag("dead", layer.tag): stats["dead"],
-            _tag("outside", layer.tag): (
-                layer.module.outside_mass(density) if isinstance(layer.module, EAFOActivation) else density.outside
-            ),
-        }
+        stats = eafo.output_stats(layer.module, density)
+        out = {_tag(name, layer.tag): stats[name] for name in _LOGGED_STATS}
+        out[_tag("outside", layer.tag)] = (
+            layer.module.outside_mass(density) if isinstance(layer.module, EAFOActivation) else density.outside
+        )
         eps = getattr(layer.module, "eps", None)
         if isinstance(eps, torch.Tensor) and eps.numel() == 1:
             out[_tag("eps", layer.tag)] = float(eps.detach())
@@ -722,6 +729,20 @@ class _Skip(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason, self.message = reason, message
+
+
+def _overflows(act: EAFOActivation, dtype: torch.dtype) -> bool:
+    """Whether ``act`` gives a non-finite output for some finite input of ``dtype``.
+
+    The correction is piecewise linear and zero beyond the grid, so next to a monotone base the
+    output's extremes are at the knots or at the ends of the dtype's range: evaluating there
+    decides it (in ``dtype``, as the forward pass computes it).
+    """
+    big = torch.finfo(dtype).max
+    x = act.knot_positions(torch.float64).clamp(-big, big)
+    x = torch.cat([x, x.new_tensor([-big, big])]).to(dtype)
+    with torch.no_grad():
+        return not bool(torch.isfinite(act(x)).all())
 
 
 def _nonfinite_tensors(module: nn.Module) -> list[str]:
