@@ -273,6 +273,7 @@ class EAFOCallback(Callback):
         # on_load_checkpoint), and that checkpoint, whose optimizer states must be matched.
         self._new_params: list[nn.Parameter] = []
         self._resumed: Optional[dict[str, Any]] = None
+        self._no_figure: set[str] = set()  # layers whose curve figure failed (warned once)
         #: The scalars of the latest update, keyed by tag (``"dead/net.0"``); empty before it.
         self.metrics: dict[str, float] = {}
 
@@ -585,7 +586,9 @@ class EAFOCallback(Callback):
                         base = eafo.derivatives(layer.module.base, x)[0] if isinstance(layer.module, EAFOActivation) else None
                     figure = _curve_figure(f"{layer.name} (step {step})", x, y, density, base)
                 except (ArithmeticError, ValueError, RuntimeError, TypeError) as err:
-                    rank_zero_warn(f"EAFOCallback: no curve figure for layer {layer.name!r} at step {step}: {err}")
+                    if layer.name not in self._no_figure:  # once per layer
+                        self._no_figure.add(layer.name)
+                        rank_zero_warn(f"EAFOCallback: no curve figure for layer {layer.name!r} at step {step}: {err}")
             for writer in writers:
                 if self.log_histograms:
                     _log_histogram(writer, _tag("preact", layer.tag), density, step)
