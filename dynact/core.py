@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterable, Literal, Optional, Union
 
@@ -33,9 +33,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from dynact import activations, eafo
-from dynact.activations import activation_types, find_activations
-from dynact.density import KDE, Density, Histogram, check_grid
-from dynact.distributed import all_reduce_max, is_distributed, single_thread
+from dynact.activations import activation_types, find_activations, to_eafo
+from dynact.density import KDE, MIN_BINS, Density, Histogram, check_grid, sum_states
+from dynact.distributed import is_distributed, single_thread
 from dynact.spline import EAFOActivation
 
 __all__ = ["ActivationOptimizer", "LOGGED_STATS", "tag"]
@@ -52,6 +52,14 @@ _MIN_FILL = 1.0 / 8.0
 _GRID_MARGIN = 0.25
 #: Multiplier separating the sampling seeds of different processes.
 _RANK_SEED_STRIDE = 7919
+# Inputs spanning less than this times max(1, |x|) are treated as constant: even the narrowest
+# grid `around` fits (half-width 1e-3 * max(1, |x|)) would be too coarse for them.
+_MIN_SPREAD = 3e-4
+# Upper bounds of the options: beyond them one update costs seconds and gigabytes.
+_MAX_BINS = 65_536
+_MAX_SAMPLE = 2**20
+# The generator seed is seed + _RANK_SEED_STRIDE * rank and must fit in a signed 64-bit integer.
+_MAX_SEED = 2**62
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
@@ -79,7 +87,15 @@ class _Layer:
     # [-min, max] of the finite values sampled this window, on the module's device; reduced
     # with MAX across processes when the grid has to grow to the data.
     extrema: Optional[torch.Tensor] = None
-    skipped: int = 0  # updates skipped because of non-finite inputs
+    # Updates skipped, by reason ("nonfinite", "constant", "parameters", "grid", "overflow", or
+    # the name of the error the update raised); each reason is warned about once per layer.
+    skips: dict[str, int] = field(default_factory=dict)
+    # dtype of the inputs last sampled: an update must not make the activation overflow it.
+    in_dtype: torch.dtype = torch.float32
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skips.values())
 
 
 class ActivationOptimizer:
@@ -117,10 +133,22 @@ class ActivationOptimizer:
     ``update_size``             largest change of the activation (dynamic layers)
     ``accepted``                1 if the update was applied, else 0 (dynamic layers)
     ``nonfinite``               NaN/Inf values sampled in the window
+    ``skipped``                 running count of this layer's skipped updates
     ==========================  ==================================================================
 
-    ``docs/math.md`` defines each measure. A layer whose window held NaN/Inf values is not
-    updated that time (one warning per layer; ``nonfinite`` counts them).
+    ``docs/math.md`` defines each measure.
+
+    Skips: a layer whose update cannot be made sensibly is skipped for that update: its window
+    held NaN/Inf values, its input was constant (spanning less than ``3e-4 * max(1, |x|)``), its
+    own parameters (``eps``) are not finite, its grid cannot be stored in the activation's dtype
+    (float16 beyond 65504, bfloat16's coarse steps), the update would make it overflow its
+    input's dtype, or the update's numerics raised. Nothing of that layer changes (its
+    activation is restored if the update got half-way), one warning per layer and reason names
+    it, ``skipped`` counts it and :attr:`skips` holds the counts by reason; every other layer
+    proceeds.
+
+    Conversion keeps each converted module as the new activation's base, settings and
+    parameters included (:func:`dynact.activations.to_eafo`); ``mode="monitor"`` converts nothing.
 
     Grids: each estimator starts on ``init_range`` with ``bins`` bins. When a window's data
     spill beyond it (more than ``max_outside`` of the mass) or fill less than 1/8 of it, the
@@ -141,12 +169,15 @@ class ActivationOptimizer:
         window: optimizer steps before each update during which the hooks sample
             (``1 <= window <= every_n_steps``); default ``min(every_n_steps, 20)``.
         convert: activation module types (or registry names) to replace by
-            ``EAFOActivation(base=<their name>)``; ``()`` leaves the model as it is.
+            an ``EAFOActivation`` with the module itself as base; ``()`` leaves the model as it is.
         init_range: ``(lo, hi)`` of the estimators' first grid.
         max_outside: mass beyond a grid that triggers re-fitting it.
         collect_eval: also sample forward passes made in evaluation mode while a window is open.
         seed: seed of the sampling generator (offset by the process rank).
         rank: this process's rank (seeds and state); default: torch.distributed's, else 0.
+
+    Valid ranges: ``8 <= bins <= 65536``, ``1 <= sample_size <= 2**20``, ``0 <= seed <= 2**62``,
+    ``init_range`` within ``[-1e100, 1e100]``.
 
     Raises:
         ValueError: an argument is out of range; the message names it and the accepted values.
@@ -232,6 +263,11 @@ class ActivationOptimizer:
         """The hooked activation modules by qualified name."""
         return {name: layer.module for name, layer in self._layers.items()}
 
+    @property
+    def skips(self) -> dict[str, dict[str, int]]:
+        """Skipped updates per layer, by reason (``{"net.1": {"nonfinite": 2}}``)."""
+        return {name: dict(layer.skips) for name, layer in self._layers.items()}
+
     def metrics(self) -> dict[str, float]:
         """The per-layer figures of the latest update (empty before the first)."""
         return dict(self._metrics)
@@ -248,6 +284,7 @@ class ActivationOptimizer:
         """
         self.global_step = self.global_step + 1 if global_step is None else int(global_step)
         updated: dict[str, float] = {}
+        self._collecting = False  # the update's own evaluations of the modules are not data
         if self.global_step > 0 and self.global_step % self.every_n_steps == 0:
             with single_thread(torch.device("cpu")):  # O(bins) grid work: no thread wake-ups
                 updated = self._update_all()
@@ -289,7 +326,7 @@ class ActivationOptimizer:
                     "range": (layer.estimator.lo, layer.estimator.hi),
                     "estimator": layer.estimator.state_dict(),
                     "extrema": None if layer.extrema is None else layer.extrema.detach().cpu(),
-                    "skipped": layer.skipped,
+                    "skips": dict(layer.skips),
                 }
                 for name, layer in self._layers.items()
             },
@@ -319,7 +356,10 @@ class ActivationOptimizer:
             if layer is None:
                 continue
             layer.estimator = self._new_estimator(*layer_state["range"])
-            layer.skipped = int(layer_state.get("skipped", 0))
+            skips = layer_state.get("skips")
+            if skips is None:  # older states counted non-finite windows only
+                skips = {"nonfinite": int(layer_state["skipped"])} if layer_state.get("skipped") else {}
+            layer.skips = {str(k): int(v) for k, v in skips.items()}
             if own:
                 layer.estimator.load_state_dict(layer_state["estimator"])
                 layer.extrema = layer_state["extrema"]
@@ -328,17 +368,14 @@ class ActivationOptimizer:
     # ------------------------------------------------------------------ conversion
     def _convert(self, model: nn.Module) -> list[str]:
         converted: list[str] = []
-        if not self.convert:
+        if not self.convert or self.mode == "monitor":  # monitoring never changes the model
             return converted
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        # Outermost activations only: an EAFOActivation's own base is never converted.
+        # Outermost activations only: an EAFOActivation's own base is never converted. The
+        # module itself becomes the base: its settings and parameters stay.
         for name, module in find_activations(model):
-            kind = next((k for k in self.convert if isinstance(module, k)), None)
-            if kind is None:
-                continue
-            base = activation_types()[kind]
-            model.set_submodule(name, EAFOActivation(base=base).to(device))
-            converted.append(name)
+            if any(isinstance(module, k) for k in self.convert):
+                model.set_submodule(name, to_eafo(module))
+                converted.append(name)
         return converted
 
     # ------------------------------------------------------------------ collection
@@ -360,7 +397,7 @@ class ActivationOptimizer:
         if not self._collecting or not (module.training or self.collect_eval):
             return
         x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0 or x.is_meta:
             return
         # A few thousand values: extra intra-op threads only add wake-up latency.
         with torch.no_grad(), single_thread(x.device):
@@ -369,8 +406,11 @@ class ActivationOptimizer:
             # Index without flattening: a non-contiguous input would be copied whole.
             sample = (x.reshape(-1)[idx] if x.is_contiguous() else x[torch.unravel_index(idx, x.shape)]).float()
             layer.estimator.update(sample)
-            # Track the extremes of the finite values (for growing the grid) without a host sync.
-            ends = torch.stack([-sample, sample]).nan_to_num_(nan=-math.inf, posinf=-math.inf).amax(dim=1)
+            layer.in_dtype = x.dtype
+            # Track the extremes of the finite values (for growing the grid) without a host sync;
+            # every non-finite value becomes -inf (nan_to_num's default would make -inf finite).
+            ends = torch.stack([-sample, sample]).nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+            ends = ends.amax(dim=1)
             prev = layer.extrema
             layer.extrema = ends if prev is None else torch.maximum(prev.to(ends.device), ends)
 
@@ -378,15 +418,14 @@ class ActivationOptimizer:
     def _update_all(self) -> dict[str, float]:
         self.num_updates += 1
         layers = list(self._layers.values())
-        # Collectives first, in the same order on every process. Layers for which no process
-        # saw a finite value (no extremes) have no density to compute.
-        extrema = all_reduce_max([layer.extrema for layer in layers])
-        sync = is_distributed()
-        densities = [None if ends is None else layer.estimator.compute(sync=sync) for layer, ends in zip(layers, extrema)]
+        # One collective for all layers, in the same order on every process: counts summed, the
+        # extremes of the finite values maxed (None where no process saw one).
+        states, extrema = _reduce_windows(layers)
         metrics: dict[str, float] = {}
         self.densities = {}
-        for layer, density, ends in zip(layers, densities, extrema):
-            used = self._update_layer(layer, density, ends, metrics)
+        for layer, state, ends in zip(layers, states, extrema):
+            used = self._update_layer(layer, state, ends, metrics)
+            metrics[tag("skipped", layer.name)] = float(layer.skipped)
             if used is not None:
                 self.densities[layer.name] = used
             layer.extrema = None
@@ -394,48 +433,111 @@ class ActivationOptimizer:
         return dict(metrics)
 
     def _update_layer(
-        self, layer: _Layer, density: Optional[Density], ends: Optional[torch.Tensor], metrics: dict[str, float]
+        self, layer: _Layer, state: torch.Tensor, ends: Optional[torch.Tensor], metrics: dict[str, float]
     ) -> Optional[Density]:
-        """Update one layer from its summed density, add its figures to ``metrics`` and start its
-        next window; returns the density its figures describe (None if it was not measured)."""
-        # compute() summed the counters over all processes, so every rank decides alike.
-        nonfinite = layer.estimator.nonfinite if density is None else density.nonfinite
+        """Update one layer from its summed counts, add its figures to ``metrics`` and start its
+        next window; returns the density its figures describe (None if it was not measured).
+
+        Every decision depends only on the summed counts and extremes, so all processes decide
+        alike.
+        """
+        count, nonfinite = layer.estimator.counts(state)
         metrics[tag("nonfinite", layer.name)] = float(nonfinite)
         if nonfinite > 0:
-            layer.skipped += 1
-            if layer.skipped == 1 and self.rank == 0:  # once per layer: long runs must not flood
-                warnings.warn(
-                    f"ActivationOptimizer: layer {layer.name!r} saw {nonfinite} NaN/Inf pre-activation "
-                    f"value(s) in the window before step {self.global_step}; it is not updated then. "
-                    f"Training continues; later occurrences are only counted in "
-                    f"{tag('nonfinite', layer.name)}.",
-                    stacklevel=3,
-                )
-            layer.estimator.reset()
+            return self._skip(layer, "nonfinite", f"saw {nonfinite} NaN/Inf pre-activation value(s) in the window")
+        if count == 0 or ends is None:  # the layer did not run during the window
             return None
-        if density is None:  # the layer did not run during the window
-            return None
-        # What follows is O(bins) work on a small grid: the host beats kernel launches.
-        density = density.to("cpu")
+        low, high = -float(ends[0]), float(ends[1])
+        if high - low <= _MIN_SPREAD * max(1.0, abs(low), abs(high)):
+            return self._skip(
+                layer, "constant",
+                f"had a constant input in the window (all values in [{low:.6g}, {high:.6g}]), which has no "
+                "density to measure",
+            )
+        bad = _nonfinite_tensors(layer.module)
+        if bad:
+            return self._skip(
+                layer, "parameters",
+                f"has non-finite parameters/buffers {bad} while its input is finite; look at training "
+                "(learning rate, loss scale) rather than the data",
+            )
+        saved = {k: v.detach().clone() for k, v in layer.module.state_dict().items()}
+        try:
+            density = layer.estimator.compute_from(state.cpu())
+            figures: dict[str, float] = {}
+            used = self._measure(layer, density, ends, figures)
+            if used is not None and layer.dynamic:
+                bad = _nonfinite_tensors(layer.module)
+                if bad:
+                    raise _Skip("update", f"got non-finite {bad} from its update (undone)")
+                if _overflows(layer.module, layer.in_dtype):
+                    raise _Skip(
+                        "overflow",
+                        f"would overflow its {layer.in_dtype} input's range (|f(x)| > "
+                        f"{torch.finfo(layer.in_dtype).max:.5g} for a finite x) after its update (undone)",
+                    )
+        except _Skip as skip:
+            _restore(layer.module, saved)
+            return self._skip(layer, skip.reason, skip.message)
+        except (ArithmeticError, ValueError, RuntimeError, TypeError, IndexError) as err:
+            # The numerics could not handle this window (e.g. a range they cannot resolve):
+            # undo whatever got half-way and go on; the warning carries the error.
+            _restore(layer.module, saved)
+            return self._skip(layer, type(err).__name__, f"raised {type(err).__name__} in its update (undone): {err}")
+        metrics.update(figures)
+        return used
+
+    def _measure(self, layer: _Layer, density: Density, ends: torch.Tensor, metrics: dict[str, float]) -> Optional[Density]:
+        """Grid upkeep, the update of a dynamic layer and its figures (the part that may raise)."""
         if density.outside > self.max_outside:
             # The data reach beyond the grid: re-measure on a grid that covers them first.
             metrics[tag("outside", layer.name)] = density.outside
             layer.estimator = self._new_estimator(*_covering(density, ends))
             return None
         q_lo, q_hi = density.quantile(_Q_LO), density.quantile(_Q_HI)
+        # Quantiles are resolved to a bin; the extremes seen bound them exactly, so a grid left
+        # far too wide by huge values fits the data again in one window, not in many.
+        fit_lo = min(max(q_lo, -float(ends[0])), float(ends[1]))
+        fit_hi = max(min(q_hi, float(ends[1])), fit_lo)
+        if fit_hi - fit_lo <= _MIN_SPREAD * max(1.0, abs(fit_lo), abs(fit_hi)):
+            # Nearly all the mass at one value (a few outliers aside): no grid resolves it.
+            raise _Skip("constant", f"had nearly all its input at {fit_lo:.6g}, which has no density to measure")
         coarse = q_hi - q_lo < _MIN_FILL * (density.hi - density.lo)
-        record = self._apply(layer.module, density, q_hi - q_lo) if layer.dynamic and not coarse else None
-        metrics.update(self._layer_metrics(layer, density, record))
+        # The next window's grid is settled first, so that it follows the data even when what
+        # comes next raises and the update is skipped.
         if coarse:  # too few bins on the data: re-measure on a grid fitted to them
-            layer.estimator = self._new_estimator(*around(q_lo, q_hi))
+            layer.estimator = self._new_estimator(*around(fit_lo, fit_hi))
         else:
             layer.estimator.reset()
+        record = self._apply(layer.module, density, q_hi - q_lo) if layer.dynamic and not coarse else None
+        metrics.update(self._layer_metrics(layer, density, record))
         return density
+
+    def _skip(self, layer: _Layer, reason: str, message: str) -> None:
+        """Count a skipped update of ``layer``, warn once per reason, start its next window."""
+        layer.skips[reason] = layer.skips.get(reason, 0) + 1
+        layer.estimator.reset()
+        if layer.skips[reason] == 1 and self.rank == 0:  # a week-long run must not flood the log
+            warnings.warn(
+                f"ActivationOptimizer: layer {layer.name!r} {message}; it is not updated at step "
+                f"{self.global_step}. Training continues; later skips for this reason are only "
+                f"counted in {tag('skipped', layer.name)}.",
+                stacklevel=4,
+            )
+        return None
 
     def _apply(self, act: EAFOActivation, density: Density, spread: float) -> dict:
         """Re-place the spline's grid if the data left or hardly fill it, then update it."""
         if act.outside_mass(density) > self.max_outside or spread < _MIN_FILL * (float(act.hi) - float(act.lo)):
-            act.place_grid(density)
+            try:
+                act.place_grid(density)
+            except ValueError as err:
+                # float16 overflows past 65504 and bfloat16 rounds neighbouring ends together.
+                raise _Skip(
+                    "grid",
+                    f"cannot place its grid around the data (about {density.quantile(_Q_LO):.6g} to "
+                    f"{density.quantile(_Q_HI):.6g}) in its {act.lo.dtype} buffers ({err})",
+                ) from None
         return act.update(density, mode=self.mode, eta=self.eta)
 
     def _layer_metrics(self, layer: _Layer, density: Density, record: Optional[dict]) -> dict[str, float]:
@@ -470,11 +572,13 @@ def validate_options(
         raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
     if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta > 0):
         raise ValueError(f"eta must be a finite number > 0 (the iterate step size), got eta={eta!r}")
+    if isinstance(bins, bool) or not isinstance(bins, int) or not MIN_BINS <= bins <= _MAX_BINS:
+        raise ValueError(f"bins must be an int in [{MIN_BINS}, {_MAX_BINS}], got bins={bins!r}")
     try:
         lo, hi, bins = check_grid(*tuple(init_range), bins)
     except (TypeError, ValueError) as err:
         raise ValueError(f"init_range and bins: {err} (got init_range={init_range!r}, bins={bins!r})") from None
-    sample_size = _positive_int("sample_size", sample_size)
+    sample_size = _positive_int("sample_size", sample_size, _MAX_SAMPLE)
     window = min(every_n_steps, 20) if window is None else window
     if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= every_n_steps:
         raise ValueError(
@@ -483,6 +587,8 @@ def validate_options(
         )
     if not (isinstance(max_outside, (int, float)) and 0 < max_outside < 1):
         raise ValueError(f"max_outside must be a fraction in (0, 1), got max_outside={max_outside!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, 2**62], got seed={seed!r}")
     return dict(
         every_n_steps=every_n_steps, estimator=estimator, mode=mode, eta=float(eta), bins=bins,
         sample_size=sample_size, window=window, convert=convert_types(convert), init_range=(lo, hi),
@@ -490,9 +596,10 @@ def validate_options(
     )
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+def _positive_int(name: str, value: Any, most: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (most is not None and value > most):
+        bound = "" if most is None else f" in [1, {most}]"
+        raise ValueError(f"{name} must be a positive int{bound}, got {name}={value!r}")
     return value
 
 
@@ -528,3 +635,53 @@ def _covering(density: Density, ends: Optional[torch.Tensor]) -> tuple[float, fl
         return lo - (hi - lo), hi + (hi - lo)
     lo, hi = min(lo, -float(ends[0])), max(hi, float(ends[1]))
     return lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)
+
+
+def _reduce_windows(layers: list[_Layer]) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
+    """Every layer's estimator counts summed across processes and its ``[-min, max]`` maxed,
+    in one ``all_reduce`` (:func:`dynact.density.sum_states`). Returns the summed states and the
+    extremes (CPU; None for layers without a finite value on any process)."""
+    if not layers:
+        return [], []
+    ends = torch.stack([
+        torch.full((2,), -math.inf) if layer.extrema is None else layer.extrema.detach().float().cpu()
+        for layer in layers
+    ])
+    states, extremes = sum_states([layer.estimator for layer in layers], ends)
+    return states, [row if bool(torch.isfinite(row).all()) else None for row in extremes]
+
+
+class _Skip(Exception):
+    """An update that cannot be made sensibly; ``reason`` keys the warning and the count."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+def _overflows(act: EAFOActivation, dtype: torch.dtype) -> bool:
+    """Whether ``act`` gives a non-finite output for some finite input of ``dtype``.
+
+    The correction is piecewise linear and zero beyond the grid, so next to a monotone base the
+    output's extremes are at the knots or at the ends of the dtype's range: evaluating there
+    decides it (in ``dtype``, as the forward pass computes it).
+    """
+    big = torch.finfo(dtype).max
+    x = act.knot_positions(torch.float64).clamp(-big, big)
+    x = torch.cat([x, x.new_tensor([-big, big])]).to(dtype)
+    with torch.no_grad():
+        return not bool(torch.isfinite(act(x)).all())
+
+
+def _nonfinite_tensors(module: nn.Module) -> list[str]:
+    """Names of the module's floating parameters and buffers holding NaN/Inf."""
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+
+
+def _restore(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put back a state taken with ``state_dict`` (in place: parameters stay the same objects)."""
+    with torch.no_grad():
+        for name, value in module.state_dict().items():
+            if not torch.equal(value, saved[name]):
+                value.copy_(saved[name])

@@ -9,21 +9,35 @@ plus how much mass fell outside. It is built from data by the streaming estimato
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-__all__ = ["KDE", "MIN_BINS", "Density", "Histogram", "check_grid"]
+from dynact.distributed import collective_device, is_distributed, single_thread
+
+__all__ = ["KDE", "MAX_BINS", "MIN_BINS", "Density", "Histogram", "check_grid", "sum_states"]
 
 #: Fewest bins any grid may have: derivatives and entropies need some resolution.
 MIN_BINS = 8
+#: Most bins a grid may have (2**24): beyond it one ``compute`` costs seconds and gigabytes.
+MAX_BINS = 2**24
+#: Largest ``|lo|``, ``|hi|`` of a grid. Float32 data stay below 3.4e38; past 1e100 the
+#: squares and cubes of bin widths that the estimators form would overflow.
+MAX_ABS = 1e100
+#: Narrowest bin, absolute and relative to ``max(|lo|, |hi|)``: below them bin widths
+#: underflow when squared, or neighbouring grid points round to the same float64.
+MIN_STEP = 1e-100
+MIN_REL_STEP = 1e-12
 
 
 def check_grid(lo: float, hi: float, bins: int) -> tuple[float, float, int]:
-    """Validate a grid specification; raise ``ValueError`` naming the bad argument."""
+    """Validate a grid specification; raise ``ValueError`` naming the bad argument.
+
+    Valid: ``-1e100 <= lo < hi <= 1e100``, ``8 <= bins <= 2**24`` and a bin width
+    ``(hi - lo) / bins`` of at least ``1e-100`` and of ``1e-12 * max(|lo|, |hi|)``.
+    """
     try:
         lo_f, hi_f = float(lo), float(hi)
     except (TypeError, ValueError):
@@ -32,8 +46,18 @@ def check_grid(lo: float, hi: float, bins: int) -> tuple[float, float, int]:
         raise ValueError(f"lo and hi must be finite, got lo={lo!r}, hi={hi!r}")
     if lo_f >= hi_f:
         raise ValueError(f"lo must be below hi, got lo={lo!r} >= hi={hi!r}; swap them or widen the range")
-    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or int(bins) < MIN_BINS:
-        raise ValueError(f"bins must be an integer >= {MIN_BINS}, got bins={bins!r}")
+    if max(abs(lo_f), abs(hi_f)) > MAX_ABS:
+        raise ValueError(f"lo and hi must lie in [-{MAX_ABS:g}, {MAX_ABS:g}], got lo={lo!r}, hi={hi!r}")
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or not MIN_BINS <= int(bins) <= MAX_BINS:
+        raise ValueError(f"bins must be an integer in [{MIN_BINS}, {MAX_BINS}], got bins={bins!r}")
+    step = (hi_f - lo_f) / int(bins)
+    least = max(MIN_STEP, MIN_REL_STEP * max(abs(lo_f), abs(hi_f)))
+    if not step >= least:
+        raise ValueError(
+            f"the bin width (hi - lo) / bins = {step:.3g} is below {least:.3g} (at least {MIN_STEP:g} and "
+            f"{MIN_REL_STEP:g} * max(|lo|, |hi|)), got lo={lo!r}, hi={hi!r}, bins={bins!r}; widen [lo, hi] "
+            "or use fewer bins"
+        )
     return lo_f, hi_f, int(bins)
 
 
@@ -324,6 +348,8 @@ class _BinnedEstimator:
             x = torch.as_tensor(x)
         if x.is_complex():
             raise ValueError(f"x must be real, got dtype {x.dtype}")
+        if x.device.type == "meta":  # no values: binning it would move the state to meta for good
+            raise ValueError("x is on the meta device and holds no values; update with real data")
         x = x.detach().reshape(-1)
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()
@@ -334,7 +360,7 @@ class _BinnedEstimator:
         if x.numel() == 0:
             return
         chunk = _CHUNK_CPU if x.device.type == "cpu" else _CHUNK_OTHER
-        with _single_thread(x.device):
+        with single_thread(x.device):
             acc = torch.zeros(self._acc_shape(), dtype=torch.float64, device=x.device)
             counters = torch.zeros(_N_COUNTERS, dtype=torch.float64, device=x.device)
             for part in x.split(chunk):
@@ -369,6 +395,40 @@ class _BinnedEstimator:
             RuntimeError: no finite value has been seen (on any process, when syncing).
         """
         state = self._synced_state() if _want_sync(sync, self.process_group) else self._state
+        return self.compute_from(state)
+
+    @property
+    def additive_state(self) -> torch.Tensor:
+        """The local additive state (counts), a float64 tensor of :attr:`state_size` values.
+
+        The states of several processes (or estimators with the same grid) add up: their sum,
+        passed to :meth:`compute_from`, is the estimate of all their values together. Lets a
+        caller pack many estimators into one ``all_reduce``. Do not modify it in place.
+        """
+        return self._state
+
+    @property
+    def state_size(self) -> int:
+        """Number of values in :attr:`additive_state`."""
+        return int(self._state.numel())
+
+    def counts(self, state: torch.Tensor | None = None) -> tuple[int, int]:
+        """``(finite values, NaN/Inf values)`` behind ``state`` (default: the local state)."""
+        state = self._state if state is None else state
+        return int(round(float(self._total(state)))), int(state[-_N_COUNTERS + _NONFINITE])
+
+    @torch.no_grad()
+    def compute_from(self, state: torch.Tensor) -> Density:
+        """The density estimate from an additive state (e.g. a sum of processes' states).
+
+        ``outside`` is everything not on the grid: the values counted beyond it plus what the
+        kernel spreads past its ends, so ``sum(p) * h + outside == 1`` always.
+
+        Raises:
+            RuntimeError: ``state`` holds no finite value.
+        """
+        if state.shape != self._state.shape:
+            raise ValueError(f"state must have shape {tuple(self._state.shape)}, got {tuple(state.shape)}")
         total = float(self._total(state))
         counters = state[-_N_COUNTERS:].tolist()
         if total <= 0:
@@ -377,12 +437,14 @@ class _BinnedEstimator:
                 f"update() ({int(counters[_NONFINITE])} NaN/Inf values were dropped); "
                 "call update(x) with finite values first"
             )
-        with _single_thread(state.device):
+        with single_thread(state.device):
             p, dp, bw = self._finish(state[: -_N_COUNTERS], counters, total)
         self.last_bandwidths = bw
         h = self.step
         grid = self.lo + h * (torch.arange(self.bins, dtype=torch.float64, device=state.device) + 0.5)
-        outside = (counters[_BELOW] + counters[_ABOVE]) / total
+        # The kernel may carry mass past the grid's ends (values at or near them, or a wide
+        # bandwidth): count it as outside too, so the masses always add up to one.
+        outside = max((counters[_BELOW] + counters[_ABOVE]) / total, 1.0 - float(p.sum()) * h)
         return Density(
             grid=grid,
             p=p,
@@ -433,9 +495,7 @@ class _BinnedEstimator:
     def _synced_state(self) -> torch.Tensor:
         import torch.distributed as dist
 
-        buf = self._state.clone()
-        if dist.get_backend(self.process_group) == "nccl" and buf.device.type != "cuda":
-            buf = buf.to(torch.device("cuda", torch.cuda.current_device()))
+        buf = self._state.to(collective_device(self.process_group), copy=True)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.process_group)
         return buf.to(self._state.device)
 
@@ -564,8 +624,8 @@ class KDE(_BinnedEstimator):
     ``dp_bandwidth="silverman"`` / ``"scott"`` gives the normal-reference width
     ``1.03 s N^(-1/11)`` with that rule's scale ``s``. Both widths are floored at 2 bins
     (a constant input gets a narrow bump, not a NaN). Mass that the kernel spreads beyond
-    ``[lo, hi]`` is not on the grid, so ``sum(p) h`` can fall slightly short of
-    ``1 - outside`` when data sit near the ends.
+    ``[lo, hi]`` is not on the grid and is counted in ``outside``, so ``sum(p) h`` and
+    ``outside`` always add up to one.
 
     State: float64 node weights plus [below, above, nonfinite] counters. Linear-binning
     fractions are rounded to 2**-16 bin, which makes every sum exact: ``update`` calls and
@@ -637,6 +697,55 @@ class KDE(_BinnedEstimator):
         return p, dp, (bw, dp_bw)
 
 
+def sum_states(
+    estimators: list["_BinnedEstimator"],
+    maxima: torch.Tensor | None = None,
+    sync: bool | None = None,
+    group: Any = None,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Many estimators' states summed across processes, and per-row maxima maxed, in one collective.
+
+    Each estimator's :meth:`~_BinnedEstimator.compute` would reduce on its own (one
+    ``all_reduce`` per estimator); this packs all of them into one buffer. Maxima are not
+    additive, but a MAX over processes is a SUM of one-hot rows: rank ``r`` writes its maxima
+    into slot ``r`` of a ``(world, *maxima.shape)`` block of zeros, the SUM gathers every
+    rank's slot, and each rank takes the max over slots (exact, ``-inf`` allowed). The block
+    adds ``world * maxima.numel()`` numbers to the message.
+
+    Args:
+        estimators: the estimators (any mix of kinds and grids).
+        maxima: optional float tensor (e.g. ``(len(estimators), 2)`` extremes) to MAX.
+        sync: reduce across processes; ``None``: when ``torch.distributed`` is initialised with
+            more than one process (as :meth:`~_BinnedEstimator.compute`).
+        group: the process group (``None``: the world).
+
+    Returns:
+        The summed states (CPU, float64; pass each to its estimator's
+        :meth:`~_BinnedEstimator.compute_from`) and the maxima (CPU, float64, or None).
+    """
+    import torch.distributed as dist
+
+    distributed = _want_sync(sync, group)
+    world, rank = (dist.get_world_size(group), dist.get_rank(group)) if distributed else (1, 0)
+    device = collective_device(group) if distributed else torch.device("cpu")
+    parts = [est.additive_state.to(device=device, dtype=torch.float64) for est in estimators]
+    block = None
+    if maxima is not None:
+        # float64 holds float32 values exactly, and 0 + (-inf) stays -inf in the sum.
+        block = torch.zeros((world, *maxima.shape), dtype=torch.float64, device=device)
+        block[rank] = maxima.to(device=device, dtype=torch.float64)
+        parts.append(block.reshape(-1))
+    if not parts:
+        return [], None
+    buf = torch.cat(parts)
+    if distributed:
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    pieces = list(buf.cpu().split([p.numel() for p in parts]))
+    if block is None:
+        return pieces, None
+    return pieces[:-1], pieces[-1].view(block.shape).amax(dim=0)
+
+
 # ---------------------------------------------------------------------------- helpers
 def _check_bandwidth(value: Any, name: str, allow_none: bool) -> str | float | None:
     accepted = f"{' or '.join(repr(r) for r in _BANDWIDTH_RULES)} or a positive float"
@@ -693,10 +802,11 @@ def _plug_in_dp_width(nodes: torch.Tensor, total: float, scale: float, h: float)
     """
     rule = _DP_RULE_FACTOR * scale * total ** (-1 / 11)
     pilot = max(_PILOT_FACTOR * scale * total ** (-1 / 13), _PILOT_MIN_BINS * h)
-    psi10 = float((nodes * _convolve(nodes, [(pilot / h, 10)])[0]).sum()) / (total**2 * h**11)
+    # In bin units (psi_10 scales as h**-11): h**11 over- or underflows for grids far from unit scale.
+    psi10 = float((nodes * _convolve(nodes, [(pilot / h, 10)])[0]).sum()) / total**2
     if not math.isfinite(psi10) or psi10 >= 0:
         return rule
-    return (_DP_AMISE / (-psi10 * total)) ** (1 / 11)
+    return h * (_DP_AMISE / (-psi10 * total)) ** (1 / 11)
 
 
 def _locate(x: torch.Tensor, lo: float, hi: float, bins: int):
@@ -757,30 +867,8 @@ def _convolve(m: torch.Tensor, kernels: list[tuple[float, int]]) -> torch.Tensor
 def _want_sync(sync: bool | None, group: Any) -> bool:
     import torch.distributed as dist
 
-    ready = dist.is_available() and dist.is_initialized()
     if sync is None:
-        return ready and dist.get_world_size(group) > 1
-    if sync and not ready:
+        return is_distributed(group)
+    if sync and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("compute(sync=True) needs an initialised torch.distributed process group")
     return bool(sync)
-
-
-@contextmanager
-def _single_thread(device: torch.device) -> Iterator[None]:
-    """Run torch CPU ops with one intra-op thread inside the block (no-op elsewhere).
-
-    Both ``update`` (chunks of at most 2**18 values) and ``compute`` (O(bins) work) are
-    too small for torch's intra-op threads to pay off, and on a busy machine waking them
-    costs milliseconds per op. Measured on 2 shared cores, median of 15: updating with
-    1e4 values took 40 ms with 2 threads against 0.25 ms with 1; 1e5 values 14-370 ms
-    against 0.5-1.6 ms; a 514-value exp or irfft 4-8 ms against 5 us. Switching the
-    thread count costs under a microsecond.
-    """
-    saved = torch.get_num_threads() if device.type == "cpu" else 1
-    if saved != 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if saved != 1:
-            torch.set_num_threads(saved)

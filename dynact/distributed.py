@@ -6,14 +6,13 @@ because a front door may need them too.
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "collective_device", "all_reduce_max", "single_thread"]
+__all__ = ["is_distributed", "collective_device", "single_thread"]
 
 
 def is_distributed(group: Any = None) -> bool:
@@ -26,22 +25,6 @@ def collective_device(group: Any = None) -> torch.device:
     if is_distributed(group) and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def all_reduce_max(values: list[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
-    """Element-wise MAX of each entry's ``[-min, max]`` pair across processes, in one collective.
-
-    ``None`` entries (nothing finite seen here) take part as ``-inf``; an entry that is not
-    finite everywhere after the reduction comes back as ``None``. Results are on the CPU.
-    """
-    if not values:
-        return []
-    device = collective_device()
-    empty = torch.full((2,), -math.inf, dtype=torch.float32, device=device)
-    stacked = torch.stack([empty if v is None else v.to(device=device, dtype=torch.float32) for v in values])
-    if is_distributed():
-        dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
-    return [row.cpu() if bool(torch.isfinite(row).all()) else None for row in stacked]
 
 
 @contextmanager

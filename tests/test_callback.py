@@ -125,7 +125,7 @@ def _dynamic_state(model: nn.Module) -> dict[str, torch.Tensor]:
         ({"estimator": "gmm"}, "estimator", "('kde', 'hist')"),
         ({"mode": "train"}, "mode", "('refresh', 'iterate', 'monitor')"),
         ({"eta": -0.1}, "eta", "> 0"),
-        ({"bins": 4}, "bins", ">= 8"),
+        ({"bins": 4}, "bins", "[8, 65536]"),
         ({"sample_size": 0}, "sample_size", "positive int"),
         ({"every_n_steps": 10, "window": 11}, "window", "[1, every_n_steps=10]"),
         ({"convert": (nn.Linear,)}, "convert", "relu (torch.nn.modules.activation.ReLU)"),

@@ -14,7 +14,8 @@ from typing import Any, Iterable, Literal, Optional, Union
 import torch
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -69,6 +70,7 @@ class EAFOCallback(Callback):
     ``update_size/<layer>``             largest change of the activation (dynamic layers)
     ``accepted/<layer>``                1 if the update was applied, else 0 (dynamic layers)
     ``nonfinite/<layer>``               NaN/Inf values sampled in the window
+    ``skipped/<layer>``                 running count of the layer's skipped updates
     ``preact/<layer>``                  TensorBoard histogram of the input
     ``curve/<layer>``                   TensorBoard figure: activation over its input density
     ==================================  ==========================================================
@@ -77,8 +79,25 @@ class EAFOCallback(Callback):
 
     Scalars go to every Lightning logger with the trainer's ``global_step``; histograms and
     figures only to ``TensorBoardLogger`` (none is needed: ``CSVLogger`` and ``logger=False``
-    work). A layer whose window held NaN/Inf values is not updated that time (a warning says
-    so and ``nonfinite/<layer>`` counts them); everything else proceeds.
+    work).
+
+    Skips: a layer whose update cannot be made sensibly is skipped for that update: its
+    window held NaN/Inf values (``nonfinite/<layer>`` counts them), its input was constant
+    (spanning less than ``3e-4 * max(1, |x|)``), its own parameters (``eps``) are not finite,
+    its grid cannot be stored in the activation's dtype (float16 beyond 65504, bfloat16's
+    coarse steps), the updated activation would overflow the input's dtype for a finite input,
+    or the update's numerics raised. Nothing of that layer changes (its
+    activation is restored if the update got half-way), one warning per layer and reason names
+    it, ``skipped/<layer>`` logs the running count and :attr:`skips` holds the counts by
+    reason; training and every other layer proceed.
+
+    Conversion happens in ``fit`` only (``validate``, ``test`` and ``predict`` neither change
+    nor measure the model) and keeps each module as the new activation's base, settings and
+    parameters included (:func:`dynact.activations.to_eafo`); an in-place module
+    (``inplace=True``) is switched to out of place. Such a model's checkpoint loads back into a
+    fresh model with ``dynact.activations.convert_like_state_dict`` (``ImageClassifier`` does it
+    by itself), and a checkpoint saved without conversion resumes with it (the corrections
+    start afresh, the optimizer state is matched).
 
     Grids: each estimator starts on ``init_range`` with ``bins`` bins. When a window's data
     spill beyond it (more than ``max_outside`` of the mass) or fill less than 1/8 of it, the
@@ -97,15 +116,16 @@ class EAFOCallback(Callback):
         every_n_steps: optimizer steps between updates.
         estimator: ``"kde"`` (binned Gaussian KDE) or ``"hist"`` (histogram).
         mode: ``"refresh"`` (``s`` = the EAFO correction of the base under the measured
-            density), ``"iterate"`` (guarded EAFO steps of the current activation, size
-            ``eta``) or ``"monitor"`` (measure and log only, never change the model).
+            density), ``"iterate"`` (constrained descent steps on the scale-free entropy,
+            size ``eta``) or ``"monitor"`` (measure and log only, never change the model).
         eta: step size of ``"iterate"`` (ignored by the other modes).
         bins: bins of each estimator's grid.
         sample_size: values sampled per layer per forward pass.
         window: optimizer steps before each update during which the hooks sample
             (``1 <= window <= every_n_steps``); default ``min(every_n_steps, 20)``.
         convert: activation module types (or registry names) to replace by
-            ``EAFOActivation(base=<their name>)`` at setup; ``()`` leaves the model as it is.
+            an ``EAFOActivation`` with the module itself as base, when fit starts; ``()`` leaves the
+            model as it is.
         log_histograms: write TensorBoard histograms of the pre-activations at each update.
         curves_every: write the activation-curve figures at the first update and every this
             many updates after it (a figure costs ~0.1 s); ``0`` turns them off.
@@ -114,6 +134,9 @@ class EAFOCallback(Callback):
         collect_eval: also sample forward passes made in evaluation mode (e.g. validation)
             while a window is open.
         seed: seed of the callback's own sampling generator (offset by the process rank).
+
+    Valid ranges: ``8 <= bins <= 65536``, ``1 <= sample_size <= 2**20``,
+    ``0 <= seed <= 2**62``, ``init_range`` within ``[-1e100, 1e100]``.
 
     Raises:
         ValueError: an argument is out of range; the message names it and the accepted values.
@@ -165,6 +188,11 @@ class EAFOCallback(Callback):
         self.metrics: dict[str, float] = {}
         self._pending = False
         self._restored: Optional[dict[str, Any]] = None
+        # Parameters that conversion added and a resumed checkpoint does not know (see
+        # on_load_checkpoint), and that checkpoint, whose optimizer states must be matched.
+        self._new_params: list[nn.Parameter] = []
+        self._resumed: Optional[dict[str, Any]] = None
+        self._no_figure: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -174,6 +202,14 @@ class EAFOCallback(Callback):
     def layer_names(self) -> list[str]:
         """Qualified names of the hooked activation modules (known once fit has started)."""
         return [] if self.core is None else self.core.layer_names
+
+    @property
+    def skips(self) -> dict[str, dict[str, int]]:
+        """Skipped updates per layer, by reason (``{"net.1": {"nonfinite": 2}}``)."""
+        return {} if self.core is None else self.core.skips
+
+    def _converted_layers(self) -> list[tuple[str, EAFOActivation]]:
+        return [(n, m) for n, m in (self.core.layers.items() if self.core else ()) if isinstance(m, EAFOActivation)]
 
     # ------------------------------------------------------------------ set-up and tear-down
     @override
@@ -245,9 +281,14 @@ class EAFOCallback(Callback):
             if curves:
                 # Zoom on the data: the correction is small next to the base's full range.
                 x = torch.linspace(*around(density.quantile(_Q_LO), density.quantile(_Q_HI)), 400, dtype=torch.float64)
-                y = eafo.derivatives(module, x)[0]
-                base = eafo.derivatives(module.base, x)[0] if isinstance(module, EAFOActivation) else None
-                figure = _curve_figure(f"{name} (step {step})", x, y, density, base)
+                try:
+                    y = eafo.derivatives(module, x)[0]
+                    base = eafo.derivatives(module.base, x)[0] if isinstance(module, EAFOActivation) else None
+                    figure = _curve_figure(f"{name} (step {step})", x, y, density, base)
+                except (ArithmeticError, ValueError, RuntimeError, TypeError) as err:
+                    if name not in self._no_figure:  # once per layer
+                        self._no_figure.add(name)
+                        rank_zero_warn(f"EAFOCallback: no curve figure for layer {name!r} at step {step}: {err}")
             for writer in writers:
                 if self.log_histograms:
                     _log_histogram(writer, tag("preact", name), density, step)
@@ -260,6 +301,36 @@ class EAFOCallback(Callback):
         return {} if self.core is None else self.core.state_dict()
 
     @override
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+        # A checkpoint saved before conversion: the converted layers loaded its base weights (see
+        # dynact.activations.to_eafo) and keep their initial corrections, but their eps
+        # parameters are new to its optimizer states. Match those in on_fit_start, once the
+        # optimizers exist and before Lightning restores them.
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        saved = checkpoint.get("state_dict", {})
+        fresh = [(name, act) for name, act in self._converted_layers() if f"{name}.s" not in saved]
+        if not fresh:
+            return
+        rank_zero_info(
+            f"EAFOCallback: the checkpoint was saved before its activations were converted; "
+            f"{len(fresh)} converted layer(s) took its weights and start with a fresh correction: "
+            f"{', '.join(name for name, _ in fresh)}"
+        )
+        self._new_params = [act.eps for _, act in fresh if isinstance(act.eps, nn.Parameter)]
+        if self._new_params and checkpoint.get("optimizer_states"):
+            self._resumed = checkpoint
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._resumed is None:
+            return
+        states = self._resumed["optimizer_states"]
+        for i, (optimizer, saved) in enumerate(zip(trainer.optimizers, states)):
+            states[i] = _insert_new_params(optimizer, saved, self._new_params)
+        self._resumed, self._new_params = None, []
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning restores callbacks after setup; before it (a manual call), keep the state
         # until setup has built the optimizer.
@@ -270,3 +341,29 @@ class EAFOCallback(Callback):
         else:
             self.core.load_state_dict(state_dict)
 
+
+def _insert_new_params(optimizer: torch.optim.Optimizer, saved: dict[str, Any], new: list[nn.Parameter]) -> dict[str, Any]:
+    """An optimizer state saved without the parameters ``new``, re-indexed for ``optimizer``,
+    which has them (with no state, as fresh parameters have). Left as it is when its groups do
+    not match ``optimizer``'s without ``new`` (then the optimizer's own error says so)."""
+    new_ids = {id(p) for p in new}
+    groups = optimizer.param_groups
+    if len(groups) != len(saved.get("param_groups", [])):
+        return saved
+    state: dict[int, Any] = {}
+    out_groups = []
+    index = 0
+    for group, saved_group in zip(groups, saved["param_groups"]):
+        if sum(id(p) not in new_ids for p in group["params"]) != len(saved_group["params"]):
+            return saved
+        old = iter(saved_group["params"])
+        params = []
+        for p in group["params"]:
+            if id(p) not in new_ids:
+                key = next(old)
+                if key in saved["state"]:
+                    state[index] = saved["state"][key]
+            params.append(index)
+            index += 1
+        out_groups.append({**saved_group, "params": params})
+    return {**saved, "state": state, "param_groups": out_groups}
