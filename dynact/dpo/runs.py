@@ -130,13 +130,16 @@ def _tensorboard(log_dir: Path):
     return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
 
 
-def _layers(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
-    """``{"dead/L": v, ...}`` as ``{L: {"dead": v, ...}}`` for the figures in :data:`LAYER_METRICS`."""
+def _layers(history: list[dict]) -> dict[str, dict[str, float]]:
+    """Each layer's latest figures of :data:`LAYER_METRICS` in a run's log history, as
+    ``{layer: {"dead": v, ...}}``. The latest per layer, not the last update's: an update that
+    re-fits a layer's grid measures nothing for it that time."""
     out: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        name, _, layer = key.partition("/")
-        if name in LAYER_METRICS and layer:
-            out.setdefault(layer, {})[name] = float(value)
+    for row in history:
+        for key, value in row.items():
+            name, _, layer = key.partition("/")
+            if name in LAYER_METRICS and layer and isinstance(value, (int, float)):
+                out.setdefault(layer, {})[name] = float(value)
     return out
 
 
@@ -169,7 +172,7 @@ def run_sft(settings: DPOSettings, prep: Prepared, arm: str, seed: int) -> tuple
     record = {
         "steps": trainer.state.global_step,
         "loss_final": losses[-1] if losses else None,
-        "layers": _layers(eafo.metrics()),
+        "layers": _layers(trainer.state.log_history),
         "accepted_updates": _updates(trainer.state.log_history),
         "params": count_parameters(model),
         "wall_time_s": time.perf_counter() - start,
@@ -221,7 +224,7 @@ def run_dpo(settings: DPOSettings, prep: Prepared, sft_model: torch.nn.Module, a
         **values,
         "eval_curve": curve,
         "train_loss_final": next((row["loss"] for row in reversed(history) if "loss" in row), None),
-        "layers": _layers(eafo.metrics()),
+        "layers": _layers(history),
         "accepted_updates": _updates(history),
         "dynamic": arm == DYNAMIC_ARM,
         "steps": trainer.state.global_step,
