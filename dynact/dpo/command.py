@@ -47,21 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune GPT-2 with SFT then DPO for each activation (arm), beta and seed, and compare the "
         "arms by evaluation reward margin, accuracy and loss (the paper's Table 4). The default (--data offline) "
         "is a 2-minute smoke check on CPU with a tiny random GPT-2; it says nothing about the paper's claim.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", default="offline", help=f"{', '.join(DATASETS)} or a .jsonl file of prompt/chosen/rejected")
     p.add_argument("--model", default=None, help="tiny (random, built in code) or a causal LM name or folder "
                    "(gpt2); default: tiny offline, gpt2 otherwise")
     p.add_argument("--arms", default="gelu,crrelu,eafo", help="activations: gelu (GPT-2's own, the control), eafo "
-                   "(dynamic, GELU base), or any registry name swapped in (crrelu, relu, silu, ...)")
-    p.add_argument("--betas", type=_floats, default=list(PAPER_BETAS), help="DPO penalties, comma-separated, each > 0")
-    p.add_argument("--seeds", type=_seeds, default=[0, 1], help="seeds per arm and beta: 0 .. N-1")
-    p.add_argument("--batch-size", type=int, default=None, help="per device (paper: 32)")
+                   "(dynamic, GELU base), or any registry name swapped in (crrelu, relu, silu, ...); "
+                   "default: gelu,crrelu,eafo")
+    p.add_argument("--betas", type=_floats, default=list(PAPER_BETAS), help="DPO penalties, comma-separated, each > 0 (default: the paper's 0.1,1,2,5)")
+    p.add_argument("--seeds", type=_seeds, default=[0, 1], help="seeds per arm and beta: 0 .. N-1 (default: 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="total batch, split over the processes (paper: 32)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (paper: 5e-7, the DPO reference's)")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (paper: 150)")
-    p.add_argument("--max-grad-norm", type=float, default=10.0)
-    p.add_argument("--max-length", type=int, default=512, help="tokens of prompt + response")
-    p.add_argument("--max-prompt-length", type=int, default=256)
+    p.add_argument("--max-grad-norm", type=float, default=10.0, help="gradient clipping (default: 10, the paper's)")
+    p.add_argument("--max-length", type=int, default=512, help="tokens of prompt + response (default: 512)")
+    p.add_argument("--max-prompt-length", type=int, default=256, help="tokens of a prompt (default: 256)")
     p.add_argument("--truncate-prompts", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the last --max-prompt-length tokens of longer prompts (default: on for hh/shp; "
                    "otherwise a longer prompt is an error)")
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "and measurements (offline 4, else 100)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (offline: 1)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision on GPUs")
-    p.add_argument("--out", default="dpo_out", help="output folder")
+    p.add_argument("--out", default="dpo_out", help="output folder (default: dpo_out)")
     p.add_argument("--resume", action="store_true", help="continue a sweep in --out, skipping finished runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per finished run)")
     return p
@@ -118,6 +118,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"\ninterrupted: {done} finished runs are kept in {settings.out}; continue with:\n  {command} --resume",
               file=sys.stderr)
         return _EXIT_INTERRUPTED
+    if not sweep.is_main_process():
+        return 0
     out = Path(settings.out)
     print(f"report: {out / 'report.md'}  results: {out / 'results.json'}  ({time.perf_counter() - start:.0f} s)")
     failed = [r for r in results["runs"] if r["status"] == "failed"]

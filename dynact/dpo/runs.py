@@ -61,6 +61,7 @@ def prepare(settings: DPOSettings) -> Prepared:
     """
     from datasets import Dataset
 
+    check_batch(settings)
     train, evals = pref_data.load_preferences(settings.data, limit=settings.limit)
     if settings.eval_rows is not None:
         evals = evals[: settings.eval_rows]
@@ -83,10 +84,11 @@ def prepare(settings: DPOSettings) -> Prepared:
 def _args(settings: DPOSettings, seed: int, out: Path, steps: Optional[int]) -> dict[str, Any]:
     """TrainingArguments shared by SFT and DPO: the paper's optimiser and schedule."""
     cpu = not torch.cuda.is_available()
+    per_device = settings.batch_size // _world_size()
     return dict(
         output_dir=str(out),
-        per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=settings.batch_size,
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device,
         optim="rmsprop",
         learning_rate=settings.lr,
         # The reference ramps linearly over warmup_steps, then holds the rate.
@@ -110,6 +112,18 @@ def _args(settings: DPOSettings, seed: int, out: Path, steps: Optional[int]) -> 
     )
 
 
+def _world_size() -> int:
+    # Set by ``accelerate launch`` / ``torchrun``; the paper's batch of 32 was split over 2 GPUs.
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def check_batch(settings: DPOSettings) -> None:
+    """``ValueError`` unless the total batch splits evenly over the processes."""
+    world = _world_size()
+    if settings.batch_size % world:
+        raise ValueError(f"--batch-size {settings.batch_size} does not split over {world} processes")
+
+
 def _core_options(settings: DPOSettings, arm: str, seed: int, convert: bool) -> dict[str, Any]:
     plan = arm_plan(arm)
     return {"every_n_steps": settings.every_n_steps, "mode": plan["mode"], "seed": seed,
@@ -123,11 +137,15 @@ def _quiet_printer(trainer) -> None:
     trainer.remove_callback(PrinterCallback)
 
 
-def _tensorboard(log_dir: Path):
+def _tensorboard(log_dir: Path) -> list:
+    """A TensorBoard callback writing to ``log_dir`` (on rank 0; none elsewhere). It goes after
+    the EAFO callback, which adds the per-layer figures to the logs it passes on."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return []
+    return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))]
 
 
 def _layers(history: list[dict]) -> dict[str, dict[str, float]]:
@@ -164,7 +182,7 @@ def run_sft(settings: DPOSettings, prep: Prepared, arm: str, seed: int) -> tuple
     work = out / "work" / f"sft-{arm}-seed{seed}"
     config = SFTConfig(**_args(settings, seed, work, settings.sft_steps))
     trainer = SFTTrainer(model=model, args=config, train_dataset=prep.sft_train, processing_class=prep.tokenizer,
-                         callbacks=[eafo, _tensorboard(out / arm / "sft" / f"seed{seed}")])
+                         callbacks=[eafo, *_tensorboard(out / arm / "sft" / f"seed{seed}")])
     _quiet_printer(trainer)
     start = time.perf_counter()
     trainer.train()
@@ -200,7 +218,7 @@ def run_dpo(settings: DPOSettings, prep: Prepared, sft_model: torch.nn.Module, a
     tb_dir = out / arm / f"beta{beta:g}" / f"seed{seed}"
     trainer = DPOTrainer(model=policy, ref_model=reference, args=config, train_dataset=prep.dpo_train,
                          eval_dataset=prep.dpo_eval, processing_class=prep.tokenizer,
-                         callbacks=[eafo, _tensorboard(tb_dir)])
+                         callbacks=[eafo, *_tensorboard(tb_dir)])
     _quiet_printer(trainer)
     start = time.perf_counter()
     trainer.train()

@@ -44,6 +44,12 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def is_main_process() -> bool:
+    """Rank 0 of an ``accelerate launch`` / ``torchrun`` job (or a single process): the one that
+    writes records, SFT models and the report; every rank trains."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def record_path(out: Path, arm: str, beta: float, seed: int) -> Path:
     return out / _RECORDS / f"{arm}-beta{beta:g}-seed{seed}.json"
 
@@ -63,6 +69,8 @@ def load_records(out: Path) -> dict[tuple[str, float, int], dict]:
 def prepare_out(settings: DPOSettings, resume: bool) -> dict[tuple[str, float, int], dict]:
     """Create ``--out`` and check it against ``--resume``; return the finished records."""
     out = Path(settings.out)
+    if not is_main_process():  # rank 0 checks and writes; the others only read what is done
+        return {k: r for k, r in load_records(out).items() if r.get("status") == "ok"}
     try:
         (out / _RECORDS).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -85,6 +93,11 @@ def prepare_out(settings: DPOSettings, resume: bool) -> dict[tuple[str, float, i
     else:
         atomic_write(saved_path, json.dumps(current, indent=2))
     return {key: rec for key, rec in records.items() if rec.get("status") == "ok"}
+
+
+def _save(out: Path, rec: dict[str, Any]) -> None:
+    if is_main_process():
+        atomic_write(record_path(out, rec["arm"], rec["beta"], rec["seed"]), json.dumps(rec))
 
 
 def _failed(arm: str, beta: float, seed: int, err: BaseException) -> dict[str, Any]:
@@ -110,10 +123,11 @@ def _sft_model(settings: DPOSettings, prep, arm: str, seed: int, say) -> tuple[O
         except Exception:  # a damaged file: train again
             path.unlink(missing_ok=True)
     model, record = runs.run_sft(settings, prep, arm, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model, "record": record}, tmp)
-    os.replace(tmp, path)
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": model, "record": record}, tmp)
+        os.replace(tmp, path)
     say(f"{arm} seed {seed}: SFT {record['steps']} steps, loss {record['loss_final']:.3f} "
         f"({record['wall_time_s']:.1f} s)")
     return model, record
@@ -152,32 +166,35 @@ def run_sweep(settings: DPOSettings, resume: bool = False, progress: bool = True
                     except Exception as err:
                         for beta in pending:
                             rec = _failed(arm, beta, seed, err)
-                            atomic_write(record_path(out, arm, beta, seed), json.dumps(rec))
+                            _save(out, rec)
                             bar.update(1)
                         say(_line(rec))
                         continue
                     for beta in pending:
                         bar.set_postfix_str(f"{arm} beta={beta:g} seed {seed}")
-                        shutil.rmtree(out / arm / f"beta{beta:g}" / f"seed{seed}", ignore_errors=True)
+                        if is_main_process():  # an unfinished attempt's events would overlay this run
+                            shutil.rmtree(out / arm / f"beta{beta:g}" / f"seed{seed}", ignore_errors=True)
                         try:
                             rec = runs.run_dpo(settings, prep, model, arm, beta, seed)
                             rec["sft"] = sft
                         except Exception as err:  # one bad run must not cost the others
                             rec = _failed(arm, beta, seed, err)
-                        atomic_write(record_path(out, arm, beta, seed), json.dumps(rec))
+                        _save(out, rec)
                         if rec["status"] == "ok":
                             records[(arm, beta, seed)] = rec
                         bar.update(1)
                         say(_line(rec))
-                    if all((arm, b, seed) in records for b in settings.betas):
+                    if is_main_process() and all((arm, b, seed) in records for b in settings.betas):
                         runs.sft_path(out, arm, seed).unlink(missing_ok=True)
     except KeyboardInterrupt:
         bar.close()
-        if records:
+        if records and is_main_process():
             dpo_report.write_results(settings, command, records, load_records(out))
         raise
     finally:
         bar.close()
+    if not is_main_process():
+        return {}
     for empty in ("sft", "work"):  # left only when runs are pending
         with contextlib.suppress(OSError):
             (out / empty).rmdir()
