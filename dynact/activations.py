@@ -122,15 +122,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
     "crrelu": CRReLU,
-    "eafo": lambda **kw: _eafo_activation(**kw),
+    # "eafo" (dynact.spline.EAFOActivation) registers itself: spline builds on this module.
 }
-
-
-def _eafo_activation(**kwargs) -> nn.Module:
-    # dynact.spline imports this module, so the dynamic activation is resolved on first use.
-    from dynact.spline import EAFOActivation
-
-    return EAFOActivation(**kwargs)
 
 ActSpec = Union[str, type, Callable[..., nn.Module], nn.Module, None]
 
@@ -141,7 +134,12 @@ def activation_names() -> list[str]:
 
 
 def register_activation(name: str, factory: Callable[..., nn.Module]) -> None:
-    """Add ``factory`` to the registry under ``name`` (lower case); used for ``eafo``."""
+    """Add ``factory`` (a class or a function building an ``nn.Module``) under ``name``.
+
+    Names are lower case. A class registered here is also an activation type: models' modules
+    of that class are found by :func:`find_activations` and measured by the training plugin.
+    ``dynact.spline`` registers ``"eafo"`` this way.
+    """
     _REGISTRY[name.lower()] = factory
 
 
@@ -195,12 +193,8 @@ def make_activation(name: ActSpec, **kwargs) -> nn.Module:
 def activation_types() -> dict[type, str]:
     """Module classes of the registered activations, mapped to their registry names
     (``nn.ReLU -> "relu"``, ..., ``EAFOActivation -> "eafo"``)."""
-    from dynact.spline import EAFOActivation  # spline imports this module
-
     _register_loaded_libraries()
-    kinds = {factory: name for name, factory in _REGISTRY.items() if isinstance(factory, type)}
-    kinds[EAFOActivation] = "eafo"
-    return kinds
+    return {factory: name for name, factory in _REGISTRY.items() if isinstance(factory, type)}
 
 
 def find_activations(model: nn.Module, types: Iterable[type] | None = None) -> list[tuple[str, nn.Module]]:

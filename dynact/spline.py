@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dynact import eafo
-from dynact.activations import ActSpec, make_activation
+from dynact.activations import ActSpec, make_activation, register_activation
 from dynact.density import Density, check_grid
 
 __all__ = ["EAFOActivation", "DEFAULT_KNOTS"]
@@ -545,6 +545,9 @@ def _interp_clamped(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torc
     j = t.floor().long().clamp(0, n - 2)
     w = t - j
     return fp[j] * (1 - w) + fp[j + 1] * w
+
+
+register_activation("eafo", EAFOActivation)
 
 
 def _finite(name: str, value, *, positive: bool = False, nonzero: bool = False) -> float:

@@ -8,7 +8,6 @@ its numbers and its state through the ``Trainer``'s logs and checkpoints.
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from dynact.activations import register_transformers_activations
+from dynact.core import ActivationOptimizer
 
 __all__ = ["EAFOTrainerCallback", "STATE_FILE"]
 
@@ -51,7 +51,7 @@ class EAFOTrainerCallback(TrainerCallback):
       ``checkpoint-<step>/`` :data:`STATE_FILE`; the spline buffers are in the model's
       weights. ``on_train_begin`` of a resumed run (``train(resume_from_checkpoint=...)``)
       loads it back from the checkpoint of the step the ``Trainer`` resumed at.
-    - ``on_train_end``: the hooks are removed (a later ``train()`` builds the core again).
+    - ``on_train_end``: the hooks are removed (a later ``train()`` puts them back).
 
     Args:
         model: the model the ``Trainer`` will train (``None``: taken at ``on_init_end``).
@@ -85,13 +85,12 @@ class EAFOTrainerCallback(TrainerCallback):
     # ------------------------------------------------------------------ the core
     def attach(self, model: nn.Module) -> None:
         """Build the core on ``model`` (converting its activations); once per model."""
-        if self.optimizer is not None and self._model is model and not self._removed:
-            return
-        if self.optimizer is not None and self._model is not model and not self._removed:
+        if self.optimizer is not None:
+            if self._model is model:
+                return
             raise ValueError("EAFOTrainerCallback is attached to another model; use one callback per model")
-        self.optimizer = _core()(model, **self.options)
+        self.optimizer = ActivationOptimizer(model, **self.options)
         self._model = model
-        self._removed = False
 
     @property
     def layer_names(self) -> list[str]:
@@ -112,15 +111,19 @@ class EAFOTrainerCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Optional[nn.Module] = None, **kwargs):
-        if self.optimizer is None or self._removed:
-            self.attach(self._model if self._model is not None else _unwrap(model))
-        if state.global_step > 0:
+        if self.optimizer is None:
+            self.attach(_unwrap(model))
+        self.optimizer.attach()  # hooks again if an earlier train() ended
+        self._removed = False
+        if state.global_step > 0:  # resumed: the Trainer restored its state from this checkpoint
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
             if os.path.isfile(path):
                 self.optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        self.optimizer.set_step(state.global_step)  # counts as the Trainer does, resumed or restarted
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        new = self.optimizer.step() if self.optimizer is not None and not self._removed else {}
+        # The Trainer counted this optimizer step already: global_step is the number done.
+        new = self.optimizer.step(state.global_step) if self.optimizer is not None and not self._removed else {}
         if new:
             self._pending.update(new)
 
@@ -163,52 +166,3 @@ def _unwrap(model: Optional[nn.Module]) -> nn.Module:
             model = inner
     return model
 
-
-def _core():
-    """The core class: :class:`dynact.ActivationOptimizer`, or the interim adapter below."""
-    import dynact
-
-    return getattr(dynact, "ActivationOptimizer", None) or _CallbackCore
-
-
-class _CallbackCore:
-    """Interim core with ``ActivationOptimizer``'s interface, driving the Lightning
-    :class:`~dynact.EAFOCallback` with a stand-in trainer. To be replaced by the core."""
-
-    def __init__(self, model: nn.Module, **options: Any) -> None:
-        from dynact.callbacks import EAFOCallback
-
-        options = {"log_histograms": False, "curves_every": 0, **options}
-        self._cb = EAFOCallback(**options)
-        self._trainer = SimpleNamespace(global_rank=0, global_step=0, loggers=[])
-        if not hasattr(model, "device"):
-            model.device = next(model.parameters()).device
-        self._cb.setup(self._trainer, model, "fit")
-        self._cb._collecting = self._cb._in_window(0)
-
-    @property
-    def layer_names(self) -> list[str]:
-        return self._cb.layer_names
-
-    def step(self) -> dict[str, float]:
-        cb, trainer = self._cb, self._trainer
-        before = cb._num_updates
-        cb.on_before_optimizer_step(trainer, None, None)
-        cb.on_train_batch_end(trainer, None, None, None, 0)
-        trainer.global_step += 1
-        cb._collecting = cb._in_window(trainer.global_step)
-        return dict(cb.metrics) if cb._num_updates > before else {}
-
-    def metrics(self) -> dict[str, float]:
-        return dict(self._cb.metrics)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"callback": self._cb.state_dict(), "step": self._trainer.global_step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._cb.load_state_dict(state["callback"])
-        self._trainer.global_step = int(state["step"])
-        self._cb._collecting = self._cb._in_window(self._trainer.global_step)
-
-    def remove(self) -> None:
-        self._cb.teardown(self._trainer, None, "fit")
