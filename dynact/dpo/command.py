@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps (default: offline 16, else one epoch)")
     p.add_argument("--dpo-steps", type=int, default=None, help="DPO optimizer steps (default: offline 8, else one epoch)")
     p.add_argument("--eval-every", type=int, default=None, help="DPO steps between evaluations")
-    p.add_argument("--eval-rows", type=int, default=None, help="evaluation pairs used (offline 64, hub sets 1024)")
+    p.add_argument("--eval-rows", type=int, default=None, help="evaluation pairs used (offline 64, hub sets 256 as in the DPO reference)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many rows of each split")
     p.add_argument("--every-n-steps", type=int, default=None, help="optimizer steps between activation updates "
                    "and measurements (offline 4, else 100)")
