@@ -253,7 +253,7 @@ def _plot_metrics(results: dict[str, Any], path: Path) -> None:
 def _plot_layers(results: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     settings, summary = results["settings"], results["summary"]
-    figures = ("entropy_scale_free", "dead", "std")
+    figures = ("entropy_scale_free", "log_slope", "std")
     fig, axes = plt.subplots(1, len(figures), figsize=(4.2 * len(figures), 3.6))
     for ax, figure in zip(axes, figures):
         for i, arm in enumerate(settings["arms"]):
