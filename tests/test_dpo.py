@@ -186,6 +186,9 @@ def test_callback_steps_per_optimizer_step_logs_layers_and_resumes_from_checkpoi
     assert (tmp_path / "a" / "checkpoint-2" / STATE_FILE).is_file()
     assert not model.transformer.h[0].mlp.act._forward_pre_hooks  # hooks gone at train end
     full = [model.get_submodule(n).s.clone() for n in callback.layer_names]
+    from dynact.spline import EAFOActivation
+
+    assert not torch.allclose(full[0], EAFOActivation(base="gelu_new").s, atol=1e-4)  # the spline was refreshed
 
     # resumed at step 2: the same run as without the interruption
     model2, callback2 = fresh()
@@ -250,3 +253,14 @@ def test_offline_preferences_are_deterministic_and_well_formed():
     rows = offline_preferences(50)
     assert rows == offline_preferences(50) and check_rows(rows, "offline") == rows
     assert all(r["prompt"].endswith("\n\nAssistant:") and r["chosen"] != r["rejected"] for r in rows)
+
+
+def test_jsonl_in_hh_form_is_read_and_split(tmp_path):
+    from dynact.dpo.data import load_preferences, offline_preferences
+
+    rows = offline_preferences(20, seed=3)
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")  # a blank line is allowed
+    train, evals = load_preferences(str(path), eval_fraction=0.25)
+    assert len(train) == 15 and len(evals) == 5
+    assert sorted(map(json.dumps, train + evals)) == sorted(map(json.dumps, rows))
