@@ -264,3 +264,21 @@ def test_jsonl_in_hh_form_is_read_and_split(tmp_path):
     train, evals = load_preferences(str(path), eval_fraction=0.25)
     assert len(train) == 15 and len(evals) == 5
     assert sorted(map(json.dumps, train + evals)) == sorted(map(json.dumps, rows))
+
+
+def test_callback_without_model_converts_at_trainer_init_before_the_optimizer(tmp_path):
+    from transformers.activations import NewGELUActivation
+
+    from dynact.dpo.models import build_policy, train_tokenizer
+    from dynact.integrations.transformers import EAFOTrainerCallback
+    from dynact.spline import EAFOActivation
+
+    tok = train_tokenizer(["one two three four"] * 4, vocab_size=300)
+    model = build_policy("tiny", "gelu", tok, seed=0)
+    callback = EAFOTrainerCallback(every_n_steps=2, convert=(NewGELUActivation,))
+    trainer = _lm_trainer(model, tmp_path, 1, callback, save=False)
+    act = model.transformer.h[1].mlp.act
+    assert isinstance(act, EAFOActivation) and callback.layer_names == ["transformer.h.0.mlp.act",
+                                                                         "transformer.h.1.mlp.act"]
+    trained = {id(p) for group in trainer.create_optimizer().param_groups for p in group["params"]}
+    assert id(act.eps) in trained  # the new eps is trained

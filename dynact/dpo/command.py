@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Optional
 
@@ -96,6 +97,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(args_in)
+    missing = [m for m in ("transformers", "trl", "datasets", "tokenizers", "accelerate") if find_spec(m) is None]
+    if missing:
+        parser.error(f"needs {', '.join(missing)}: pip install 'dynact[hf]'")
     from dynact.dpo import runs, sweep
 
     start = time.perf_counter()
