@@ -9,10 +9,12 @@ per-layer entropy figures of every arm, and two plots (``metrics_vs_beta.png``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -20,7 +22,7 @@ from typing import Any, Optional, Sequence
 from dynact.dpo.models import CONTROL_ARM
 from dynact.dpo.settings import DPOSettings
 
-__all__ = ["METRICS", "paired", "summarize", "write_report", "write_results"]
+__all__ = ["METRICS", "atomic_write", "paired", "summarize", "write_report", "write_results"]
 
 #: Record key -> label, in Table 4's order.
 METRICS = {"eval_margin": "eval reward margin", "eval_accuracy": "eval accuracy", "eval_loss": "eval loss"}
@@ -29,6 +31,21 @@ LAYER_FIGURES = ("dead", "entropy", "entropy_scale_free", "log_slope", "std")
 _DISPLAY = {"gelu": "GELU", "crrelu": "CRReLU", "eafo": "EAFO (dynamic, GELU base)", "relu": "ReLU"}
 _PNG_METRICS = "metrics_vs_beta.png"
 _PNG_LAYERS = "layers.png"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` so that ``path`` is either the old file or the whole new one, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _mean_std(values: Sequence[float]) -> tuple[Optional[float], Optional[float]]:
@@ -153,8 +170,6 @@ def _layer_order(name: str) -> list:
 
 def write_report(out: str | os.PathLike, results: dict[str, Any]) -> Path:
     """Write ``report.md`` for ``results`` into ``out``."""
-    from dynact.dpo.sweep import atomic_write
-
     out = Path(out)
     settings, env = results["settings"], results["environment"]
     done = [r for r in results["runs"] if r["status"] == "ok"]
@@ -299,8 +314,6 @@ def write_results(settings: DPOSettings, command: str, ok: dict, all_records: di
                   sizes: Optional[dict[str, int]] = None) -> dict[str, Any]:
     """Gather the runs in plan order, summarise, plot, and write ``results.json`` and ``report.md``."""
     from dataclasses import asdict
-
-    from dynact.dpo.sweep import atomic_write
 
     out = Path(settings.out)
     runs = []

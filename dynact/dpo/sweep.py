@@ -21,27 +21,13 @@ import torch
 
 from dynact.dpo import report as dpo_report
 from dynact.dpo import runs
+from dynact.dpo.report import atomic_write
 from dynact.dpo.settings import DPOSettings
 
-__all__ = ["run_sweep", "load_records", "record_path"]
+__all__ = ["is_main_process", "load_records", "record_path", "run_sweep"]
 
 _RECORDS = "runs"
 _SETTINGS_FILE = "settings.json"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` so that ``path`` is either the old file or the whole new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def is_main_process() -> bool:
