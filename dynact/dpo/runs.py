@@ -68,9 +68,16 @@ def prepare(settings: DPOSettings) -> Prepared:
     if settings.model == TINY_MODEL:
         tokenizer = train_tokenizer(r[c] for r in train + evals for c in pref_data.COLUMNS)
     else:
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        try:
+            AutoConfig.from_pretrained(settings.model)
+            tokenizer = AutoTokenizer.from_pretrained(settings.model)
+        except OSError as err:
+            raise ValueError(
+                f"--model {settings.model!r}: could not load it ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                "a hub name needs the internet or the Hugging Face cache; offline, use --model tiny"
+            ) from None
         if tokenizer.pad_token is None:  # GPT-2 has none; it pads with end-of-text, as the reference does
             tokenizer.pad_token = tokenizer.eos_token
     source = settings.data
