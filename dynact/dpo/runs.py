@@ -185,6 +185,10 @@ def run_sft(settings: DPOSettings, prep: Prepared, arm: str, seed: int) -> tuple
 
     out = Path(settings.out)
     model = build_policy(settings.model, arm, prep.tokenizer, seed=seed, n_positions=settings.max_length)
+    # The DPO reference trains without dropout in SFT as in DPO (TRL's DPOTrainer turns it off too).
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     eafo = EAFOTrainerCallback(model, **_core_options(settings, arm, seed, convert=True))
     work = out / "work" / f"sft-{arm}-seed{seed}"
     config = SFTConfig(**_args(settings, seed, work, settings.sft_steps))
