@@ -24,8 +24,7 @@ __all__ = [
     "swap_activations",
     "activation_types",
     "find_activations",
-    "to_eafo",
-    "convert_like_state_dict",
+    "register_transformers_activations",
 ]
 
 
@@ -155,6 +154,7 @@ def resolve_activation(spec: ActSpec) -> Callable[..., nn.Module] | None:
         return None
     if isinstance(spec, str):
         key = spec.strip().lower()
+        _register_loaded_libraries()
         if key not in _REGISTRY:
             raise ValueError(
                 f"unknown activation {spec!r}; choose one of: {', '.join(_REGISTRY)}"
@@ -193,6 +193,7 @@ def make_activation(name: ActSpec, **kwargs) -> nn.Module:
 def activation_types() -> dict[type, str]:
     """Module classes of the registered activations, mapped to their registry names
     (``nn.ReLU -> "relu"``, ..., ``EAFOActivation -> "eafo"``)."""
+    _register_loaded_libraries()
     return {factory: name for name, factory in _REGISTRY.items() if isinstance(factory, type)}
 
 
@@ -279,81 +280,43 @@ def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]
     return replaced
 
 
-# ----------------------------------------------------------------------------- conversion to EAFO
-def to_eafo(module: nn.Module, **kwargs) -> nn.Module:
-    """An :class:`~dynact.EAFOActivation` whose base is ``module`` itself.
+# ----------------------------------------------------------------------------- Hugging Face transformers
+#: transformers' GELU variants, by the name its ``ACT2CLS`` table gives them (``GELUActivation``,
+#: its plain GELU, is ``gelu_hf`` here because ``gelu`` is ``nn.GELU``). Each class computes one
+#: fixed function, so a converted layer keeps it: GPT-2's ``gelu_new`` stays tanh-approximate.
+_TRANSFORMERS_ACTIVATIONS = {
+    "gelu_new": "NewGELUActivation",
+    "gelu_fast": "FastGELUActivation",
+    "quick_gelu": "QuickGELUActivation",
+    "gelu_pytorch_tanh": "GELUTanh",
+    "gelu_accurate": "AccurateGELUActivation",
+    "gelu_hf": "GELUActivation",
+}
 
-    The module keeps its settings and parameters (``ELU(alpha=0.3)``, GELU's
-    ``approximate="tanh"``, a trained PReLU weight: the very ``Parameter``), so at conversion
-    the new activation is the old one plus the initial correction ``eps * s``. The one
-    change: an in-place module (``inplace=True``) is switched to out of place, because the
-    spline reads the input after the base has run. The new module's own buffers follow the
-    module's device.
 
-    A converted activation also loads the state of the module it replaced (a checkpoint saved
-    before conversion): the base takes its parameters and the correction keeps its current
-    (initial) values.
+def register_transformers_activations() -> list[str]:
+    """Add transformers' GELU module classes to the registry; return the names added.
 
-    Args:
-        module: the activation module to wrap (not an ``EAFOActivation``).
-        kwargs: further arguments of ``EAFOActivation`` (``lo``, ``hi``, ``knots``, ``eps``, ...).
-
-    Example:
-        >>> act = to_eafo(nn.ELU(alpha=0.3))
-        >>> act.base
-        ELU(alpha=0.3)
+    After it, :func:`find_activations`, :func:`activation_types` and :func:`swap_activations`
+    see GPT-2's ``NewGELUActivation`` (name ``gelu_new``) and the other variants, so
+    ``swap_activations(gpt2, "gelu_new", "crrelu")`` replaces every MLP activation. It runs by
+    itself once ``transformers.activations`` has been imported (any transformers model imports
+    it); calling it imports transformers. Raises :class:`ImportError` without transformers.
     """
-    from dynact.spline import EAFOActivation  # spline imports this module
+    import transformers.activations as hf
 
-    if isinstance(module, EAFOActivation):
-        raise ValueError("to_eafo: the module is already an EAFOActivation")
-    if getattr(module, "inplace", False) is True:
-        module.inplace = False
-    act = EAFOActivation(base=module, **kwargs)
-    ref = next(iter(list(module.parameters()) + list(module.buffers())), None)
-    if ref is not None:
-        # Only the correction's own tensors move: the base keeps its device and dtype.
-        for name in ("s", "lo", "hi", "eps"):
-            t = getattr(act, name)
-            t.data = t.data.to(ref.device)
-    act.register_load_state_dict_pre_hook(_accept_replaced_state)
-    return act
+    added = []
+    for name, cls_name in _TRANSFORMERS_ACTIVATIONS.items():
+        cls = getattr(hf, cls_name, None)
+        if isinstance(cls, type) and _REGISTRY.get(name) is not cls:
+            register_activation(name, cls)
+            added.append(name)
+    return added
 
 
-def _accept_replaced_state(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-    """Load-state pre-hook of converted activations: a state saved before conversion holds the
-    base's tensors under ``prefix`` (``act.weight``) and no correction; move them under
-    ``base.`` and keep the correction's current values."""
-    if prefix + "s" in state_dict:
-        return  # saved after conversion
-    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "base.")]:
-        state_dict[prefix + "base." + key[len(prefix):]] = state_dict.pop(key)
-    for name in ("eps", "s", "lo", "hi"):
-        state_dict.setdefault(prefix + name, getattr(module, name).detach().clone())
+def _register_loaded_libraries() -> None:
+    # Cheap when nothing is loaded: a dict lookup. Never imports transformers itself.
+    import sys
 
-
-def convert_like_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> list[str]:
-    """Convert the activation modules of ``model`` that ``state_dict`` holds as converted ones.
-
-    A checkpoint of a model whose activations were converted (by ``EAFOCallback`` or
-    :func:`to_eafo`) has ``<layer>.s``, ``<layer>.lo``, ``<layer>.hi`` and ``<layer>.eps``
-    where the freshly built model has a plain activation. This converts each such layer
-    (keeping the module as the base, see :func:`to_eafo`, with the saved grid and knot count),
-    so that ``model.load_state_dict(state_dict)`` then loads. Call it from a
-    ``LightningModule.on_load_checkpoint`` (``ImageClassifier`` does), with ``prefix`` the
-    model's key prefix inside ``state_dict`` if it has one.
-
-    Returns:
-        The qualified names of the converted layers.
-    """
-    done: list[str] = []
-    for name, module in find_activations(model):
-        key = f"{prefix}{name}."
-        s = state_dict.get(key + "s")
-        if s is None or not isinstance(s, torch.Tensor) or type(module).__name__ == "EAFOActivation":
-            continue
-        lo, hi = state_dict.get(key + "lo"), state_dict.get(key + "hi")
-        grid = {} if lo is None or hi is None else {"lo": float(lo), "hi": float(hi)}
-        model.set_submodule(name, to_eafo(module, knots=int(s.numel()), **grid))
-        done.append(name)
-    return done
+    if "transformers.activations" in sys.modules and "gelu_new" not in _REGISTRY:
+        register_transformers_activations()

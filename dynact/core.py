@@ -33,7 +33,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from dynact import activations, eafo
-from dynact.activations import activation_types, find_activations, to_eafo
+from dynact.activations import activation_types, find_activations
+from dynact.conversion import to_eafo
 from dynact.density import KDE, MIN_BINS, Density, Histogram, check_grid, sum_states
 from dynact.distributed import is_distributed, single_thread
 from dynact.spline import EAFOActivation
@@ -148,7 +149,7 @@ class ActivationOptimizer:
     proceeds.
 
     Conversion keeps each converted module as the new activation's base, settings and
-    parameters included (:func:`dynact.activations.to_eafo`); ``mode="monitor"`` converts nothing.
+    parameters included (:func:`dynact.conversion.to_eafo`); ``mode="monitor"`` converts nothing.
 
     Grids: each estimator starts on ``init_range`` with ``bins`` bins. When a window's data
     spill beyond it (more than ``max_outside`` of the mass) or fill less than 1/8 of it, the

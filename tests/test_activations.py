@@ -175,7 +175,7 @@ def test_swap_and_find_leave_the_inside_of_activations_alone():
 
 def test_to_eafo_keeps_the_module_and_loads_state_saved_before_or_after_conversion():
     from dynact import EAFOActivation
-    from dynact.activations import convert_like_state_dict, to_eafo
+    from dynact.conversion import convert_like_state_dict, to_eafo
 
     relu = nn.ReLU(inplace=True)
     act = to_eafo(relu, eps=0.02)

@@ -93,9 +93,9 @@ class EAFOCallback(Callback):
 
     Conversion happens in ``fit`` only (``validate``, ``test`` and ``predict`` neither change
     nor measure the model) and keeps each module as the new activation's base, settings and
-    parameters included (:func:`dynact.activations.to_eafo`); an in-place module
+    parameters included (:func:`dynact.conversion.to_eafo`); an in-place module
     (``inplace=True``) is switched to out of place. Such a model's checkpoint loads back into a
-    fresh model with ``dynact.activations.convert_like_state_dict`` (``ImageClassifier`` does it
+    fresh model with ``dynact.conversion.convert_like_state_dict`` (``ImageClassifier`` does it
     by itself), and a checkpoint saved without conversion resumes with it (the corrections
     start afresh, the optimizer state is matched).
 
@@ -303,7 +303,7 @@ class EAFOCallback(Callback):
     @override
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
         # A checkpoint saved before conversion: the converted layers loaded its base weights (see
-        # dynact.activations.to_eafo) and keep their initial corrections, but their eps
+        # dynact.conversion.to_eafo) and keep their initial corrections, but their eps
         # parameters are new to its optimizer states. Match those in on_fit_start, once the
         # optimizers exist and before Lightning restores them.
         if trainer.state.fn != TrainerFn.FITTING:

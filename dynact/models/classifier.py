@@ -17,7 +17,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from dynact.activations import convert_like_state_dict
+from dynact.conversion import convert_like_state_dict
 from dynact.models.vit import create_model
 
 __all__ = ["ImageClassifier"]
@@ -151,7 +151,7 @@ class ImageClassifier(pl.LightningModule):
         # A checkpoint saved after EAFOCallback converted the activations holds their spline
         # buffers, while the hyper-parameters still name the original activation: convert the
         # same layers (keeping their settings) so that the weights load. A checkpoint saved
-        # before conversion loads into a converted model by itself (see dynact.activations.to_eafo).
+        # before conversion loads into a converted model by itself (see dynact.conversion.to_eafo).
         converted = convert_like_state_dict(self, checkpoint.get("state_dict", {}))
         if converted:
             rank_zero_info(
