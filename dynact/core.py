@@ -33,16 +33,16 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from dynact import activations, eafo
-from dynact.activations import activation_types, find_activations
+from dynact.activations import find_activations
 from dynact.conversion import to_eafo
-from dynact.density import KDE, MIN_BINS, Density, Histogram, check_grid, sum_states
+from dynact.density import Density, sum_states
 from dynact.distributed import is_distributed, single_thread
+from dynact.options import ESTIMATORS, RANK_SEED_STRIDE, validate_options
+from dynact.update_guards import Skip, nonfinite_tensors, overflows, restore
 from dynact.spline import EAFOActivation
 
 __all__ = ["ActivationOptimizer", "LOGGED_STATS", "tag"]
 
-ESTIMATORS = {"kde": KDE, "hist": Histogram}
-MODES = ("refresh", "iterate", "monitor")
 #: Figures of :func:`dynact.eafo.output_stats` reported per layer at each update.
 LOGGED_STATS = ("entropy_in", "dead", "entropy", "entropy_scale_free", "log_slope", "std")
 # Quantiles that bound "the data" when a grid is fitted; the grid adds a margin around them.
@@ -51,16 +51,9 @@ _Q_LO, _Q_HI = 1e-3, 1.0 - 1e-3
 _MIN_FILL = 1.0 / 8.0
 #: Relative margin added on each side of the central mass when a grid is fitted to it.
 _GRID_MARGIN = 0.25
-#: Multiplier separating the sampling seeds of different processes.
-_RANK_SEED_STRIDE = 7919
 # Inputs spanning less than this times max(1, |x|) are treated as constant: even the narrowest
 # grid `around` fits (half-width 1e-3 * max(1, |x|)) would be too coarse for them.
 _MIN_SPREAD = 3e-4
-# Upper bounds of the options: beyond them one update costs seconds and gigabytes.
-_MAX_BINS = 65_536
-_MAX_SAMPLE = 2**20
-# The generator seed is seed + _RANK_SEED_STRIDE * rank and must fit in a signed 64-bit integer.
-_MAX_SEED = 2**62
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
@@ -389,7 +382,7 @@ class ActivationOptimizer:
         gen = self._generators.get(key)
         if gen is None:
             gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed + _RANK_SEED_STRIDE * self.rank)
+            gen.manual_seed(self.seed + RANK_SEED_STRIDE * self.rank)
             self._generators[key] = gen
         return gen
 
@@ -455,7 +448,7 @@ class ActivationOptimizer:
                 f"had a constant input in the window (all values in [{low:.6g}, {high:.6g}]), which has no "
                 "density to measure",
             )
-        bad = _nonfinite_tensors(layer.module)
+        bad = nonfinite_tensors(layer.module)
         if bad:
             return self._skip(
                 layer, "parameters",
@@ -468,22 +461,22 @@ class ActivationOptimizer:
             figures: dict[str, float] = {}
             used = self._measure(layer, density, ends, figures)
             if used is not None and layer.dynamic:
-                bad = _nonfinite_tensors(layer.module)
+                bad = nonfinite_tensors(layer.module)
                 if bad:
-                    raise _Skip("update", f"got non-finite {bad} from its update (undone)")
-                if _overflows(layer.module, layer.in_dtype):
-                    raise _Skip(
+                    raise Skip("update", f"got non-finite {bad} from its update (undone)")
+                if overflows(layer.module, layer.in_dtype):
+                    raise Skip(
                         "overflow",
                         f"would overflow its {layer.in_dtype} input's range (|f(x)| > "
                         f"{torch.finfo(layer.in_dtype).max:.5g} for a finite x) after its update (undone)",
                     )
-        except _Skip as skip:
-            _restore(layer.module, saved)
+        except Skip as skip:
+            restore(layer.module, saved)
             return self._skip(layer, skip.reason, skip.message)
         except (ArithmeticError, ValueError, RuntimeError, TypeError, IndexError) as err:
             # The numerics could not handle this window (e.g. a range they cannot resolve):
             # undo whatever got half-way and go on; the warning carries the error.
-            _restore(layer.module, saved)
+            restore(layer.module, saved)
             return self._skip(layer, type(err).__name__, f"raised {type(err).__name__} in its update (undone): {err}")
         metrics.update(figures)
         return used
@@ -502,7 +495,7 @@ class ActivationOptimizer:
         fit_hi = max(min(q_hi, float(ends[1])), fit_lo)
         if fit_hi - fit_lo <= _MIN_SPREAD * max(1.0, abs(fit_lo), abs(fit_hi)):
             # Nearly all the mass at one value (a few outliers aside): no grid resolves it.
-            raise _Skip("constant", f"had nearly all its input at {fit_lo:.6g}, which has no density to measure")
+            raise Skip("constant", f"had nearly all its input at {fit_lo:.6g}, which has no density to measure")
         coarse = q_hi - q_lo < _MIN_FILL * (density.hi - density.lo)
         # The next window's grid is settled first, so that it follows the data even when what
         # comes next raises and the update is skipped.
@@ -534,7 +527,7 @@ class ActivationOptimizer:
                 act.place_grid(density)
             except ValueError as err:
                 # float16 overflows past 65504 and bfloat16 rounds neighbouring ends together.
-                raise _Skip(
+                raise Skip(
                     "grid",
                     f"cannot place its grid around the data (about {density.quantile(_Q_LO):.6g} to "
                     f"{density.quantile(_Q_HI):.6g}) in its {act.lo.dtype} buffers ({err})",
@@ -560,68 +553,6 @@ class ActivationOptimizer:
 
 
 # ---------------------------------------------------------------------- helpers
-def validate_options(
-    *, every_n_steps, estimator, mode, eta, bins, sample_size, window, convert, init_range, max_outside,
-    collect_eval, seed,
-) -> dict[str, Any]:
-    """Check the optimizer's options; returns them normalised. Shared by every front door so
-    that a bad value fails when the front door is built, with the accepted values named."""
-    every_n_steps = _positive_int("every_n_steps", every_n_steps)
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {tuple(ESTIMATORS)}, got estimator={estimator!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got mode={mode!r}")
-    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta > 0):
-        raise ValueError(f"eta must be a finite number > 0 (the iterate step size), got eta={eta!r}")
-    if isinstance(bins, bool) or not isinstance(bins, int) or not MIN_BINS <= bins <= _MAX_BINS:
-        raise ValueError(f"bins must be an int in [{MIN_BINS}, {_MAX_BINS}], got bins={bins!r}")
-    try:
-        lo, hi, bins = check_grid(*tuple(init_range), bins)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"init_range and bins: {err} (got init_range={init_range!r}, bins={bins!r})") from None
-    sample_size = _positive_int("sample_size", sample_size, _MAX_SAMPLE)
-    window = min(every_n_steps, 20) if window is None else window
-    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= every_n_steps:
-        raise ValueError(
-            f"window must be an int in [1, every_n_steps={every_n_steps}] (or None for "
-            f"min(every_n_steps, 20)), got window={window!r}"
-        )
-    if not (isinstance(max_outside, (int, float)) and 0 < max_outside < 1):
-        raise ValueError(f"max_outside must be a fraction in (0, 1), got max_outside={max_outside!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
-        raise ValueError(f"seed must be an int in [0, 2**62], got seed={seed!r}")
-    return dict(
-        every_n_steps=every_n_steps, estimator=estimator, mode=mode, eta=float(eta), bins=bins,
-        sample_size=sample_size, window=window, convert=convert_types(convert), init_range=(lo, hi),
-        max_outside=float(max_outside), collect_eval=bool(collect_eval), seed=int(seed),
-    )
-
-
-def _positive_int(name: str, value: Any, most: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (most is not None and value > most):
-        bound = "" if most is None else f" in [1, {most}]"
-        raise ValueError(f"{name} must be a positive int{bound}, got {name}={value!r}")
-    return value
-
-
-def convert_types(convert: Iterable[Union[type, str]]) -> tuple[type, ...]:
-    """Activation module types from types or registry names; ``ValueError`` lists the table."""
-    if isinstance(convert, (str, type)):
-        convert = (convert,)
-    registry = activation_types()
-    types: list[type] = []
-    for item in convert:
-        kind = activations.resolve_activation(item) if isinstance(item, str) else item
-        if not (isinstance(kind, type) and kind in registry) or issubclass(kind, EAFOActivation):
-            raise ValueError(
-                f"convert must hold activation module types of the registry (or their names): "
-                f"{', '.join(f'{n} ({t.__module__}.{t.__name__})' for t, n in registry.items())}; "
-                f"got {item!r}. Use convert=() to leave the model's activations as they are."
-            )
-        types.append(kind)
-    return tuple(types)
-
-
 def around(q_lo: float, q_hi: float) -> tuple[float, float]:
     """A grid around the central mass ``[q_lo, q_hi]`` with a margin on each side."""
     pad = max(_GRID_MARGIN * (q_hi - q_lo), 1e-3 * max(1.0, abs(q_lo), abs(q_hi)))  # a constant input too
@@ -650,39 +581,3 @@ def _reduce_windows(layers: list[_Layer]) -> tuple[list[torch.Tensor], list[Opti
     ])
     states, extremes = sum_states([layer.estimator for layer in layers], ends)
     return states, [row if bool(torch.isfinite(row).all()) else None for row in extremes]
-
-
-class _Skip(Exception):
-    """An update that cannot be made sensibly; ``reason`` keys the warning and the count."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason, self.message = reason, message
-
-
-def _overflows(act: EAFOActivation, dtype: torch.dtype) -> bool:
-    """Whether ``act`` gives a non-finite output for some finite input of ``dtype``.
-
-    The correction is piecewise linear and zero beyond the grid, so next to a monotone base the
-    output's extremes are at the knots or at the ends of the dtype's range: evaluating there
-    decides it (in ``dtype``, as the forward pass computes it).
-    """
-    big = torch.finfo(dtype).max
-    x = act.knot_positions(torch.float64).clamp(-big, big)
-    x = torch.cat([x, x.new_tensor([-big, big])]).to(dtype)
-    with torch.no_grad():
-        return not bool(torch.isfinite(act(x)).all())
-
-
-def _nonfinite_tensors(module: nn.Module) -> list[str]:
-    """Names of the module's floating parameters and buffers holding NaN/Inf."""
-    named = list(module.named_parameters()) + list(module.named_buffers())
-    return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
-
-
-def _restore(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    """Put back a state taken with ``state_dict`` (in place: parameters stay the same objects)."""
-    with torch.no_grad():
-        for name, value in module.state_dict().items():
-            if not torch.equal(value, saved[name]):
-                value.copy_(saved[name])

@@ -14,7 +14,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import lightning.pytorch as pl
 import pytest

@@ -21,7 +21,8 @@ from typing_extensions import override
 
 from dynact import eafo
 from dynact.callbacks._logging import _curve_figure, _log_histogram, _log_scalars, _tensorboard_writers
-from dynact.core import ActivationOptimizer, around, tag, validate_options
+from dynact.core import ActivationOptimizer, around, tag
+from dynact.options import validate_options
 from dynact.spline import EAFOActivation
 
 __all__ = ["EAFOCallback"]
