@@ -127,7 +127,7 @@ _RECORDS = "runs"
 _SETTINGS_FILE = "sweep.json"
 _PNG_ACC = "acc_vs_epoch.png"
 _PNG_ENTROPY = "entropy_vs_step.png"
-_ENTROPY_PREFIX = "entropy_out/"
+_ENTROPY_PREFIX = "entropy_scale_free/"
 _EXIT_INTERRUPTED = 130
 
 

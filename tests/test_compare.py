@@ -60,18 +60,19 @@ def test_every_arm_and_seed_is_a_real_tensorboard_run(sweep):
         # every arm logs per-layer output entropy (static ones in monitor mode): one per block,
         # at steps 2, 4, 6, 8
         depth = results["settings"]["model_kwargs"]["model_kwargs"]["depth"]
-        layers = sorted(t for t in scalars if t.startswith("entropy_out/"))
+        # (the pre-logits Tanh is measured too: Tanh is a registry activation)
+        layers = sorted(t for t in scalars if t.startswith("entropy_scale_free/") and ".mlp." in t)
         assert len(layers) == depth
         assert [e.step for e in acc.Scalars(layers[0])] == [2, 4, 6, 8]
-        finals = [acc.Scalars(t)[-1].value for t in layers]
-        assert run["entropy_final_mean"] == pytest.approx(np.mean(finals), rel=1e-6)
+        every = [acc.Scalars(t)[-1].value for t in scalars if t.startswith("entropy_scale_free/")]
+        assert run["entropy_final_mean"] == pytest.approx(np.mean(every), rel=1e-6)
         # only the dynamic arm is updated (and carries a learnable eps per layer)
         updated = any(t.startswith("update_size/") for t in scalars)
         assert updated == (run["arm"] == "eafo")
         assert len(run["eps_final"]) == (depth if run["arm"] == "eafo" else 0)
         record = json.loads((out / "runs" / f"{run['arm']}-seed{run['seed']}.json").read_text())
         assert record["top1_final"] == run["top1_final"]
-        assert sorted(record["entropy_series"]) == sorted(t.split("/", 1)[1] for t in layers)
+        assert {t.split("/", 1)[1] for t in layers} <= set(record["entropy_series"])
 
 
 def test_seeds_pair_arms_and_differ_between_seeds(sweep):
