@@ -349,6 +349,7 @@ import contextlib, torch
 from dynact import _kernels, _triton
 from dynact.spline import EAFOActivation
 torch.cuda.device = lambda device: contextlib.nullcontext()  # the interpreter runs on CPU tensors
+torch.manual_seed(0)
 act = EAFOActivation("relu", eps=0.3)
 with torch.no_grad():
     act.s.mul_(3.0)
@@ -375,7 +376,9 @@ for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 2 ** -7), (torch.floa
     t, k = _triton.crrelu_backward(g, x, eps, True, True), _kernels.crrelu_backward(g, x, eps, True, True)
     pairs_of_results += [(t[0], k[0]), (t[1], k[1])]
     for got, want in pairs_of_results:
-        torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=1e-5)
+        # (0-d results are eps gradients: float32 block sums of 3000 terms against double sums)
+        atol = 1e-4 if got.dim() == 0 else 1e-5
+        torch.testing.assert_close(got.double(), want.double(), rtol=max(tol, 1e-5), atol=atol)
 print("triton kernels ok")
 """
 
