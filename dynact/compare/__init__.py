@@ -18,7 +18,7 @@ measures and accuracy sit side by side), and writes into ``--out``:
 
 Example::
 
-    dynact compare                                    # digits, relu/crrelu/eafo, 10 seeds, CPU
+    dynact compare                                    # digits, relu/crrelu/eafo, 8 seeds, CPU
     dynact compare --task cifar10 --model vit_tiny --arms relu,crrelu,eafo,gelu,elu,prelu,celu,silu,mish \\
         --seeds 3 --epochs 100 --out cifar10_vit_tiny \\
         --data.root data --data.download true --trainer.accelerator gpu --trainer.precision bf16-mixed

@@ -25,6 +25,8 @@ def name(arm: str) -> str:
 def fmt(value: Optional[float], digits: int = 3, sign: bool = False) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
+    if round(value, digits) == 0:
+        value = 0.0  # no "-0.00"
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
