@@ -117,6 +117,9 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "celu": nn.CELU,
     "silu": nn.SiLU,
     "mish": nn.Mish,
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
     "crrelu": CRReLU,
     "eafo": lambda **kw: _eafo_activation(**kw),
 }

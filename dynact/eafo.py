@@ -3,8 +3,8 @@
 Everything here works for any elementwise torch callable ``f`` (a function such as
 ``torch.tanh`` or a module such as :class:`dynact.CRReLU`) and any :class:`~dynact.density.Density`
 (measured by :mod:`dynact.density` estimators or built with ``Density.from_pdf``). Results are
-float64 tensors on ``density.grid`` (entropies are floats, in nats). Section numbers refer to
-``shared/design/eafo-math.md``.
+float64 tensors on ``density.grid`` (entropies are floats, in nats). The formulas are derived
+in ``docs/math.md``; section names below refer to it.
 
 Derivatives of ``f`` come from autograd in float64 at the grid points, never from differences
 on a coarse grid. Modules are evaluated on a float64 copy, without their hooks, so evaluating
@@ -45,7 +45,7 @@ __all__ = [
 
 Activation = Union[Callable[[torch.Tensor], torch.Tensor], nn.Module]
 
-#: Default slope below which an activation counts as flat (section 2b's convention).
+#: Slope below which an activation counts as flat (docs/math.md, "Per-layer measures").
 FLAT_TOL = 1e-8
 #: Most output bins ``output_entropy`` will build; beyond it ``delta`` is too small for the range.
 _MAX_OUTPUT_BINS = 10_000_000
@@ -146,53 +146,111 @@ def _check_density(density: Density) -> Density:
     return density
 
 
-def _correction_from(density: Density, d1: torch.Tensor, d2: torch.Tensor, flat_tol: float) -> torch.Tensor:
-    # Section 2b: c = p' - p f''/f' where f is increasing, c = p' where it is flat.
+def _correction_from(
+    density: Density, d1: torch.Tensor, d2: torch.Tensor, flat_tol: float, taper: float = 0.0
+) -> torch.Tensor:
+    # c = p' - p f''/f' where f rises, c = p' where it is flat (docs/math.md, "The correction").
+    # With a taper kappa > 0, f''/f' becomes f' f'' / (f'^2 + kappa^2): equal where |f'| >> kappa,
+    # smooth and bounded where f' crosses zero (the minimum of GELU, SiLU, Mish).
+    if taper > 0:
+        return density.dp - density.p * d1 * d2 / (d1 * d1 + taper * taper)
     c = density.dp.clone()
     mono = d1 > flat_tol
     c[mono] = density.dp[mono] - density.p[mono] * d2[mono] / d1[mono]
     return c
 
 
-def correction(f: Activation, density: Density, flat_tol: float = FLAT_TOL) -> torch.Tensor:
+def correction(f: Activation, density: Density, flat_tol: float = FLAT_TOL, taper: float = 0.0) -> torch.Tensor:
     """The EAFO correction ``c(x) = p'(x) - p(x) f''(x) / f'(x)`` on ``density.grid``.
 
     Where ``f'(x) <= flat_tol`` (flat or decreasing parts) the ``f''/f'`` term is dropped and
-    ``c = p'`` (eafo-math.md section 2b). A step ``f + eta * c`` with ``eta > 0`` lowers the
-    output entropy to first order. For ReLU and ``p = N(0, 1)``, ``c(x) = -x exp(-x^2/2)/sqrt(2 pi)``.
+    ``c = p'``. A step ``f + eta * c`` with ``eta > 0`` lowers the output entropy to first order
+    on the rising parts. For ReLU and ``p = N(0, 1)``, ``c(x) = -x exp(-x^2/2)/sqrt(2 pi)``.
 
     For activations that are not monotone (GELU, SiLU, Mish have a minimum) the term
-    ``f''/f'`` is singular where ``f'`` crosses zero: the correction is large there, and a step
-    is only guaranteed to lower the entropy on the increasing parts. Keep ``eta`` small, or
-    use an increasing base (ReLU, ELU, CELU, PReLU, CRReLU with small ``eps``).
+    ``f''/f'`` is singular where ``f'`` crosses zero. ``taper = kappa > 0`` replaces it by
+    ``f' f'' / (f'^2 + kappa^2)``, which equals it where ``|f'| >> kappa`` and is bounded
+    (``|f''| / (2 kappa)``) next to the minimum; ``flat_tol`` is then not used. See
+    ``docs/math.md``, "The correction".
 
     Returns:
         ``(B,)`` float64 tensor.
     """
     density = _check_density(density)
+    if not (math.isfinite(float(taper)) and taper >= 0):
+        raise ValueError(f"taper must be a finite number >= 0 (0: no taper), got taper={taper!r}")
     _, d1, d2 = derivatives(f, density.grid)
-    return _correction_from(density, d1, d2, flat_tol)
+    return _correction_from(density, d1, d2, flat_tol, float(taper))
+
+
+#: Tail mass (each side) beyond which method "g" leaves the inverse as it is: the step is
+#: taken, and ``f`` must be invertible and C^1, only where the density has mass.
+G_TAIL = 1e-6
+#: How far ``|f'(x_k+1) - f'(x_k)|`` may exceed ``h * max |f''|`` before it counts as a kink.
+_KINK_SAFETY = 4.0
 
 
 def _kinks(d1: torch.Tensor, d2: torch.Tensor, h: float) -> torch.Tensor:
-    """Grid points where ``f'`` is not smooth: autograd's ``f''`` disagrees with the central
-    difference of ``f'``. For a smooth ``f`` they agree to O(h^2); a kink in ``f`` (ReLU) or a
-    jump in ``f''`` (ELU at 0) makes them differ by O(1) or more."""
-    fd = torch.zeros_like(d2)
-    fd[1:-1] = (d1[2:] - d1[:-2]) / (2 * h)
-    fd[0], fd[-1] = d2[0], d2[-1]
-    tol = 0.05 * (1.0 + float(d2.abs().max()))
-    return (fd - d2).abs() > tol
+    """Grid intervals ``[x_k, x_k+1]`` where ``f'`` jumps, i.e. ``f`` is not C^1 there.
+
+    Where ``f'`` is continuous, ``|f'(x_k+1) - f'(x_k)| = h |f''(xi)|`` for some ``xi`` in the
+    interval, which the larger ``|f''|`` at the two ends bounds up to a safety factor (also when
+    ``f''`` changes sign inside, or jumps, as ELU's does at 0). A jump of ``f'`` (ReLU,
+    leaky ReLU, ELU with ``alpha != 1``) is O(1) while ``h |f''|`` is O(h) at the ends.
+
+    Returns:
+        ``(B - 1,)`` bool tensor, True for intervals that hold a kink.
+    """
+    jump = (d1[1:] - d1[:-1]).abs()
+    bound = h * torch.maximum(d2[1:].abs(), d2[:-1].abs())
+    atol = 1e-9 * (1.0 + float(d1.abs().max()))  # round-off of autograd's f'
+    return jump > _KINK_SAFETY * bound + atol
+
+
+def _unfold(x_new: torch.Tensor, dg: torch.Tensor, eta: float, x: torch.Tensor) -> torch.Tensor:
+    """The moved grid of method "g", made increasing where ``f''`` jumps; else a clear error.
+
+    Where ``f''`` jumps (ELU at 0: from 1 to 0), so does ``dg``, by ``eta p [f''] / f'^2``
+    (0.02 for ELU, N(0, 1), eta 0.05); a downward jump wider than the grid step folds the moved
+    points over one another. The x-step has an upward jump of ``f~`` there; the exact analogue
+    is the increasing rearrangement of the moved inverse (sorting ``x + dg`` against the
+    unchanged ``f(x)``), a steep rise across the fold. A fold spread over several intervals,
+    where ``dg`` falls faster than ``x`` rises on a smooth stretch, is a step too large instead.
+    """
+    fall = torch.diff(x_new) <= 0
+    if not bool(fall.any()):
+        return x_new
+    ddg = torch.diff(dg).abs()
+    neighbour = torch.zeros_like(ddg)
+    neighbour[1:] = ddg[:-1]
+    neighbour[:-1] = torch.maximum(neighbour[:-1], ddg[1:])
+    isolated = ddg > _KINK_SAFETY * neighbour
+    smooth = ~isolated & (torch.diff(dg) < 0)
+    if bool((fall & ~isolated).any()):
+        # On a smooth stretch x + dg rises iff eta * max(-d(dg/eta)/dx) < 1.
+        worst = int(torch.argmax(torch.where(smooth, -torch.diff(dg), torch.zeros_like(ddg))))
+        limit = eta * float(x[1] - x[0]) / float(-(dg[worst + 1] - dg[worst]))
+        raise ValueError(
+            f"eta={eta} is too large for method='g': the moved inverse is no longer increasing near "
+            f"x = {float(x[worst]):.3g} (where dg = -eta (p'/f' - p f''/f'^2) falls steeply); use eta below about "
+            f"{limit:.2g}, or method='x'"
+        )
+    x_new = torch.sort(x_new).values
+    if bool((torch.diff(x_new) <= 0).any()):  # coinciding points: PCHIP needs distinct ones
+        raise ValueError(f"method='g' with eta={eta}: moved points coincide; use a smaller eta or method='x'")
+    return x_new
 
 
 def step(f: Activation, density: Density, eta: float, method: str = "x", flat_tol: float = FLAT_TOL) -> torch.Tensor:
     """One EAFO update of ``f`` with step size ``eta``; the new activation's values on ``density.grid``.
 
-    - ``method="x"`` (section 2b, any activation): ``f~ = f + eta * correction(f, density)``.
-    - ``method="g"`` (section 2a, exact in the inverse): the inverse ``g`` moves by
+    - ``method="x"`` (``docs/math.md``, "The correction"; any activation): ``f~ = f + eta * correction(f, density)``.
+    - ``method="g"`` (exact in the inverse): the inverse ``g`` moves by
       ``dg(f(x)) = -eta * (p'/f' - p f''/f'^2)``; the points ``(x + dg, f(x))`` lie on the new
-      activation, which is resampled onto the grid by monotone (PCHIP) interpolation. Needs a
-      smooth, strictly increasing ``f``; otherwise it raises ``ValueError`` (use ``"x"``).
+      activation, which is resampled onto the grid by monotone (PCHIP) interpolation. Needs
+      ``f`` strictly increasing and C^1 (a continuous slope; ELU with ``alpha=1``, softplus,
+      tanh, sigmoid) where the density has mass, and moves only there (the inverse is left as
+      it is beyond the ``G_TAIL`` quantiles); otherwise it raises ``ValueError`` (use ``"x"``).
 
     The two agree to O(eta^2). Use :class:`Tabulated` to turn the result into a callable.
     """
@@ -207,28 +265,43 @@ def step(f: Activation, density: Density, eta: float, method: str = "x", flat_to
     if method == "x":
         return y + eta * _correction_from(density, d1, d2, flat_tol)
 
-    if bool((d1 <= flat_tol).any()) or bool((torch.diff(y) <= 0).any()):
-        where = x[d1 <= flat_tol]
-        span = f" (flat near x in [{float(where.min()):.3g}, {float(where.max()):.3g}])" if where.numel() else ""
+    # Section 2a moves the inverse g = f^{-1}, which exists and is smooth only where f is
+    # strictly increasing and C^1; that is required, and the step taken, on the density's bulk
+    # (tail mass G_TAIL each side). Beyond it dg = 0: a saturating f (tanh, sigmoid) has
+    # f' ~ 1e-7 or 0 in far tails that hold ~1e-15 of the mass, where p f''/f'^2 is noise.
+    cdf = density.cdf()
+    bulk = (cdf >= G_TAIL) & (cdf <= 1.0 - G_TAIL)
+    if not bool(bulk.any()):
+        raise ValueError("method='g': the density has no bulk on its grid; widen [lo, hi]")
+    pair = bulk[1:] & bulk[:-1]
+    rising = (d1 > flat_tol) | ~bulk
+    if not bool(rising.all()) or bool((torch.diff(y)[pair] <= 0).any()):
+        where = x[~rising]
+        span = f"; it is flat or decreasing on [{float(where.min()):.3g}, {float(where.max()):.3g}]" if where.numel() else ""
         raise ValueError(
-            f"method='g' needs a strictly increasing activation on [{density.lo}, {density.hi}]{span}; "
+            "method='g' needs an activation that is strictly increasing where the density has mass, "
+            f"x in [{float(x[bulk][0]):.3g}, {float(x[bulk][-1]):.3g}]{span}; "
             "use method='x', which works for every activation"
         )
-    kinks = _kinks(d1, d2, density.step)
+    kinks = _kinks(d1, d2, density.step) & pair
     if bool(kinks.any()):
+        k = int(torch.nonzero(kinks)[0])
         raise ValueError(
-            "method='g' needs a smooth activation, but its slope has a kink near x = "
-            f"{float(x[kinks][0]):.3g}; use method='x', which works for every activation"
+            "method='g' needs a C^1 activation (a continuous slope), but its slope jumps between "
+            f"x = {float(x[k]):.3g} and {float(x[k + 1]):.3g} (a kink, as in ReLU or leaky ReLU); "
+            "use method='x', which works for every activation"
         )
-    dg = -eta * (density.dp / d1 - density.p * d2 / d1**2)
-    x_new = x + dg
-    if bool((torch.diff(x_new) <= 0).any()):
-        raise ValueError(
-            f"eta={eta} is too large for method='g': the moved inverse is no longer increasing; "
-            "use a smaller eta or method='x'"
-        )
-    interp = PchipInterpolator(x_new.cpu().numpy(), y.cpu().numpy(), extrapolate=True)
-    return torch.as_tensor(interp(x.cpu().numpy()), dtype=torch.float64, device=x.device)
+    dg = torch.zeros_like(x)
+    dg[bulk] = -eta * (density.dp[bulk] / d1[bulk] - density.p[bulk] * d2[bulk] / d1[bulk] ** 2)
+    x_new = _unfold(x + dg, dg, eta, x)
+    interp = PchipInterpolator(x_new.cpu().numpy(), y.cpu().numpy(), extrapolate=False)
+    out = torch.as_tensor(interp(x.cpu().numpy()), dtype=torch.float64, device=x.device)
+    # Grid points beyond the moved ends: the inverse keeps the end's shift there, so
+    # f~(x) = f(x - dg_end). (A cubic extrapolated over several steps need not be monotone.)
+    for beyond, shift in ((x < x_new[0], dg[0]), (x > x_new[-1], dg[-1])):
+        if bool(beyond.any()):
+            out[beyond] = _evaluate(_as_function(f, x.device), x[beyond] - shift, grad=False)[0]
+    return out
 
 
 # --------------------------------------------------------------------------- entropy
@@ -276,14 +349,20 @@ def _pushforward(fe: torch.Tensor, mass: torch.Tensor, delta: float) -> tuple[to
         cdf = cdf + cum_m[torch.searchsorted(at, edges, right=False)]
     bin_mass = torch.diff(cdf).clamp_min(0)
 
-    mean = float((mass * (a + b) / 2).sum())
-    second = float((mass * (a * a + a * b + b * b) / 3).sum())
-    std = math.sqrt(max(second - mean * mean, 0.0))
+    mean, std = _moments(fe, mass)
     return bin_mass, mean, std
 
 
+def _moments(fe: torch.Tensor, mass: torch.Tensor) -> tuple[float, float]:
+    """Mean and std of ``Y`` when cell ``k``'s mass is uniform on ``[f(e_k), f(e_k+1)]``."""
+    a, b = fe[:-1], fe[1:]
+    mean = float((mass * (a + b) / 2).sum())
+    second = float((mass * (a * a + a * b + b * b) / 3).sum())
+    return mean, math.sqrt(max(second - mean * mean, 0.0))
+
+
 def _discrete_entropy(bin_mass: torch.Tensor, delta: float) -> float:
-    # Section 1: H_delta = -sum P_i log P_i + log delta.
+    # H_delta = -sum P_i log P_i + log delta (docs/math.md, "Why not a binned entropy").
     P = bin_mass / bin_mass.sum()
     P = P[P > 0]
     return float(-(P * torch.log(P)).sum()) + math.log(delta)
@@ -309,7 +388,7 @@ def _cell_masses(density: Density) -> torch.Tensor:
 def output_entropy(f: Activation, density: Density, delta: float | None = None) -> float:
     """Discretised entropy ``H_delta[f(X)]`` (nats) of the activation's output, ``X ~ density``.
 
-    The density is pushed through ``f`` exactly (eafo-math.md section 1); no output samples are
+    The density is pushed through ``f`` exactly (``docs/math.md``, "Per-layer measures"); no output samples are
     needed. It is finite for activations with flat parts (ReLU's atom at 0), equals the
     differential entropy in the limit for smooth increasing ``f``, and is comparable across
     activations and layers when ``delta`` is the same. The density is renormalised to its grid
@@ -325,34 +404,90 @@ def output_entropy(f: Activation, density: Density, delta: float | None = None) 
     return _discrete_entropy(bin_mass, delta)
 
 
-def output_stats(
-    f: Activation, density: Density, delta: float | None = None, flat_tol: float = 1e-6
-) -> dict[str, float]:
-    """The per-layer figures the callback logs, from one evaluation of ``f``.
+def _mixed_parts(
+    fe: torch.Tensor, mass: torch.Tensor, step: float, flat_tol: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Split the push-forward of the grid's cells into atoms and a continuous part.
+
+    Input cell ``k`` carries ``mass[k]`` spread uniformly over ``[f(e_k), f(e_k+1)]``. A cell on
+    which ``|f(e_k+1) - f(e_k)| <= flat_tol * step`` is flat: its mass is an atom at the cell's
+    value. Runs of adjacent flat cells form one atom (ReLU's negative half is one atom at 0).
+
+    Returns:
+        ``(atoms, flat, h_cont)``: the atom masses, a mask of the flat cells, and the
+        continuous part's ``-int q log q dy`` (``q`` the sub-density of the non-flat cells; where
+        cells overlap, as on the two sides of GELU's minimum, their densities add).
+    """
+    width = (fe[1:] - fe[:-1]).abs()
+    flat = width <= flat_tol * step
+    # Atoms: one per run of adjacent flat cells.
+    run_id = torch.cumsum(torch.cat([flat[:1], flat[1:] & ~flat[:-1]]).long(), 0) - 1
+    atoms = torch.zeros(int(flat.sum() > 0) and int(run_id[flat].max()) + 1, dtype=mass.dtype, device=mass.device)
+    if atoms.numel():
+        atoms.index_add_(0, run_id[flat], mass[flat])
+    # Continuous part: q is piecewise constant between the sorted cell ends; integrate
+    # -q log q exactly on each piece (the same sorted-knot construction as _pushforward).
+    wide = ~flat & (mass > 0)
+    a = torch.minimum(fe[:-1], fe[1:])[wide]
+    b = torch.maximum(fe[:-1], fe[1:])[wide]
+    if a.numel() == 0:
+        return atoms, flat, 0.0
+    s = mass[wide] / (b - a)
+    knots = torch.cat([a, b])
+    slopes = torch.cat([s, -s])
+    order = torch.argsort(knots)
+    knots, slopes = knots[order], slopes[order]
+    q = torch.cumsum(slopes, 0)[:-1].clamp_min(0)  # density on [knots[i], knots[i+1]]
+    length = torch.diff(knots)
+    keep = (q > 0) & (length > 0)
+    h_cont = float(-(q[keep] * torch.log(q[keep]) * length[keep]).sum())
+    return atoms, flat, h_cont
+
+
+def output_stats(f: Activation, density: Density, flat_tol: float = FLAT_TOL) -> dict[str, float]:
+    """Per-layer figures of the output ``Y = f(X)``, ``X ~ density``, each resolution-free.
+
+    The density is pushed through ``f`` exactly, cell by cell (``f`` evaluated at the cell
+    edges, linear within a cell); no output samples and no output resolution are involved.
+    See ``docs/math.md``, "Per-layer measures".
 
     Returns a dict of floats:
-        - ``entropy_in``: differential entropy of the input density on its grid;
-        - ``entropy_out``: :func:`output_entropy` at resolution ``delta``;
-        - ``std_out``: standard deviation of ``f(X)``;
-        - ``entropy_out_scale_free``: ``entropy_out - log(std_out)``, unchanged by rescaling the
-          output; at most ``0.5 * log(2 pi e) = 1.419`` up to discretisation, reached by a
-          Gaussian output (section 5);
-        - ``dead``: probability that ``f'(X) <= flat_tol`` (inputs where the activation is flat).
+        - ``dead``: the output's atomic mass, i.e. the mass of the cells on which ``f`` is flat
+          (``|slope| <= flat_tol``). Decreasing parts (GELU's dip) are not dead.
+        - ``entropy``: the mixed entropy (nats): ``-sum_k P_k log P_k`` over the atoms (counting
+          measure) plus ``-int q log q dy`` over the continuous part (Lebesgue measure). ReLU
+          under N(0, 1): 1.0561; the identity: 1.4189.
+        - ``entropy_scale_free``: ``entropy - (1 - dead) * log(std)``, unchanged by ``Y -> aY``
+          (only the continuous part stretches). Jumps where an atom turns into a narrow
+          continuous part (ReLU -> CRReLU with any ``eps != 0``): read it beside ``dead``.
+        - ``log_slope``: ``E[log f'(X); f'(X) > 0]``, the mean log-slope over the rising mass.
+          For an increasing ``f`` the continuous part's entropy is the input's entropy on that
+          mass plus this term: it is what an EAFO step changes.
+        - ``std``: standard deviation of ``Y``;
+        - ``entropy_in``: differential entropy of the input density.
+
+    The density is renormalised to its grid (mass outside ``[lo, hi]`` is not pushed).
     """
     density = _check_density(density)
-    delta = _resolve_delta(density, delta)
     fn = _as_function(f, density.grid.device)
     fe, _, _ = _evaluate(fn, density.edges, grad=False)
-    _, d1, _ = _evaluate(fn, density.grid, grad=True)
     mass = _cell_masses(density)
-    bin_mass, _, std = _pushforward(fe, mass, delta)
-    h_out = _discrete_entropy(bin_mass, delta)
+    atoms, flat, h_cont = _mixed_parts(fe, mass, density.step, flat_tol)
+    _, std = _moments(fe, mass)
+    dead = float(atoms.sum())
+    atoms = atoms[atoms > 0]
+    entropy = float(-(atoms * torch.log(atoms)).sum()) + h_cont
+    slope = (fe[1:] - fe[:-1]) / density.step
+    rising = ~flat & (slope > 0)
+    log_slope = float((mass[rising] * torch.log(slope[rising])).sum())
+    live = 1.0 - dead
     return {
+        "dead": dead,
+        "entropy": entropy,
+        "entropy_scale_free": entropy - live * math.log(std) if std > 0 else -math.inf,
+        "log_slope": log_slope,
+        "std": std,
         "entropy_in": density.entropy(),
-        "entropy_out": h_out,
-        "std_out": std,
-        "entropy_out_scale_free": h_out - math.log(std) if std > 0 else -math.inf,
-        "dead": float(mass[d1 <= flat_tol].sum()),
     }
 
 
@@ -362,7 +497,7 @@ def wafbc(density: Density, lower: float = 0.0, upper: float = 1.0) -> torch.Ten
 
     ``F_p`` is the CDF of the density (restricted to its grid). Among activations with range
     ``(lower, upper)`` it maximises the output entropy, at ``log(upper - lower)``: its output is
-    uniform (eafo-math.md section 4).
+    uniform (``docs/math.md``, "The worst activation").
 
     Returns:
         ``(B,)`` values on ``density.grid``; wrap with :class:`Tabulated` to evaluate elsewhere.

@@ -1,7 +1,7 @@
 """The dynamic EAFO activation: ``base(x) + eps * s(x)`` with ``s`` a spline measured from data.
 
 CRReLU adds ``eps * x * exp(-x**2/2)`` to ReLU, the EAFO correction of ReLU *if* the layer's
-pre-activations were standard normal (eafo-math.md section 3). :class:`EAFOActivation` keeps
+pre-activations were standard normal (``docs/math.md``, "CRReLU as one step"). :class:`EAFOActivation` keeps
 the same form, one learnable scalar ``eps`` per module, but takes the shape ``s`` from the
 density the layer really sees: :meth:`EAFOActivation.update` recomputes ``s`` from a
 :class:`~dynact.density.Density` with :func:`dynact.eafo.correction`.
@@ -37,9 +37,10 @@ DEFAULT_KNOTS = 257
 
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 _MODES = ("refresh", "iterate")
-#: Slope above which ``iterate`` counts a grid cell as rising (and keeps it rising).
-_RISING = 1e-3
 _INITS = ("crrelu", "zero")
+#: Taper ``kappa`` of the correction for bases with a minimum (GELU, SiLU, Mish): it keeps the
+#: refreshed shape of those bases within twice ReLU's peak under N(0, 1) (docs/math.md).
+TAPER = 0.3
 
 
 # ----------------------------------------------------------------------------- spline kernels
@@ -124,34 +125,6 @@ def _spline_ops(x: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, hi: torch.Te
     return value[j] + (u - j) * slope[j]
 
 
-def _hermite(x: torch.Tensor, s: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Cubic Hermite (Catmull-Rom) interpolant of the knot values, zero outside ``[lo, hi]``.
-
-    Used only to give :func:`dynact.eafo.correction` a twice-differentiable view of the spline:
-    the linear interpolant has ``s'' = 0`` almost everywhere, which would hide the curvature
-    term ``p f''/f'`` of eafo-math.md 2b from iterated steps.
-    """
-    knots = s.shape[0]
-    step = (hi - lo) / (knots - 1)
-    t = (x - lo) / step
-    inside = (t >= 0) & (t <= knots - 1)
-    t = t.clamp(0.0, knots - 1.0)
-    j = t.detach().floor().long().clamp(0, knots - 2)
-    w = t - j
-    m = torch.empty_like(s)
-    m[1:-1] = 0.5 * (s[2:] - s[:-2])
-    m[0] = s[1] - s[0]
-    m[-1] = s[-1] - s[-2]
-    w2, w3 = w * w, w * w * w
-    val = (
-        (2 * w3 - 3 * w2 + 1) * s[j]
-        + (w3 - 2 * w2 + w) * m[j]
-        + (-2 * w3 + 3 * w2) * s[j + 1]
-        + (w3 - w2) * m[j + 1]
-    )
-    return torch.where(inside, val, torch.zeros_like(val))
-
-
 def _interp_uniform(xq: torch.Tensor, x0: float, step: float, values: torch.Tensor) -> torch.Tensor:
     """Linear interpolation of ``values`` given at ``x0 + k * step``; zero outside their span."""
     n = values.shape[0]
@@ -175,16 +148,13 @@ class EAFOActivation(nn.Module):
 
     Updates from a measured :class:`~dynact.density.Density` (see :meth:`update`):
 
-    - ``refresh``: ``s = -sqrt(2*pi) * c_base`` with ``c_base = dynact.eafo.correction(base, p)``
-      (eafo-math.md 2b). For a standard normal ``p`` and a ReLU base ``c = -x e^{-x²/2}/sqrt(2π)``,
-      so ``s = x e^{-x²/2}``: CRReLU's shape, with ``eps`` keeping CRReLU's role.
-    - ``iterate``: one guarded EAFO step of the *current* activation: the function moves by
-      ``eta`` times a smoothed form of ``correction(f, p)`` (``s += step / eps``), limited by a
-      trust region, and is kept only if it stays increasing where it rose and
-      :func:`dynact.eafo.output_entropy` on the same density really drops (section 5). Suits
-      bases that increase over the bulk of the density (``elu``, ``celu``, softplus-like);
-      ReLU's flat half and GELU/SiLU/Mish's dip make most steps fail the guards, so use
-      ``refresh`` with those.
+    - ``refresh``: ``s = -sqrt(2*pi) * sigma**3 * c_base`` with ``c_base =
+      dynact.eafo.correction(base, p)`` and ``sigma`` the density's std (tapered for bases with a
+      minimum). For ``p = N(0, sigma**2)`` and a ReLU base the activation is
+      ``sigma * CRReLU_eps(x / sigma)``: ``eps`` keeps CRReLU's meaning at every scale.
+    - ``iterate``: one step of a projected descent on the scale-free entropy, under slope
+      bounds that give it a minimum (``docs/math.md``, "Iterating"). Works for every registry
+      base; flat parts stay flat, kinks are never straddled, and the objective never rises.
 
     The grid follows the data with :meth:`place_grid`; :meth:`outside_mass` says how much of a
     density lies beyond the current grid.
@@ -329,15 +299,6 @@ class EAFOActivation(nn.Module):
 
         return f
 
-    def _smooth_view(self, base64: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        s64 = self.s.detach().to(torch.float64)
-        lo, hi, eps = float(self.lo), float(self.hi), float(self.eps.detach())
-
-        def f(x: torch.Tensor) -> torch.Tensor:
-            return base64(x) + eps * _hermite(x, s64, lo, hi)
-
-        return f
-
     def _to_knots(self, values: torch.Tensor, density: Density) -> torch.Tensor:
         """Values on ``density.grid`` resampled onto the knots; zero outside, ends pinned to 0."""
         out = _interp_uniform(self.knot_positions().to(values.device), float(density.grid[0]), density.step, values)
@@ -379,11 +340,11 @@ class EAFOActivation(nn.Module):
 
         Returns:
             ``dict(mode, accepted, reason, entropy_before, entropy_after, change, eta)``:
-            entropies are :func:`dynact.eafo.output_entropy` (nats) of the activation before and
-            after the call on ``density`` (equal when refused); ``change`` is the largest
-            absolute change of the function (0 when refused). ``iterate`` adds
-            ``entropy_candidate`` (of the last candidate tried) and reports in ``eta`` the step
-            size actually used after the trust region and backtracking.
+            entropies are the mixed entropies (``output_stats(...)["entropy"]``, nats) of the
+            activation before and after the call on ``density`` (equal when refused);
+            ``change`` is the largest absolute change of the function on the knots (0 when
+            refused). ``iterate`` adds ``objective_before`` and ``objective_after`` (its
+            objective ``J``) and reports in ``eta`` the step size used after backtracking.
         """
         if mode == "refresh":
             return self.refresh(density)
@@ -392,7 +353,16 @@ class EAFOActivation(nn.Module):
         raise ValueError(f"update: mode must be one of {_MODES}, got mode={mode!r}")
 
     def refresh(self, density: Density) -> dict:
-        """Set ``s = -sqrt(2*pi) * correction(base, density)`` on the knots (eafo-math.md 2b, 3).
+        """Set ``s = -sqrt(2*pi) * sigma**3 * correction(base, density)`` on the knots.
+
+        ``sigma`` is the density's standard deviation. The factor makes the shape
+        scale-equivariant (``docs/math.md``, "CRReLU as one step"): for ``X = sigma * Z`` with
+        ``Z ~ N(0, 1)`` and a ReLU base, ``s(x) = x exp(-x**2 / (2 sigma**2))`` and the activation
+        is ``sigma * CRReLU_eps(x / sigma)``, so ``eps`` means the same in every layer and at every
+        refresh; ``sigma = 1`` gives CRReLU's shape exactly.
+
+        Bases that decrease somewhere on the density's grid (GELU, SiLU, Mish) use the tapered
+        correction (``taper=`` :data:`TAPER`), so ``s`` has no spike at their minimum.
 
         The correction is computed on ``density.grid`` and interpolated linearly onto the knots;
         knots beyond the density's grid get 0, and the end knots stay 0. ``eps`` is unchanged.
@@ -401,15 +371,18 @@ class EAFOActivation(nn.Module):
         d = self._prepare(density)
         base64 = self._base64(d.grid.device)
         old = self.s.detach().to(torch.float64)
-        h0 = eafo.output_entropy(self._view(old, base64), d)
-        c = eafo.correction(base64, d)
+        h0 = eafo.output_stats(self._view(old, base64), d)["entropy"]
         record = dict(mode="refresh", accepted=False, reason="", entropy_before=h0, entropy_after=h0,
                       change=0.0, eta=0.0)
-        if not bool(torch.isfinite(c).all()):
+        sigma = d.mean_std()[1]
+        _, d1, _ = eafo.derivatives(base64, d.grid)
+        falling = bool(((d1 < -eafo.FLAT_TOL) & (d.p > 0)).any())
+        c = eafo.correction(base64, d, taper=TAPER if falling else 0.0)
+        if not (bool(torch.isfinite(c).all()) and math.isfinite(sigma) and sigma > 0):
             record["reason"] = "non-finite correction"
             return record
-        new = self._stored(-_SQRT_2PI * self._to_knots(c.to(torch.float64), d).to(old.device))
-        h1 = eafo.output_entropy(self._view(new, base64), d)
+        new = self._stored(-_SQRT_2PI * sigma**3 * self._to_knots(c.to(torch.float64), d).to(old.device))
+        h1 = eafo.output_stats(self._view(new, base64), d)["entropy"]
         self._write(new)
         record.update(accepted=True, reason="refreshed", entropy_after=h1,
                       change=abs(float(self.eps.detach())) * float((new - old).abs().max()))
@@ -420,107 +393,98 @@ class EAFOActivation(nn.Module):
         density: Density,
         eta: float = 0.05,
         max_change: float | None = None,
-        smooth: float = 0.25,
-        backtrack: int = 3,
-        flat: float = 0.05,
+        max_log_change: float = 0.1,
+        min_ratio: float = 0.25,
+        max_ratio: float = 4.0,
+        min_slope: float = 0.05,
+        backtrack: int = 5,
         min_eps: float = 1e-6,
     ) -> dict:
-        """One guarded EAFO step of the current activation ``f = base + eps * s``.
+        """One step of a projected descent on the scale-free entropy (``docs/math.md``, "Iterating").
 
-        Direction: the correction ``c = correction(f, density)`` of eafo-math.md 2b, with
-        ``f''`` from a cubic Hermite view of the knots (the linear spline has none). ``c`` is
-        ``f' * r`` with ``r = -dH/df``, and descent in ``f`` is anti-diffusive (section 5: no
-        minimum), so on a grid it amplifies the spline's own wiggles. The step therefore
-        follows a smoothed direction that is still a descent direction to first order:
-        ``df = eta * w * G[w * c / f']`` with ``G`` a Gaussian of width ``smooth * std(density)``
-        and ``w = sqrt(f')`` tapered to 0 as ``f'`` falls from ``2 * flat`` to ``flat`` (where
-        the activation flattens, ``c ~ p f''/f'`` is singular; there ``df = 0``). With
-        ``smooth=0`` and a steep ``f`` this is exactly the step ``eta * c`` of
-        :func:`dynact.eafo.step`. It is stored as ``s += df / eps``.
+        Objective, on the density's cells ``j`` where the *base* rises (mass ``m_j``, total ``m_R``)::
 
-        Guards (eafo-math.md section 5), all on the same density:
+            J(f) = sum_j m_j log f'_j  -  m_R log std(f(X))
 
-        - trust region: ``max|df|`` on the knots is at most ``max_change`` (default
-          ``0.05 * std(density)``); a larger step is shrunk to fit;
-        - finite values only; refused if ``|eps| < min_eps`` (``s`` would absorb ``1/eps``);
-        - the activation must stay increasing on every grid cell with mass where it was
-          increasing (the entropy formula and the update assume an invertible ``f``);
-        - accepted only if :func:`dynact.eafo.output_entropy` drops.
+        For an activation that is increasing where its base rises and flat elsewhere, ``J`` is
+        the scale-free mixed entropy (:func:`dynact.eafo.output_stats`) up to a constant; it
+        does not depend on the grid's resolution and is unchanged by ``f -> a f``.
 
-        A candidate failing the last two is halved up to ``backtrack`` times. A refused step
-        leaves the module untouched and ``record["reason"]`` says why. ``eta`` may be
-        negative (an ascent step, to check the guard): the entropy test then refuses it.
-        Repeated steps lower the entropy until the activation would have to fold where the
-        density is high; then they are refused (reason ``"would stop being increasing"``).
+        Variables: on each knot cell where the base rises throughout, the ratio ``r`` of the
+        activation's rise to the base's; other cells keep theirs (a flat part stays flat, so the
+        dead mass never changes, and a kink is never straddled). Constraints, which make the
+        minimum exist (the entropy alone has none):
+
+        - ``r >= min_ratio``, and the slope never drops below ``min_slope`` where the base's is
+          above it (nor below the base's where the base's is below it): no plateau forms;
+        - ``r <= max_ratio``;
+        - ``s`` stays zero at both ends of the grid (the activation is continuous and equals its
+          base outside ``[lo, hi]``).
+
+        A step moves ``log r`` by ``-eta`` times the gradient of ``J`` per unit of mass, each
+        component capped at ``max_log_change``, then projects onto the constraints by one
+        common rescaling of ``r`` (``J`` is nearly invariant to it) and clipping. The value
+        trust region ``max|df| <= max_change`` (default ``0.05 * std(density)``) and the
+        decrease of ``J`` are checked on the candidate; a failing candidate is halved up to
+        ``backtrack`` times. A refused step leaves the module untouched and ``reason`` says why.
+        ``eta`` may be negative (ascent, to check the guard).
+
+        Returns:
+            the :meth:`update` record, plus ``objective_before``/``objective_after`` (``J``).
         """
-        if not math.isfinite(float(eta)) or float(eta) == 0.0:
-            raise ValueError(f"iterate: eta must be a finite non-zero number, got eta={eta!r}")
-        if max_change is not None and not (float(max_change) > 0):
-            raise ValueError(f"iterate: max_change must be > 0 or None (automatic), got max_change={max_change!r}")
-        if not (math.isfinite(float(smooth)) and smooth >= 0):
-            raise ValueError(f"iterate: smooth must be a finite number >= 0, got smooth={smooth!r}")
+        eta, max_log_change = _finite("eta", eta, nonzero=True), _finite("max_log_change", max_log_change, positive=True)
+        if max_change is not None:
+            _finite("max_change", max_change, positive=True)
+        if not (0 < float(min_ratio) <= 1 <= float(max_ratio) < math.inf):
+            raise ValueError(
+                f"iterate: need 0 < min_ratio <= 1 <= max_ratio < inf, got min_ratio={min_ratio!r}, "
+                f"max_ratio={max_ratio!r}"
+            )
+        _finite("min_slope", min_slope, positive=True)
         if isinstance(backtrack, bool) or not isinstance(backtrack, int) or backtrack < 0:
             raise ValueError(f"iterate: backtrack must be an integer >= 0, got backtrack={backtrack!r}")
         d = self._prepare(density)
         base64 = self._base64(d.grid.device)
         old = self.s.detach().to(torch.float64)
-        current = self._view(old, base64)
-        h0 = eafo.output_entropy(current, d)
+        h0 = eafo.output_stats(self._view(old, base64), d)["entropy"]
         record = dict(mode="iterate", accepted=False, reason="", entropy_before=h0, entropy_after=h0,
-                      change=0.0, eta=float(eta), entropy_candidate=math.nan)
+                      change=0.0, eta=eta, objective_before=math.nan, objective_after=math.nan)
         eps = float(self.eps.detach())
-        if abs(eps) < min_eps:
-            record["reason"] = f"eps too small (|eps| = {abs(eps):.3g} < min_eps = {min_eps:.3g})"
+        if not math.isfinite(eps) or abs(eps) < min_eps:
+            record["reason"] = f"eps too small or not finite (eps = {eps:.3g}, min_eps = {min_eps:.3g})"
             return record
-        std = d.mean_std()[1]
-        smooth_view = self._smooth_view(base64)
-        _, d1, _ = eafo.derivatives(smooth_view, d.grid)
-        c = eafo.correction(smooth_view, d, flat_tol=flat)
-        if not bool(torch.isfinite(c).all()):
-            record["reason"] = "non-finite correction"
+        problem = _SlopeProblem(self, d, base64, float(min_ratio), float(max_ratio), float(min_slope))
+        if not bool(problem.free.any()):
+            record["reason"] = "no knot cell where the base rises throughout: nothing to optimise"
             return record
-        # Weight sqrt(f'), tapered to 0 between slopes 2*flat and flat, so the step vanishes
-        # continuously where the activation flattens (c ~ p f''/f' is singular there).
-        rising = d1 > flat
-        weight = d1.clamp_min(0).sqrt() * (d1 / flat - 1.0).clamp(0.0, 1.0)
-        r = torch.where(rising, weight * c / torch.where(rising, d1, torch.ones_like(d1)), torch.zeros_like(c))
-        direction = weight * _gaussian_smooth(r, d.step, float(smooth) * std)
-        step = float(eta) * self._to_knots(direction, d).to(old.device)
-        size = float(step.abs().max())
-        if not math.isfinite(size):
-            record["reason"] = "non-finite step"
+        u0 = problem.log_ratio(old).clamp(problem.lower.log(), problem.upper.log())
+        j0, grad = problem.objective(u0, with_grad=True)
+        record["objective_before"] = j0
+        if not (math.isfinite(j0) and bool(torch.isfinite(grad).all())):
+            record["reason"] = "non-finite objective"
             return record
-        if size == 0.0:
-            record["reason"] = "zero step on the grid (the activation is flat where the density is)"
-            return record
-        limit = float(max_change) if max_change is not None else 0.05 * std
-        if size > limit:
-            step = step * (limit / size)
-        edges = d.edges
-        with torch.no_grad():
-            # Cells with mass where the activation clearly rises (slope > _RISING) must keep rising.
-            rising = (current(edges).diff() > _RISING * d.step) & (d.mass > 1e-7)
+        direction = (-eta * grad / problem.cell_mass).clamp(-max_log_change, max_log_change)
+        limit = float(max_change) if max_change is not None else 0.05 * d.mean_std()[1]
+        scale = 1.0
         for _ in range(backtrack + 1):
-            new = self._stored(old + step / eps)
-            record["eta"] = float(eta) * float(step.abs().max()) / size
+            new = self._stored(problem.knot_values(problem.project(u0 + scale * direction)))
+            record["eta"] = eta * scale
+            change = abs(eps) * float((new - old).abs().max())
+            j1 = problem.objective_of(new)
+            record["objective_after"] = j1
             if not bool(torch.isfinite(new).all()):
                 record["reason"] = "non-finite candidate"
-                return record
-            candidate = self._view(new, base64)
-            with torch.no_grad():
-                folds = bool((rising & ~(candidate(edges).diff() > 0)).any())
-            if folds:
-                record["reason"] = "would stop being increasing where the density has mass"
+            elif change > limit:
+                record["reason"] = f"change {change:.3g} beyond the trust region {limit:.3g}"
+            elif not (math.isfinite(j1) and j1 < j0):
+                record["reason"] = f"objective did not drop ({j0:.6g} -> {j1:.6g})"
             else:
-                h1 = eafo.output_entropy(candidate, d)
-                record["entropy_candidate"] = h1
-                if math.isfinite(h1) and h1 < h0:
-                    self._write(new)
-                    record.update(accepted=True, reason="accepted", entropy_after=h1,
-                                  change=float(step.abs().max()))
-                    return record
-                record["reason"] = f"entropy did not drop ({h0:.6g} -> {h1:.6g})"
-            step = 0.5 * step
+                self._write(new)
+                h1 = eafo.output_stats(self._view(new, base64), d)["entropy"]
+                record.update(accepted=True, reason="accepted", entropy_after=h1, change=change)
+                return record
+            scale *= 0.5
+        record["objective_after"] = j0
         return record
 
     # ------------------------------------------------------------------ grid placement
@@ -573,17 +537,6 @@ class EAFOActivation(nn.Module):
         return record
 
 
-def _gaussian_smooth(values: torch.Tensor, step: float, sigma: float) -> torch.Tensor:
-    """Convolve values on a uniform grid with a normalised Gaussian of width ``sigma``."""
-    if sigma < 0.5 * step:
-        return values
-    radius = int(math.ceil(4.0 * sigma / step))
-    offsets = torch.arange(-radius, radius + 1, dtype=values.dtype, device=values.device) * step
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    return torch.nn.functional.conv1d(values[None, None], kernel[None, None], padding=radius)[0, 0][: values.shape[0]]
-
-
 def _interp_clamped(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear ``fp(xp)`` at ``x``, constant beyond the ends (``xp`` uniform)."""
     n = xp.shape[0]
@@ -592,3 +545,110 @@ def _interp_clamped(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torc
     j = t.floor().long().clamp(0, n - 2)
     w = t - j
     return fp[j] * (1 - w) + fp[j + 1] * w
+
+
+def _finite(name: str, value, *, positive: bool = False, nonzero: bool = False) -> float:
+    """``value`` as a float, or a ValueError naming the argument and what it must be."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not math.isfinite(v) or (positive and v <= 0) or (nonzero and v == 0):
+        need = "> 0" if positive else "non-zero" if nonzero else "finite"
+        raise ValueError(f"iterate: {name} must be a finite number {need}, got {name}={value!r}")
+    return v
+
+
+#: Slope below which a cell of the base counts as not rising (the same convention as
+#: :func:`dynact.eafo.output_stats`'s flat cells).
+_RISE_TOL = eafo.FLAT_TOL
+#: Points per knot cell at which the base's slope is checked for the cell's minimum slope.
+_SUBPOINTS = 8
+
+
+class _SlopeProblem:
+    """The constrained problem behind :meth:`EAFOActivation.iterate`, for one density.
+
+    Variables ``u = log r`` on the free knot cells (where the base rises throughout); the
+    knot values follow by summing the rises, with the fixed cells keeping their current rise.
+    """
+
+    def __init__(self, act: EAFOActivation, d: Density, base64: nn.Module, min_ratio: float,
+                 max_ratio: float, min_slope: float) -> None:
+        self.d, self.base64 = d, base64
+        self.eps = float(act.eps.detach())
+        self.lo, self.hi = act.lo.detach().double(), act.hi.detach().double()
+        t = act.knot_positions()
+        h = float(t[1] - t[0])
+        with torch.no_grad():
+            self.delta_b = torch.diff(base64(t))
+        sub = t[:-1, None] + h * torch.linspace(0.0, 1.0, _SUBPOINTS + 1, dtype=t.dtype, device=t.device)
+        slope_min = eafo.derivatives(base64, sub.reshape(-1))[1].view(sub.shape).amin(dim=1)
+        slope_avg = self.delta_b / h
+        self.free = (slope_min > _RISE_TOL) & (slope_avg > _RISE_TOL)
+        # The new cell's lowest slope is slope_min + (r - 1) * slope_avg: keep it above a floor
+        # that is min_ratio of the base's, and min_slope where the base's lies above it.
+        floor = torch.maximum(min_ratio * slope_min, torch.minimum(slope_min, torch.full_like(slope_min, min_slope)))
+        lower = 1.0 + (floor - slope_min) / slope_avg.clamp_min(_RISE_TOL)
+        self.lower = lower[self.free].clamp(min_ratio, 1.0)
+        self.upper = torch.full_like(self.lower, max_ratio)
+        self.delta_s = torch.diff(act.s.detach().double())
+        # s at the last knot is the sum of all rises of s: it must stay 0.
+        self.target = float(self.delta_b[self.free].sum()) - self.eps * float(self.delta_s[~self.free].sum())
+        cum = torch.cat([d.p.new_zeros(1), torch.cumsum(d.mass, 0)])
+        at_knots = _interp_clamped(t, d.edges, cum)
+        self.cell_mass = torch.diff(at_knots)[self.free].clamp_min(1e-12)
+        # The objective's cells: those of the density's grid where the base rises.
+        with torch.no_grad():
+            self.base_edges = base64(d.edges)
+        mass = d.mass / d.mass.sum()
+        rising = (torch.diff(self.base_edges) > _RISE_TOL * d.step) & (mass > 0)
+        self.mass, self.rising = mass, rising
+        self.rising_mass = float(mass[rising].sum())
+
+    def log_ratio(self, s: torch.Tensor) -> torch.Tensor:
+        rise = self.delta_b[self.free] + self.eps * torch.diff(s)[self.free]
+        return (rise / self.delta_b[self.free]).clamp_min(1e-12).log()
+
+    def knot_values(self, u: torch.Tensor) -> torch.Tensor:
+        delta_s = self.delta_s.clone() if not u.requires_grad else self.delta_s.clone().to(u.dtype)
+        delta_s = delta_s.masked_scatter(self.free, (u.exp() - 1.0) * self.delta_b[self.free] / self.eps)
+        s = torch.cat([delta_s.new_zeros(1), torch.cumsum(delta_s, 0)])
+        return torch.cat([s[:-1], s.new_zeros(1)])  # the end knot is 0 (the residual is rounding)
+
+    def project(self, u: torch.Tensor) -> torch.Tensor:
+        """Rescale ``r = exp(u)`` by one factor and clip to the bounds so that ``s`` ends at 0."""
+        r, w = u.detach().exp(), self.delta_b[self.free]
+
+        def total(log_c: float) -> float:
+            return float((w * (r * math.exp(log_c)).clamp(self.lower, self.upper)).sum())
+
+        lo_c, hi_c = -30.0, 30.0
+        for _ in range(80):  # total() is increasing in log_c: bisection
+            mid = 0.5 * (lo_c + hi_c)
+            lo_c, hi_c = (mid, hi_c) if total(mid) < self.target else (lo_c, mid)
+        return (r * math.exp(0.5 * (lo_c + hi_c))).clamp(self.lower, self.upper).log()
+
+    def objective_of(self, s: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(self._objective(s))
+
+    def objective(self, u: torch.Tensor, with_grad: bool = False) -> tuple[float, torch.Tensor]:
+        u = u.detach().clone().requires_grad_(with_grad)
+        with torch.enable_grad():
+            value = self._objective(self.knot_values(u))
+            if not with_grad or not bool(torch.isfinite(value)):
+                return float(value.detach()), torch.full_like(u, math.nan)
+            (grad,) = torch.autograd.grad(value, u)
+        return float(value.detach()), grad
+
+    def _objective(self, s: torch.Tensor) -> torch.Tensor:
+        fe = self.base_edges + self.eps * _spline_ops(self.d.edges, s, self.lo, self.hi)
+        rise = torch.diff(fe)[self.rising]
+        if bool((rise <= 0).any()):
+            return torch.tensor(math.inf, dtype=fe.dtype)
+        a, b, m = fe[:-1], fe[1:], self.mass
+        mean = (m * (a + b)).sum() / 2
+        var = (m * (a * a + a * b + b * b)).sum() / 3 - mean * mean
+        log_slope = (self.mass[self.rising] * torch.log(rise / self.d.step)).sum()
+        return log_slope - 0.5 * self.rising_mass * torch.log(var)

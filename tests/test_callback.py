@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dynact import EAFOActivation, EAFOCallback
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("entropy_in", "entropy_out", "entropy_out_scale_free", "eps", "dead", "outside",
+METRICS = ("entropy_in", "dead", "entropy", "entropy_scale_free", "log_slope", "std", "eps", "outside",
            "update_size", "accepted", "nonfinite")
 
 
@@ -132,7 +132,6 @@ def _dynamic_state(model: nn.Module) -> dict[str, torch.Tensor]:
         ({"convert": (EAFOActivation,)}, "convert", "gelu (torch.nn.modules.activation.GELU)"),
         ({"curves_every": -1}, "curves_every", ">= 0"),
         ({"init_range": (3.0, -3.0)}, "init_range", "lo must be below hi"),
-        ({"delta": 0.0}, "delta", "> 0"),
         ({"max_outside": 1.5}, "max_outside", "(0, 1)"),
     ],
 )
@@ -189,24 +188,27 @@ def test_short_run_writes_per_layer_entropies_to_tensorboard_and_updates_dynamic
         assert f"curve/{layer}" in logged["__images__"]
 
 
-def test_logged_entropies_match_the_analytic_values_of_the_sampled_input(tmp_path):
+def test_logged_measures_match_the_analytic_values_of_the_sampled_input(tmp_path):
     # ReLU on N(0,1) data with frozen weights: input entropy 0.5 log(2 pi e), half the mass
-    # flat, and H_delta of ReLU(X) from scipy's normal CDF (the atom at 0 joins bin 0).
-    delta = 0.05
-    cb = EAFOCallback(every_n_steps=5, window=5, sample_size=4096, mode="monitor", convert=(), delta=delta)
+    # on the atom at 0, and the mixed entropy log 2 + H[half-normal] / 2 (the atom's
+    # -0.5 log 0.5 plus the continuous half's), H[half-normal] = 0.5 log(pi e / 2): no
+    # resolution enters any of them.
+    cb = EAFOCallback(every_n_steps=5, window=5, sample_size=4096, mode="monitor", convert=())
     logger = CSVLogger(tmp_path)
     _trainer(tmp_path, max_steps=5, callbacks=[cb], logger=logger).fit(DataFirst(), _loader(320, batch=64))
 
-    edges = np.arange(0.0, 8.0 + delta, delta)
-    P = np.diff(stats.norm.cdf(edges))
-    P[0] += 0.5
-    h_out = float(-(P[P > 0] * np.log(P[P > 0])).sum() + np.log(delta))
+    h_half = 0.5 * math.log(math.pi * math.e / 2)
+    mixed = math.log(2) + 0.5 * h_half
+    std = math.sqrt(0.5 - 1 / (2 * math.pi))
     rows = _csv_rows(logger)
     assert _csv_series(rows, "entropy_in/net.0")[0] == (5, pytest.approx(0.5 * math.log(2 * math.pi * math.e), abs=0.02))
-    assert _csv_series(rows, "entropy_out/net.0")[0][1] == pytest.approx(h_out, abs=0.03)
+    assert _csv_series(rows, "entropy/net.0")[0][1] == pytest.approx(mixed, abs=0.03)
+    assert _csv_series(rows, "entropy_scale_free/net.0")[0][1] == pytest.approx(mixed - 0.5 * math.log(std), abs=0.03)
+    assert _csv_series(rows, "std/net.0")[0][1] == pytest.approx(std, abs=0.02)
     assert _csv_series(rows, "dead/net.0")[0][1] == pytest.approx(0.5, abs=0.02)
     assert _csv_series(rows, "outside/net.0")[0][1] == 0.0
     assert not _csv_series(rows, "accepted/net.0")  # monitor mode: no update
+    assert cb.metrics["dead/net.0"] == _csv_series(rows, "dead/net.0")[-1][1]  # exposed in-process too
 
 
 @pytest.mark.parametrize("scale", [0.01, 30.0])
@@ -250,7 +252,7 @@ def test_static_model_is_measured_untouched_with_one_warning(tmp_path):
         assert torch.equal(a, b), name
     assert not any(isinstance(m, EAFOActivation) for m in watched.modules())
     rows = _csv_rows(logger)
-    assert [s for s, _ in _csv_series(rows, "entropy_out/net.1")] == [3, 6, 9, 12]
+    assert [s for s, _ in _csv_series(rows, "entropy/net.1")] == [3, 6, 9, 12]
     assert not _csv_series(rows, "accepted/net.1")
 
 
@@ -473,6 +475,6 @@ def test_quickstart_example_runs_and_writes_tensorboard_entropies(tmp_path):
     assert f"tensorboard --logdir {tmp_path}" in proc.stdout
     [events] = glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
     logged = _scalars(os.path.dirname(events))
-    layers = [t.split("/", 1)[1] for t in logged if t.startswith("entropy_out/")]
+    layers = [t.split("/", 1)[1] for t in logged if t.startswith("entropy/")]
     assert len(layers) == 2
     assert all([s for s, _ in logged[f"accepted/{layer}"]] == [10, 20] for layer in layers)

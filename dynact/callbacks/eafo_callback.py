@@ -45,6 +45,8 @@ __all__ = ["EAFOCallback"]
 
 _ESTIMATORS = {"kde": KDE, "hist": Histogram}
 _MODES = ("refresh", "iterate", "monitor")
+#: Figures of :func:`dynact.eafo.output_stats` logged per layer at each update.
+_LOGGED_STATS = ("entropy_in", "dead", "entropy", "entropy_scale_free", "log_slope", "std")
 # Quantiles that bound "the data" when a grid is fitted; the grid adds a margin around them.
 _Q_LO, _Q_HI = 1e-3, 1.0 - 1e-3
 # A grid is too coarse when the central 99.8% of the data covers fewer than 1/8 of its bins.
@@ -92,10 +94,15 @@ class EAFOCallback(Callback):
 
     ==================================  ==========================================================
     ``entropy_in/<layer>``              differential entropy of the input (nats)
-    ``entropy_out/<layer>``             output entropy ``H_delta`` (eafo-math.md section 1)
-    ``entropy_out_scale_free/<layer>``  ``H_delta - log std(output)`` (section 5)
+    ``dead/<layer>``                    output mass on an atom: where the activation is flat
+    ``entropy/<layer>``                 mixed entropy of the output (atoms + continuous part;
+                                        resolution-free, nats; ``docs/math.md``)
+    ``entropy_scale_free/<layer>``      ``entropy - (1 - dead) log std``: unchanged by rescaling
+                                        the output; read it beside ``dead``
+    ``log_slope/<layer>``               ``E[log f'(X)]`` over the rising mass: the part of the
+                                        entropy an EAFO step acts on
+    ``std/<layer>``                     standard deviation of the output
     ``eps/<layer>``                     the correction's scale (CRReLU, EAFOActivation)
-    ``dead/<layer>``                    mass where the activation is flat
     ``outside/<layer>``                 mass beyond the grid (the spline's, for dynamic layers)
     ``update_size/<layer>``             largest change of the activation (dynamic layers)
     ``accepted/<layer>``                1 if the update was applied, else 0 (dynamic layers)
@@ -103,6 +110,8 @@ class EAFOCallback(Callback):
     ``preact/<layer>``                  TensorBoard histogram of the input
     ``curve/<layer>``                   TensorBoard figure: activation over its input density
     ==================================  ==========================================================
+
+    The latest update's scalars are also in :attr:`metrics` (a dict keyed by the same tags).
 
     Scalars go to every Lightning logger with the trainer's ``global_step``; histograms and
     figures only to ``TensorBoardLogger`` (none is needed: ``CSVLogger`` and ``logger=False``
@@ -139,8 +148,6 @@ class EAFOCallback(Callback):
         curves_every: write the activation-curve figures at the first update and every this
             many updates after it (a figure costs ~0.1 s); ``0`` turns them off.
         init_range: ``(lo, hi)`` of the estimators' first grid.
-        delta: output resolution of ``H_delta``, the same for every layer and update so that
-            the entropies compare.
         max_outside: mass beyond a grid that triggers re-fitting it.
         collect_eval: also sample forward passes made in evaluation mode (e.g. validation)
             while a window is open.
@@ -173,7 +180,6 @@ class EAFOCallback(Callback):
         log_histograms: bool = True,
         curves_every: int = 10,
         init_range: tuple[float, float] = (-8.0, 8.0),
-        delta: float = 0.01,
         max_outside: float = 0.01,
         collect_eval: bool = False,
         seed: int = 0,
@@ -199,8 +205,6 @@ class EAFOCallback(Callback):
             )
         if isinstance(curves_every, bool) or not isinstance(curves_every, int) or curves_every < 0:
             raise ValueError(f"curves_every must be an int >= 0 (0: no figures), got curves_every={curves_every!r}")
-        if not (isinstance(delta, (int, float)) and math.isfinite(delta) and delta > 0):
-            raise ValueError(f"delta must be a finite number > 0 (output bin width), got delta={delta!r}")
         if not (isinstance(max_outside, (int, float)) and 0 < max_outside < 1):
             raise ValueError(f"max_outside must be a fraction in (0, 1), got max_outside={max_outside!r}")
         self.estimator = estimator
@@ -212,7 +216,6 @@ class EAFOCallback(Callback):
         self.convert = _convert_types(convert)
         self.log_histograms = bool(log_histograms)
         self.curves_every = curves_every
-        self.delta = float(delta)
         self.max_outside = float(max_outside)
         self.collect_eval = bool(collect_eval)
         self.seed = int(seed)
@@ -225,6 +228,8 @@ class EAFOCallback(Callback):
         self._rank = 0
         self._generators: dict[str, torch.Generator] = {}
         self._restored: Optional[dict[str, Any]] = None
+        #: The scalars of the latest update, keyed by tag (``"dead/net.0"``); empty before it.
+        self.metrics: dict[str, float] = {}
 
     @property
     def state_key(self) -> str:
@@ -384,6 +389,7 @@ class EAFOCallback(Callback):
             if used is not None:
                 measured.append((layer, used))
             layer.extrema = None
+        self.metrics = metrics
         _log_scalars(trainer, metrics, step)
         self._log_tensorboard(trainer, measured, step)
 
@@ -432,16 +438,11 @@ class EAFOCallback(Callback):
         return act.update(density, mode=self.mode, eta=self.eta)
 
     def _layer_metrics(self, layer: _Layer, density: Density, record: Optional[dict]) -> dict[str, float]:
-        stats = eafo.output_stats(layer.module, density, delta=self.delta)
-        out = {
-            _tag("entropy_in", layer.tag): stats["entropy_in"],
-            _tag("entropy_out", layer.tag): stats["entropy_out"],
-            _tag("entropy_out_scale_free", layer.tag): stats["entropy_out_scale_free"],
-            _tag("dead", layer.tag): stats["dead"],
-            _tag("outside", layer.tag): (
-                layer.module.outside_mass(density) if isinstance(layer.module, EAFOActivation) else density.outside
-            ),
-        }
+        stats = eafo.output_stats(layer.module, density)
+        out = {_tag(name, layer.tag): stats[name] for name in _LOGGED_STATS}
+        out[_tag("outside", layer.tag)] = (
+            layer.module.outside_mass(density) if isinstance(layer.module, EAFOActivation) else density.outside
+        )
         eps = getattr(layer.module, "eps", None)
         if isinstance(eps, torch.Tensor) and eps.numel() == 1:
             out[_tag("eps", layer.tag)] = float(eps.detach())
