@@ -68,7 +68,7 @@ def plot_paired(results: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(arms)), [f"{name(a)}\n(n={summary[a]['delta_top1']['n']})" for a in arms])
     ax.set_xlim(-0.6, len(arms) - 0.2)
     ax.set_ylabel(f"top-1 minus {name(settings['control'])}, points")
-    ax.set_title("paired differences: dots = seeds, diamond = mean with 95% interval", fontsize=9)
+    ax.set_title("paired differences against the control\ndots: seeds; diamond: mean with 95% interval", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     _save(fig, path)
@@ -130,6 +130,7 @@ def plot_layers(results: dict[str, Any], path: Path) -> None:
             ax.set_title(layer.removeprefix("net."), fontsize=9)
             ax.set_ylabel(_LABELS[measure], fontsize=8)
             ax.grid(alpha=0.3)
+            ax.xaxis.get_major_locator().set_params(integer=True)
             if row == len(_PLOTTED) - 1:
                 ax.set_xlabel("epoch")
             if ax.lines and row == 0 and col == 0:
