@@ -117,7 +117,7 @@ def _try_partial(settings, command, records, failed, start) -> str:
         write_results(settings, command, records, failed, time.perf_counter() - start)
     except OutputError as err:
         return f"; the partial report could not be written either ({err})"
-    return f" and report.md / results.json show them"
+    return " and report.md / results.json show them"
 
 
 def environment(settings: SweepSettings) -> dict[str, Any]:

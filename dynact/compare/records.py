@@ -44,6 +44,7 @@ LAYOUT = [
         rf"{re.escape(LOCK_FILE)}|[^/]+\.png",
         rf"{RECORDS}/[a-z0-9_]+-seed\d+\.json",
         r"([a-z0-9_]+/seed\d+|" + BY_ARM_RUN + r")/(events\.out\.tfevents\.[^/]+|hparams\.yaml)",
+        r"[a-z0-9_]+/seed\d+/checkpoints/[^/]+\.ckpt",  # with --trainer.enable_checkpointing true
         r"(.*/)?\.[^/]+\.tmp",  # a write cut short by a crash
     )
 ]
