@@ -30,8 +30,8 @@ TASKS: dict[str, dict[str, Any]] = {
         # Every arm is on its plateau by then (top-1 moves < 1 point over the last 5 epochs).
         "epochs": 20,
         "seeds": 8,
-        # The model is tiny: one thread per run and one run per core beats two threads per run
-        # (measured; threads of one run wait on each other on a busy CPU).
+        # The model is tiny: one thread per run and one run per core; on a busy CPU the threads
+        # of one small run wait on each other (see examples/configs/digits.yaml).
         "threads": 1,
         "workers": "cpus",
         # Figures and histograms cost more than the training step of this small model.
