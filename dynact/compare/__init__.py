@@ -37,8 +37,8 @@ Modules: :mod:`~dynact.compare.settings` (tasks, command line), :mod:`~dynact.co
 :mod:`~dynact.compare.command` (``main``).
 
 Exit codes: 0 done; 1 some runs failed (recorded, redone by ``--resume``); 2 bad input or an
-unusable ``--out``, found before any training; 3 a file could not be written mid-sweep (finished
-runs kept); 130 interrupted (finished runs kept).
+unusable ``--out``, found before any training; 3 a file could not be written, or a worker process died,
+mid-sweep (finished runs kept); 130 interrupted (finished runs kept).
 """
 
 from dynact.compare.command import main, run_sweep, write_results

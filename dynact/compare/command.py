@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +25,7 @@ EXIT_INTERRUPTED = 130
 
 
 class SweepWriteError(Exception):
-    """A file of the sweep could not be written; the sweep stopped (what finished is kept)."""
+    """The sweep stopped: a file could not be written, or a worker process died (what finished is kept)."""
 
 
 def _summary_line(rec: dict[str, Any]) -> str:
@@ -97,6 +98,13 @@ def run_sweep(settings: SweepSettings, resume: bool = False, progress: bool = Tr
             raise SweepWriteError(
                 f"{err}. The sweep stopped; {len(records)} finished runs are kept in {out}{partial}. Free space "
                 "or make the folder writable, then continue with the same command and --resume"
+            ) from err
+        except BrokenProcessPool as err:  # a worker was killed (often: out of memory)
+            bar.close()
+            partial = _try_partial(settings, command, records, failed, start)
+            raise SweepWriteError(
+                f"a worker process died ({err}; often out of memory: try fewer --workers). The sweep stopped; "
+                f"{len(records)} finished runs are kept in {out}{partial}; continue with the same command and --resume"
             ) from err
         except KeyboardInterrupt:
             bar.close()
@@ -200,7 +208,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """``dynact compare``: validate everything, run the sweep, write the report; return the exit code.
 
     Bad input or an unusable ``--out`` exits with code 2 before any training; a failed write
-    mid-sweep stops it with code 3 (finished runs kept, a partial report written when possible);
+    or a worker process that died mid-sweep stops it with code 3 (finished runs kept, a partial report written when possible);
     Ctrl-C keeps the finished runs and returns 130; a sweep with failed runs returns 1.
     """
     args_in = list(sys.argv[1:] if argv is None else argv)
