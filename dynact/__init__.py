@@ -6,9 +6,11 @@ Public names (see the README):
 - :class:`EAFOActivation` (``dynact.spline``)
 - ``dynact.density``: :class:`~dynact.density.Histogram`, :class:`~dynact.density.KDE`,
   :class:`~dynact.density.Density`
-- ``dynact.eafo``: ``correction``, ``step``, ``output_entropy``, ``wafbc``
-- :class:`EAFOCallback` (``dynact.callbacks``), loaded on first use so that the math
-  can be imported without Lightning.
+- ``dynact.eafo``: ``correction``, ``step``, ``output_stats``, ``output_entropy``, ``wafbc``
+- :class:`ActivationOptimizer` (``dynact.core``): the framework-free training plugin
+- its front doors: :class:`EAFOCallback` (Lightning, ``dynact.callbacks``) and
+  ``dynact.integrations.transformers.EAFOTrainerCallback`` (Hugging Face), loaded on first use
+  so that the core can be imported without Lightning or transformers.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from importlib import import_module
 
 from dynact import density, eafo
 from dynact.activations import CRReLU, activation_names, make_activation, swap_activations
+from dynact.core import ActivationOptimizer
 from dynact.density import Density
+from dynact.spline import EAFOActivation
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationOptimizer",
     "CRReLU",
     "Density",
     "EAFOActivation",
@@ -35,7 +40,6 @@ __all__ = [
 
 # Names whose modules pull in heavy dependencies (Lightning, timm) load lazily.
 _LAZY = {
-    "EAFOActivation": ("dynact.spline", "EAFOActivation"),
     "EAFOCallback": ("dynact.callbacks", "EAFOCallback"),
     "models": ("dynact.models", None),
     "callbacks": ("dynact.callbacks", None),

@@ -24,6 +24,7 @@ __all__ = [
     "swap_activations",
     "activation_types",
     "find_activations",
+    "register_transformers_activations",
 ]
 
 
@@ -121,15 +122,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
     "crrelu": CRReLU,
-    "eafo": lambda **kw: _eafo_activation(**kw),
+    # "eafo" (dynact.spline.EAFOActivation) registers itself: spline builds on this module.
 }
-
-
-def _eafo_activation(**kwargs) -> nn.Module:
-    # dynact.spline imports this module, so the dynamic activation is resolved on first use.
-    from dynact.spline import EAFOActivation
-
-    return EAFOActivation(**kwargs)
 
 ActSpec = Union[str, type, Callable[..., nn.Module], nn.Module, None]
 
@@ -140,7 +134,12 @@ def activation_names() -> list[str]:
 
 
 def register_activation(name: str, factory: Callable[..., nn.Module]) -> None:
-    """Add ``factory`` to the registry under ``name`` (lower case); used for ``eafo``."""
+    """Add ``factory`` (a class or a function building an ``nn.Module``) under ``name``.
+
+    Names are lower case. A class registered here is also an activation type: models' modules
+    of that class are found by :func:`find_activations` and measured by the training plugin.
+    ``dynact.spline`` registers ``"eafo"`` this way.
+    """
     _REGISTRY[name.lower()] = factory
 
 
@@ -155,6 +154,7 @@ def resolve_activation(spec: ActSpec) -> Callable[..., nn.Module] | None:
         return None
     if isinstance(spec, str):
         key = spec.strip().lower()
+        _register_loaded_libraries()
         if key not in _REGISTRY:
             raise ValueError(
                 f"unknown activation {spec!r}; choose one of: {', '.join(_REGISTRY)}"
@@ -193,11 +193,8 @@ def make_activation(name: ActSpec, **kwargs) -> nn.Module:
 def activation_types() -> dict[type, str]:
     """Module classes of the registered activations, mapped to their registry names
     (``nn.ReLU -> "relu"``, ..., ``EAFOActivation -> "eafo"``)."""
-    from dynact.spline import EAFOActivation  # spline imports this module
-
-    kinds = {factory: name for name, factory in _REGISTRY.items() if isinstance(factory, type)}
-    kinds[EAFOActivation] = "eafo"
-    return kinds
+    _register_loaded_libraries()
+    return {factory: name for name, factory in _REGISTRY.items() if isinstance(factory, type)}
 
 
 def find_activations(model: nn.Module, types: Iterable[type] | None = None) -> list[tuple[str, nn.Module]]:
@@ -281,3 +278,45 @@ def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]
         setattr(parent, child, fresh)
         replaced.append(name)
     return replaced
+
+
+# ----------------------------------------------------------------------------- Hugging Face transformers
+#: transformers' GELU variants, by the name its ``ACT2CLS`` table gives them (``GELUActivation``,
+#: its plain GELU, is ``gelu_hf`` here because ``gelu`` is ``nn.GELU``). Each class computes one
+#: fixed function, so a converted layer keeps it: GPT-2's ``gelu_new`` stays tanh-approximate.
+_TRANSFORMERS_ACTIVATIONS = {
+    "gelu_new": "NewGELUActivation",
+    "gelu_fast": "FastGELUActivation",
+    "quick_gelu": "QuickGELUActivation",
+    "gelu_pytorch_tanh": "GELUTanh",
+    "gelu_accurate": "AccurateGELUActivation",
+    "gelu_hf": "GELUActivation",
+}
+
+
+def register_transformers_activations() -> list[str]:
+    """Add transformers' GELU module classes to the registry; return the names added.
+
+    After it, :func:`find_activations`, :func:`activation_types` and :func:`swap_activations`
+    see GPT-2's ``NewGELUActivation`` (name ``gelu_new``) and the other variants, so
+    ``swap_activations(gpt2, "gelu_new", "crrelu")`` replaces every MLP activation. It runs by
+    itself once ``transformers.activations`` has been imported (any transformers model imports
+    it); calling it imports transformers. Raises :class:`ImportError` without transformers.
+    """
+    import transformers.activations as hf
+
+    added = []
+    for name, cls_name in _TRANSFORMERS_ACTIVATIONS.items():
+        cls = getattr(hf, cls_name, None)
+        if isinstance(cls, type) and _REGISTRY.get(name) is not cls:
+            register_activation(name, cls)
+            added.append(name)
+    return added
+
+
+def _register_loaded_libraries() -> None:
+    # Cheap when nothing is loaded: a dict lookup. Never imports transformers itself.
+    import sys
+
+    if "transformers.activations" in sys.modules and "gelu_new" not in _REGISTRY:
+        register_transformers_activations()

@@ -17,6 +17,7 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("dynact.train", "main", "train a model with Lightning's CLI (configs in examples/configs)"),
     "compare": ("dynact.compare", "main", "compare activations (ReLU, CRReLU, dynamic EAFO, ...) over seeds"),
     "design": ("dynact.design", "main", "design a static activation: one EAFO step under a chosen density"),
+    "dpo": ("dynact.dpo.command", "main", "the paper's LLM experiment: GPT-2, SFT then DPO, CRReLU against GELU"),
 }
 
 

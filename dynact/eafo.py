@@ -76,6 +76,9 @@ def _float64_module(module: nn.Module, device: torch.device) -> nn.Module:
             if d:
                 memo[id(d)] = type(d)()  # the copy gets an empty dict of the same kind
     clone = copy.deepcopy(module, memo)
+    for m in clone.modules():  # derivatives need the input intact: no in-place activation
+        if getattr(m, "inplace", None) is True:
+            m.inplace = False
     return clone.to(device=device, dtype=torch.float64).eval()
 
 
@@ -92,7 +95,8 @@ def _as_function(f: Activation, device: torch.device) -> Callable[[torch.Tensor]
 
 def _evaluate(fn: Callable, x: torch.Tensor, *, grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``fn(x)`` and, if ``grad``, its first and second derivatives, all float64 and detached."""
-    x = x.detach().to(torch.float64).requires_grad_(grad)
+    # A copy: an in-place function must not overwrite the caller's tensor.
+    x = x.detach().to(torch.float64, copy=True).requires_grad_(grad)
     with torch.enable_grad() if grad else torch.no_grad():
         y = fn(x)
         if not isinstance(y, torch.Tensor):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dynact import eafo
-from dynact.activations import ActSpec, make_activation
+from dynact.activations import ActSpec, activation_types, make_activation, register_activation
 from dynact.density import Density, check_grid
 
 __all__ = ["EAFOActivation", "DEFAULT_KNOTS"]
@@ -165,7 +165,8 @@ class EAFOActivation(nn.Module):
 
     Args:
         base: the base activation, any registry name except ``"eafo"`` (``relu, gelu, elu,
-            prelu, celu, silu, mish, crrelu``), or a class / factory building a module.
+            prelu, celu, silu, mish, crrelu``), a class / factory building a module, or a
+            module instance, used as it is (its settings and parameters are kept).
         lo, hi: the grid's ends.
         knots: number of knots (>= 8); default :data:`DEFAULT_KNOTS` = 257.
         eps: initial scale of the correction (CRReLU's 0.01).
@@ -211,13 +212,20 @@ class EAFOActivation(nn.Module):
             raise ValueError(f"EAFOActivation: eps must be a finite number, got eps={eps!r}")
         if init not in _INITS:
             raise ValueError(f"EAFOActivation: init must be one of {_INITS}, got init={init!r}")
-        self.base = make_activation(base)
+        # A configured module (ELU(alpha=0.3), a trained PReLU) is used as it is, settings and
+        # parameters included; names, classes and factories build a fresh one.
+        self.base = base if isinstance(base, nn.Module) else make_activation(base)
         if isinstance(self.base, EAFOActivation):
             raise ValueError("EAFOActivation: the base must be a fixed activation, not another EAFOActivation")
         if getattr(self.base, "inplace", False):
             # The spline reads the input after the base has run.
             raise ValueError("EAFOActivation: the base must not work in place; build it with inplace=False")
-        self.base_name = base if isinstance(base, str) else getattr(base, "__name__", type(self.base).__name__)
+        if isinstance(base, str):
+            self.base_name = base
+        elif isinstance(base, nn.Module):
+            self.base_name = activation_types().get(type(base), type(base).__name__)
+        else:
+            self.base_name = getattr(base, "__name__", type(self.base).__name__)
         self.learn_eps = bool(learn_eps)
         self.register_buffer("lo", torch.tensor(lo_f))
         self.register_buffer("hi", torch.tensor(hi_f))
@@ -545,6 +553,9 @@ def _interp_clamped(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torc
     j = t.floor().long().clamp(0, n - 2)
     w = t - j
     return fp[j] * (1 - w) + fp[j + 1] * w
+
+
+register_activation("eafo", EAFOActivation)
 
 
 def _finite(name: str, value, *, positive: bool = False, nonzero: bool = False) -> float:

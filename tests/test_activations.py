@@ -171,3 +171,32 @@ def test_swap_and_find_leave_the_inside_of_activations_alone():
     assert replaced == ["2"]
     assert isinstance(model[1].base, nn.ReLU)  # no EAFOActivation nested in another
     assert isinstance(model[2], EAFOActivation)
+
+
+def test_to_eafo_keeps_the_module_and_loads_state_saved_before_or_after_conversion():
+    from dynact import EAFOActivation
+    from dynact.conversion import convert_like_state_dict, to_eafo
+
+    relu = nn.ReLU(inplace=True)
+    act = to_eafo(relu, eps=0.02)
+    assert act.base is relu and relu.inplace is False  # the spline reads the input after the base
+    with pytest.raises(ValueError, match="already an EAFOActivation"):
+        to_eafo(act)
+
+    def net(prelu_weight):
+        prelu = nn.PReLU()
+        nn.init.constant_(prelu.weight, prelu_weight)
+        return nn.Sequential(nn.Linear(2, 2), prelu)
+
+    plain = net(0.7).state_dict()
+    converted = net(0.25)
+    converted[1] = to_eafo(converted[1])
+    converted.load_state_dict(plain)  # saved before conversion: the base takes the weight
+    assert float(converted[1].base.weight.detach()) == pytest.approx(0.7)
+    with torch.no_grad():
+        converted[1].s.mul_(2.0)
+    fresh = net(0.25)
+    assert convert_like_state_dict(fresh, converted.state_dict()) == ["1"]
+    fresh.load_state_dict(converted.state_dict())  # saved after conversion
+    assert isinstance(fresh[1], EAFOActivation) and torch.equal(fresh[1].s, converted[1].s)
+    assert float(fresh[1].base.weight.detach()) == pytest.approx(0.7)

@@ -11,12 +11,10 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from scipy import stats
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.nn import functional as F
@@ -125,7 +123,7 @@ def _dynamic_state(model: nn.Module) -> dict[str, torch.Tensor]:
         ({"estimator": "gmm"}, "estimator", "('kde', 'hist')"),
         ({"mode": "train"}, "mode", "('refresh', 'iterate', 'monitor')"),
         ({"eta": -0.1}, "eta", "> 0"),
-        ({"bins": 4}, "bins", ">= 8"),
+        ({"bins": 4}, "bins", "[8, 65536]"),
         ({"sample_size": 0}, "sample_size", "positive int"),
         ({"every_n_steps": 10, "window": 11}, "window", "[1, every_n_steps=10]"),
         ({"convert": (nn.Linear,)}, "convert", "relu (torch.nn.modules.activation.ReLU)"),

@@ -15,7 +15,6 @@ Everything here runs on global rank zero only.
 from __future__ import annotations
 
 import math
-import re
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -28,20 +27,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
     from matplotlib.figure import Figure
     from torch.utils.tensorboard import SummaryWriter
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
-
-
-def _layer_tag(name: str) -> str:
-    """A module's qualified name as a tag component (``net.blocks.3.mlp.act`` stays as is)."""
-    return _UNSAFE.sub("_", name).strip("_") or "model"
-
-
-def _tag(metric: str, layer_tag: str) -> str:
-    # Metric first, then layer: TensorBoard groups panels by the first component, so each
-    # panel group compares one figure across layers.
-    return f"{metric}/{layer_tag}"
-
 
 @rank_zero_only
 def _log_scalars(trainer: "pl.Trainer", metrics: dict[str, float], step: int) -> None:

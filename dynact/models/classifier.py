@@ -17,6 +17,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from dynact.conversion import convert_like_state_dict
 from dynact.models.vit import create_model
 
 __all__ = ["ImageClassifier"]
@@ -152,6 +153,19 @@ class ImageClassifier(pl.LightningModule):
                     f"the model has {attr}={value} but {type(datamodule).__name__} gives {attr}={theirs}; "
                     f"set the model's {where} to {theirs} (--model.{where} {theirs} on the command line)"
                 )
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint saved after EAFOCallback converted the activations holds their spline
+        # buffers, while the hyper-parameters still name the original activation: convert the
+        # same layers (keeping their settings) so that the weights load. A checkpoint saved
+        # before conversion loads into a converted model by itself (see dynact.conversion.to_eafo).
+        converted = convert_like_state_dict(self, checkpoint.get("state_dict", {}))
+        if converted:
+            rank_zero_info(
+                f"ImageClassifier: the checkpoint holds {len(converted)} converted activation(s); "
+                f"converted them to EAFOActivation to load it: {', '.join(converted)}"
+            )
 
     @override
     def on_fit_start(self) -> None:

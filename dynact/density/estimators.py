@@ -1,214 +1,23 @@
-"""Densities of pre-activations on a uniform grid: the container and its estimators.
-
-:class:`Density` is what the EAFO numerics (:mod:`dynact.eafo`) consume: a density ``p``
-and its derivative ``dp`` at the centres of ``bins`` uniform bins covering ``[lo, hi]``,
-plus how much mass fell outside. It is built from data by the streaming estimators
-(:class:`Histogram`, :class:`KDE`) or from an analytic density by :meth:`Density.from_pdf`.
-"""
+"""Streaming density estimators: counts on a grid that add up across batches and processes."""
 
 from __future__ import annotations
 
-import math
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 
-__all__ = ["KDE", "MIN_BINS", "Density", "Histogram", "check_grid"]
+from dynact.density.grid import Density, check_grid
+from dynact.density.kernels import (
+    _check_bandwidth,
+    _convolve,
+    _locate,
+    _plug_in_dp_width,
+    _rule,
+    _rule_scale,
+)
+from dynact.distributed import collective_device, is_distributed, single_thread
 
-#: Fewest bins any grid may have: derivatives and entropies need some resolution.
-MIN_BINS = 8
-
-
-def check_grid(lo: float, hi: float, bins: int) -> tuple[float, float, int]:
-    """Validate a grid specification; raise ``ValueError`` naming the bad argument."""
-    try:
-        lo_f, hi_f = float(lo), float(hi)
-    except (TypeError, ValueError):
-        raise ValueError(f"lo and hi must be numbers, got lo={lo!r}, hi={hi!r}") from None
-    if not (math.isfinite(lo_f) and math.isfinite(hi_f)):
-        raise ValueError(f"lo and hi must be finite, got lo={lo!r}, hi={hi!r}")
-    if lo_f >= hi_f:
-        raise ValueError(f"lo must be below hi, got lo={lo!r} >= hi={hi!r}; swap them or widen the range")
-    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or int(bins) < MIN_BINS:
-        raise ValueError(f"bins must be an integer >= {MIN_BINS}, got bins={bins!r}")
-    return lo_f, hi_f, int(bins)
-
-
-@dataclass(frozen=True)
-class Density:
-    """A probability density sampled at the centres of a uniform grid.
-
-    Attributes:
-        grid: ``(B,)`` bin centres ``lo + (k + 1/2) * h``, ``h = (hi - lo) / B``.
-        p: ``(B,)`` density values; ``sum(p) * h = 1 - outside``.
-        dp: ``(B,)`` derivative ``p'`` at the same points.
-        count: number of finite values behind the estimate (``inf`` for analytic densities).
-        outside: fraction of the (finite) mass that lies beyond ``[lo, hi]``.
-        nonfinite: number of NaN/Inf values seen and excluded.
-        lo, hi: the grid's ends.
-
-    All tensors are float64 on one device.
-    """
-
-    grid: torch.Tensor
-    p: torch.Tensor
-    dp: torch.Tensor
-    count: float
-    outside: float
-    lo: float
-    hi: float
-    nonfinite: int = 0
-
-    def __post_init__(self) -> None:
-        lo, hi, bins = check_grid(self.lo, self.hi, int(self.grid.numel()))
-        for name in ("grid", "p", "dp"):
-            t = getattr(self, name)
-            if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.numel() != bins:
-                raise ValueError(f"Density.{name} must be a 1-d tensor of {bins} values")
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(
-                    f"Density.{name} has non-finite values; estimate from finite data "
-                    "(the estimators drop NaN/Inf) or fix the pdf"
-                )
-        if bool((self.p < 0).any()):
-            raise ValueError("Density.p has negative values; a density must be >= 0")
-        if not (0.0 <= float(self.outside) <= 1.0):
-            raise ValueError(f"Density.outside must be a fraction in [0, 1], got {self.outside!r}")
-
-    # ---------------------------------------------------------------- derived
-    @property
-    def bins(self) -> int:
-        return int(self.grid.numel())
-
-    @property
-    def step(self) -> float:
-        """Bin width ``h``."""
-        return (self.hi - self.lo) / self.bins
-
-    @property
-    def edges(self) -> torch.Tensor:
-        """``(B + 1,)`` bin edges."""
-        return torch.linspace(self.lo, self.hi, self.bins + 1, dtype=self.grid.dtype, device=self.grid.device)
-
-    @property
-    def mass(self) -> torch.Tensor:
-        """``(B,)`` probability of each bin (``p * h``)."""
-        return self.p * self.step
-
-    def cdf(self) -> torch.Tensor:
-        """CDF of the density restricted to the grid (renormalised), at the bin centres."""
-        m = self.mass
-        total = m.sum()
-        if float(total) <= 0:
-            raise ValueError("Density has no mass on its grid; widen [lo, hi]")
-        return (torch.cumsum(m, 0) - 0.5 * m) / total
-
-    def quantile(self, q: float) -> float:
-        """The ``q``-quantile of the density restricted to its grid (linear within bins)."""
-        if not 0.0 <= float(q) <= 1.0:
-            raise ValueError(f"q must be a probability in [0, 1], got q={q!r}")
-        mass = self.mass.clamp_min(0)
-        total = float(mass.sum())
-        if total <= 0:
-            raise ValueError("the density has no mass on its grid; widen the estimator's [lo, hi]")
-        cum = torch.cat([mass.new_zeros(1), torch.cumsum(mass, 0)]) / total
-        edges = self.edges
-        k = int(torch.searchsorted(cum, torch.tensor([float(q)], dtype=cum.dtype, device=cum.device))[0])
-        k = min(max(k, 1), self.bins)
-        c0, c1 = float(cum[k - 1]), float(cum[k])
-        w = 0.5 if c1 <= c0 else min(max((q - c0) / (c1 - c0), 0.0), 1.0)
-        return float(edges[k - 1] + w * (edges[k] - edges[k - 1]))
-
-    def entropy(self) -> float:
-        """Differential entropy ``-int p log p`` (nats) of the density on its grid."""
-        m = self.p > 0
-        return float(-(self.p[m] * torch.log(self.p[m])).sum() * self.step)
-
-    def mean_std(self) -> tuple[float, float]:
-        """Mean and standard deviation of the density on its grid."""
-        w = self.mass / self.mass.sum()
-        mean = (w * self.grid).sum()
-        var = (w * (self.grid - mean) ** 2).sum()
-        return float(mean), float(var.clamp_min(0).sqrt())
-
-    def to(self, device: torch.device | str) -> "Density":
-        """The same density with its tensors on ``device``."""
-        return replace(self, grid=self.grid.to(device), p=self.p.to(device), dp=self.dp.to(device))
-
-    # ---------------------------------------------------------------- constructors
-    @classmethod
-    def from_pdf(
-        cls,
-        pdf: Callable,
-        lo: float,
-        hi: float,
-        bins: int,
-        dpdf: Callable | None = None,
-    ) -> "Density":
-        """Sample an analytic density (for design work and tests).
-
-        Args:
-            pdf: callable mapping a float64 tensor (or numpy array) of points to densities,
-                e.g. ``scipy.stats.norm.pdf`` or a torch expression.
-            lo, hi, bins: the grid.
-            dpdf: derivative of ``pdf``; if omitted, a central difference with step ``1e-5``
-                (error ~1e-10 for smooth densities).
-
-        ``outside`` is ``1 - sum(p) * h``, clipped to ``[0, 1]`` (the pdf is taken as normalised).
-        """
-        lo, hi, bins = check_grid(lo, hi, bins)
-        h = (hi - lo) / bins
-        grid = lo + h * (torch.arange(bins, dtype=torch.float64) + 0.5)
-        p = _eval(pdf, grid)
-        if dpdf is not None:
-            dp = _eval(dpdf, grid)
-        else:
-            e = 1e-5
-            dp = (_eval(pdf, grid + e) - _eval(pdf, grid - e)) / (2 * e)
-        if not bool(torch.isfinite(p).all()) or not bool(torch.isfinite(dp).all()):
-            raise ValueError("pdf returned non-finite values on the grid; check the pdf and [lo, hi]")
-        outside = min(1.0, max(0.0, 1.0 - float(p.sum()) * h))
-        return cls(grid=grid, p=p, dp=dp, count=math.inf, outside=outside, lo=lo, hi=hi)
-
-    # ---------------------------------------------------------------- persistence
-    def save(self, path) -> None:
-        """Write the density to a ``.pt`` file (readable by :meth:`load` and ``dynact design``)."""
-        torch.save(
-            {
-                "grid": self.grid.cpu(),
-                "p": self.p.cpu(),
-                "dp": self.dp.cpu(),
-                "count": self.count,
-                "outside": self.outside,
-                "lo": self.lo,
-                "hi": self.hi,
-                "nonfinite": self.nonfinite,
-            },
-            path,
-        )
-
-    @classmethod
-    def load(cls, path) -> "Density":
-        """Read a density written by :meth:`save`."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        missing = {"grid", "p", "dp", "count", "outside", "lo", "hi"} - set(state)
-        if missing:
-            raise ValueError(f"{path}: not a dynact density file (missing {sorted(missing)})")
-        return cls(**{k: state[k] for k in ("grid", "p", "dp", "count", "outside", "lo", "hi")},
-                   nonfinite=int(state.get("nonfinite", 0)))
-
-
-def _eval(fn: Callable, x: torch.Tensor) -> torch.Tensor:
-    try:
-        out = fn(x)
-    except TypeError:
-        out = fn(x.numpy())
-    return torch.as_tensor(np.asarray(out) if not isinstance(out, torch.Tensor) else out,
-                           dtype=torch.float64).reshape(x.shape)
-
+__all__ = ["Histogram", "KDE", "sum_states"]
 
 # ============================================================================ estimators
 #
@@ -220,9 +29,6 @@ def _eval(fn: Callable, x: torch.Tensor) -> torch.Tensor:
 # plugins. So the additive state is one plain float64 tensor, reduced by one
 # ``all_reduce`` and saved by an explicit ``state_dict``.
 
-# Names accepted by ``bandwidth`` / ``dp_bandwidth``.
-_BANDWIDTH_RULES = ("silverman", "scott")
-
 # Fractions of linear-binning weights are rounded to multiples of 2**-16 of a bin. Then
 # every entry of the state is a multiple of 2**-16, float64 sums of them are exact in any
 # order (while a node holds under 2**37 = 1.4e11 values), and many updates, one update
@@ -230,23 +36,9 @@ _BANDWIDTH_RULES = ("silverman", "scott")
 # 8e-6 bins.)
 _FRACTION_STEP = 2.0**16
 
-# dp uses the derivative of the fourth-order Gaussian kernel K = (3 - z^2)/2 phi(z):
-# R(K') = 0.48485, mu_4(K) = -3. Its AMISE-optimal width is
-# w = (_DP_AMISE / (R(p^(5)) n))^(1/11), _DP_AMISE = 3 R(K') / (8 (mu_4/24)^2); for a
-# normal p, R(p^(5)) = 8.3306 / s^11, giving w = _DP_RULE_FACTOR s n^(-1/11).
-_DP_AMISE = 11.6364
-_DP_RULE_FACTOR = 1.0308
-# Pilot width for estimating R(p^(5)) = -psi_10 (Wand & Jones 1995, eq. 3.7, normal
-# reference for psi_12): g = (2 phi^(10)(0) / (-psi_12 n))^(1/13) = 1.2404 s n^(-1/13).
-_PILOT_FACTOR = 1.2404
-_PILOT_MIN_BINS = 3.0
-
 # Kernels narrower than this many bins are not resolved by the grid (and a constant
 # input has zero spread): every bandwidth is floored here.
 _MIN_BANDWIDTH_BINS = 2.0
-
-# Gaussian kernels are truncated this many bandwidths out (mass beyond: 1e-15).
-_KERNEL_REACH = 8.0
 
 # Values per update chunk. On CPU a fresh multi-megabyte temporary costs page faults
 # (measured: 1e6 values as one chunk 10 ms, as chunks of 2**18 3.6 ms); on accelerators
@@ -324,6 +116,8 @@ class _BinnedEstimator:
             x = torch.as_tensor(x)
         if x.is_complex():
             raise ValueError(f"x must be real, got dtype {x.dtype}")
+        if x.device.type == "meta":  # no values: binning it would move the state to meta for good
+            raise ValueError("x is on the meta device and holds no values; update with real data")
         x = x.detach().reshape(-1)
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()
@@ -334,7 +128,7 @@ class _BinnedEstimator:
         if x.numel() == 0:
             return
         chunk = _CHUNK_CPU if x.device.type == "cpu" else _CHUNK_OTHER
-        with _single_thread(x.device):
+        with single_thread(x.device):
             acc = torch.zeros(self._acc_shape(), dtype=torch.float64, device=x.device)
             counters = torch.zeros(_N_COUNTERS, dtype=torch.float64, device=x.device)
             for part in x.split(chunk):
@@ -369,6 +163,40 @@ class _BinnedEstimator:
             RuntimeError: no finite value has been seen (on any process, when syncing).
         """
         state = self._synced_state() if _want_sync(sync, self.process_group) else self._state
+        return self.compute_from(state)
+
+    @property
+    def additive_state(self) -> torch.Tensor:
+        """The local additive state (counts), a float64 tensor of :attr:`state_size` values.
+
+        The states of several processes (or estimators with the same grid) add up: their sum,
+        passed to :meth:`compute_from`, is the estimate of all their values together. Lets a
+        caller pack many estimators into one ``all_reduce``. Do not modify it in place.
+        """
+        return self._state
+
+    @property
+    def state_size(self) -> int:
+        """Number of values in :attr:`additive_state`."""
+        return int(self._state.numel())
+
+    def counts(self, state: torch.Tensor | None = None) -> tuple[int, int]:
+        """``(finite values, NaN/Inf values)`` behind ``state`` (default: the local state)."""
+        state = self._state if state is None else state
+        return int(round(float(self._total(state)))), int(state[-_N_COUNTERS + _NONFINITE])
+
+    @torch.no_grad()
+    def compute_from(self, state: torch.Tensor) -> Density:
+        """The density estimate from an additive state (e.g. a sum of processes' states).
+
+        ``outside`` is everything not on the grid: the values counted beyond it plus what the
+        kernel spreads past its ends, so ``sum(p) * h + outside == 1`` always.
+
+        Raises:
+            RuntimeError: ``state`` holds no finite value.
+        """
+        if state.shape != self._state.shape:
+            raise ValueError(f"state must have shape {tuple(self._state.shape)}, got {tuple(state.shape)}")
         total = float(self._total(state))
         counters = state[-_N_COUNTERS:].tolist()
         if total <= 0:
@@ -377,12 +205,14 @@ class _BinnedEstimator:
                 f"update() ({int(counters[_NONFINITE])} NaN/Inf values were dropped); "
                 "call update(x) with finite values first"
             )
-        with _single_thread(state.device):
+        with single_thread(state.device):
             p, dp, bw = self._finish(state[: -_N_COUNTERS], counters, total)
         self.last_bandwidths = bw
         h = self.step
         grid = self.lo + h * (torch.arange(self.bins, dtype=torch.float64, device=state.device) + 0.5)
-        outside = (counters[_BELOW] + counters[_ABOVE]) / total
+        # The kernel may carry mass past the grid's ends (values at or near them, or a wide
+        # bandwidth): count it as outside too, so the masses always add up to one.
+        outside = max((counters[_BELOW] + counters[_ABOVE]) / total, 1.0 - float(p.sum()) * h)
         return Density(
             grid=grid,
             p=p,
@@ -433,9 +263,7 @@ class _BinnedEstimator:
     def _synced_state(self) -> torch.Tensor:
         import torch.distributed as dist
 
-        buf = self._state.clone()
-        if dist.get_backend(self.process_group) == "nccl" and buf.device.type != "cuda":
-            buf = buf.to(torch.device("cuda", torch.cuda.current_device()))
+        buf = self._state.to(collective_device(self.process_group), copy=True)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.process_group)
         return buf.to(self._state.device)
 
@@ -564,8 +392,8 @@ class KDE(_BinnedEstimator):
     ``dp_bandwidth="silverman"`` / ``"scott"`` gives the normal-reference width
     ``1.03 s N^(-1/11)`` with that rule's scale ``s``. Both widths are floored at 2 bins
     (a constant input gets a narrow bump, not a NaN). Mass that the kernel spreads beyond
-    ``[lo, hi]`` is not on the grid, so ``sum(p) h`` can fall slightly short of
-    ``1 - outside`` when data sit near the ends.
+    ``[lo, hi]`` is not on the grid and is counted in ``outside``, so ``sum(p) h`` and
+    ``outside`` always add up to one.
 
     State: float64 node weights plus [below, above, nonfinite] counters. Linear-binning
     fractions are rounded to 2**-16 bin, which makes every sum exact: ``update`` calls and
@@ -637,150 +465,61 @@ class KDE(_BinnedEstimator):
         return p, dp, (bw, dp_bw)
 
 
-# ---------------------------------------------------------------------------- helpers
-def _check_bandwidth(value: Any, name: str, allow_none: bool) -> str | float | None:
-    accepted = f"{' or '.join(repr(r) for r in _BANDWIDTH_RULES)} or a positive float"
-    if value is None and allow_none:
-        return None
-    if isinstance(value, str):
-        if value.lower() not in _BANDWIDTH_RULES:
-            raise ValueError(f"{name} must be {accepted}, got {value!r}")
-        return value.lower()
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be {accepted}, got {value!r}")
-    if not math.isfinite(float(value)) or float(value) <= 0:
-        raise ValueError(f"{name} must be {accepted}, got {value!r}; pass a width > 0 in the units of x")
-    return float(value)
+def sum_states(
+    estimators: list["_BinnedEstimator"],
+    maxima: torch.Tensor | None = None,
+    sync: bool | None = None,
+    group: Any = None,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Many estimators' states summed across processes, and per-row maxima maxed, in one collective.
 
+    Each estimator's :meth:`~_BinnedEstimator.compute` would reduce on its own (one
+    ``all_reduce`` per estimator); this packs all of them into one buffer. Maxima are not
+    additive, but a MAX over processes is a SUM of one-hot rows: rank ``r`` writes its maxima
+    into slot ``r`` of a ``(world, *maxima.shape)`` block of zeros, the SUM gathers every
+    rank's slot, and each rank takes the max over slots (exact, ``-inf`` allowed). The block
+    adds ``world * maxima.numel()`` numbers to the message.
 
-def _rule(spec: str | float, std: float, iqr: float, n: float, derivative: bool) -> float:
-    """Normal-reference bandwidths (Gaussian kernel) for a density or its derivative.
+    Args:
+        estimators: the estimators (any mix of kinds and grids).
+        maxima: optional float tensor (e.g. ``(len(estimators), 2)`` extremes) to MAX.
+        sync: reduce across processes; ``None``: when ``torch.distributed`` is initialised with
+            more than one process (as :meth:`~_BinnedEstimator.compute`).
+        group: the process group (``None``: the world).
 
-    Density (second-order Gaussian kernel): AMISE-optimal ``(4/3)^(1/5) s n^(-1/5)``
-    (Scott) or Silverman's ``0.9 min(std, iqr/1.34) n^(-1/5)``. Derivative (derivative
-    of the fourth-order Gaussian kernel): minimising
-    ``R(K')/(n w^3) + w^8 (mu_4/4!)^2 R(p^(5))`` with ``R(K') = 0.4849``, ``mu_4 = -3``
-    and ``R(p^(5)) = 8.331 / s^11`` for a normal ``p`` gives ``w = 1.0308 s n^(-1/11)``;
-    ``s`` is the rule's scale.
+    Returns:
+        The summed states (CPU, float64; pass each to its estimator's
+        :meth:`~_BinnedEstimator.compute_from`) and the maxima (CPU, float64, or None).
     """
-    if not isinstance(spec, str):
-        return float(spec)
-    scale = _rule_scale(spec, std, iqr)
-    if derivative:
-        return _DP_RULE_FACTOR * scale * n ** (-1 / 11)
-    factor = 0.9 if spec == "silverman" else (4 / 3) ** 0.2
-    return factor * scale * n ** (-0.2)
+    import torch.distributed as dist
 
+    distributed = _want_sync(sync, group)
+    world, rank = (dist.get_world_size(group), dist.get_rank(group)) if distributed else (1, 0)
+    device = collective_device(group) if distributed else torch.device("cpu")
+    parts = [est.additive_state.to(device=device, dtype=torch.float64) for est in estimators]
+    block = None
+    if maxima is not None:
+        # float64 holds float32 values exactly, and 0 + (-inf) stays -inf in the sum.
+        block = torch.zeros((world, *maxima.shape), dtype=torch.float64, device=device)
+        block[rank] = maxima.to(device=device, dtype=torch.float64)
+        parts.append(block.reshape(-1))
+    if not parts:
+        return [], None
+    buf = torch.cat(parts)
+    if distributed:
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    pieces = list(buf.cpu().split([p.numel() for p in parts]))
+    if block is None:
+        return pieces, None
+    return pieces[:-1], pieces[-1].view(block.shape).amax(dim=0)
 
-def _rule_scale(spec: str, std: float, iqr: float) -> float:
-    """Silverman's robust scale ``min(std, iqr/1.34)`` (the positive one if one is 0), or the std."""
-    if spec != "silverman":
-        return std
-    robust = iqr / 1.34
-    return min(std, robust) if std > 0 and robust > 0 else max(std, robust)
-
-
-def _plug_in_dp_width(nodes: torch.Tensor, total: float, scale: float, h: float) -> float:
-    """Direct plug-in width for ``dp`` (one stage; Wand & Jones 1995, section 3.6).
-
-    The AMISE-optimal width ``(_DP_AMISE / (R(p^(5)) n))^(1/11)`` needs the roughness
-    ``R(p^(5)) = -psi_10``, estimated from the binned counts ``c`` as
-    ``psi_10 = sum_kl c_k c_l phi_g^(10)(y_k - y_l) / n^2`` with a pilot width ``g`` from
-    the normal reference. Unlike the normal-reference rule it narrows for multimodal or
-    sharp densities: on a two-normal mixture (1e6 values) the worst error of ``dp`` drops
-    from 0.16 to 0.024, while it matches the rule on normal and t(5) data. Falls back to
-    the rule when the estimate is not positive.
-    """
-    rule = _DP_RULE_FACTOR * scale * total ** (-1 / 11)
-    pilot = max(_PILOT_FACTOR * scale * total ** (-1 / 13), _PILOT_MIN_BINS * h)
-    psi10 = float((nodes * _convolve(nodes, [(pilot / h, 10)])[0]).sum()) / (total**2 * h**11)
-    if not math.isfinite(psi10) or psi10 >= 0:
-        return rule
-    return (_DP_AMISE / (-psi10 * total)) ** (1 / 11)
-
-
-def _locate(x: torch.Tensor, lo: float, hi: float, bins: int):
-    """Positions of one chunk in bin units, and where each value went.
-
-    Returns ``s`` (``(x - lo) / h`` clamped to ``[0, bins]``; 0 for non-finite values),
-    ``off`` (1.0 for values that are outside or non-finite, else 0.0) and float64 counts
-    ``[below, above, nonfinite]``. Only clamps and arithmetic (no masks, ``where`` or
-    boolean indexing): cheap on CPU, and no synchronisation on accelerators.
-    """
-    span = hi - lo
-    # Bounding x keeps (x - lo)/h finite for huge finite values; NaN passes through.
-    xc = x.clamp(lo - span, hi + span).nan_to_num_(lo)
-    bad = torch.sub(x, x).nan_to_num_(1.0)  # x - x is NaN exactly for NaN and +-Inf
-    xc.addcmul_(bad, xc, value=-1.0).add_(bad, alpha=lo)  # park non-finite values at lo
-    # Indicators from the sign of an exact float difference: ceil(clamp(d, 0, 1)) = [d > 0].
-    below = torch.rsub(xc, lo).clamp_(0.0, 1.0).ceil_()
-    above = torch.sub(xc, hi).clamp_(0.0, 1.0).ceil_()
-    counts = torch.stack([below.sum(), above.sum(), bad.sum()]).to(torch.float64)
-    s = xc.sub_(lo).mul_(bins / span).clamp_(0.0, float(bins))
-    off = above.add_(below).add_(bad)
-    return s, off, counts
-
-
-def _convolve(m: torch.Tensor, kernels: list[tuple[float, int]]) -> torch.Tensor:
-    """Convolve ``m`` (M,) with Gaussian-family kernels given as ``(width in bins, order)``.
-
-    Order 0: the Gaussian (density); 1: the derivative of the fourth-order Gaussian kernel
-    ``(3 - z^2)/2 phi(z)``, whose bias is O(w^4) instead of O(w^2); 10: the tenth derivative
-    of the Gaussian (for the plug-in width). Kernels are sampled at integer offsets,
-    truncated at ``_KERNEL_REACH`` widths (and at M - 1, the farthest offset between two
-    entries), zero beyond the ends (mass off the grid stays off it). One batched real
-    FFT: O(M log M). Returns ``(len(kernels), M)`` per bin: divide by ``h^order`` for
-    x units.
-    """
-    n = m.numel()
-    reach = min(n - 1, int(math.ceil(_KERNEL_REACH * max(w for w, _ in kernels))))
-    u = torch.arange(-reach, reach + 1, dtype=torch.float64, device=m.device)
-    rows = []
-    for width, order in kernels:
-        z = u / width
-        g = torch.exp(-0.5 * z * z) / (width * math.sqrt(2 * math.pi))
-        if order == 0:
-            rows.append(g)
-        elif order == 1:
-            rows.append(-z * (5.0 - z * z) / (2.0 * width) * g)
-        else:  # probabilists' Hermite polynomial: phi^(r)(z) = (-1)^r He_r(z) phi(z)
-            he_prev, he = torch.ones_like(z), z
-            for k in range(1, order):
-                he_prev, he = he, z * he - k * he_prev
-            rows.append((-1) ** order * he * g / width**order)
-    k = torch.stack(rows)
-    size = 1 << (n + 2 * reach - 1).bit_length()
-    out = torch.fft.irfft(torch.fft.rfft(m, size) * torch.fft.rfft(k, size), size)
-    return out[:, reach : reach + n]
 
 
 def _want_sync(sync: bool | None, group: Any) -> bool:
     import torch.distributed as dist
 
-    ready = dist.is_available() and dist.is_initialized()
     if sync is None:
-        return ready and dist.get_world_size(group) > 1
-    if sync and not ready:
+        return is_distributed(group)
+    if sync and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("compute(sync=True) needs an initialised torch.distributed process group")
     return bool(sync)
-
-
-@contextmanager
-def _single_thread(device: torch.device) -> Iterator[None]:
-    """Run torch CPU ops with one intra-op thread inside the block (no-op elsewhere).
-
-    Both ``update`` (chunks of at most 2**18 values) and ``compute`` (O(bins) work) are
-    too small for torch's intra-op threads to pay off, and on a busy machine waking them
-    costs milliseconds per op. Measured on 2 shared cores, median of 15: updating with
-    1e4 values took 40 ms with 2 threads against 0.25 ms with 1; 1e5 values 14-370 ms
-    against 0.5-1.6 ms; a 514-value exp or irfft 4-8 ms against 5 us. Switching the
-    thread count costs under a microsecond.
-    """
-    saved = torch.get_num_threads() if device.type == "cpu" else 1
-    if saved != 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if saved != 1:
-            torch.set_num_threads(saved)

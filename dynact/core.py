@@ -1,0 +1,583 @@
+"""ActivationOptimizer: the framework-free core of dynact's training plugin.
+
+It measures every activation's input density while a model trains, computes the per-layer
+measures of :func:`dynact.eafo.output_stats`, and applies EAFO updates to the dynamic
+activations (:class:`~dynact.EAFOActivation`). It needs nothing but PyTorch; the front doors
+are thin adapters over it:
+
+- plain PyTorch: call :meth:`ActivationOptimizer.step` after each ``optimizer.step()``;
+- Lightning: :class:`dynact.EAFOCallback`;
+- Hugging Face ``Trainer`` / TRL: :class:`dynact.integrations.transformers.EAFOTrainerCallback`.
+
+Data flow::
+
+    forward pre-hook -> random subsample (float32) -> streaming estimator (per layer)
+    every N optimizer steps: estimators summed across processes -> Density
+        -> EAFOActivation.update (dynamic layers) -> dynact.eafo.output_stats -> metrics()
+
+The math lives in :mod:`dynact.eafo`, :mod:`dynact.density` and :mod:`dynact.spline`; this
+module only schedules it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Iterable, Literal, Optional, Union
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from dynact import activations, eafo
+from dynact.activations import find_activations
+from dynact.conversion import to_eafo
+from dynact.density import Density, sum_states
+from dynact.distributed import is_distributed, single_thread
+from dynact.options import ESTIMATORS, RANK_SEED_STRIDE, validate_options
+from dynact.update_guards import Skip, nonfinite_tensors, overflows, restore
+from dynact.spline import EAFOActivation
+
+__all__ = ["ActivationOptimizer", "LOGGED_STATS", "tag"]
+
+#: Figures of :func:`dynact.eafo.output_stats` reported per layer at each update.
+LOGGED_STATS = ("entropy_in", "dead", "entropy", "entropy_scale_free", "log_slope", "std")
+# Quantiles that bound "the data" when a grid is fitted; the grid adds a margin around them.
+_Q_LO, _Q_HI = 1e-3, 1.0 - 1e-3
+# A grid is too coarse when the central 99.8% of the data covers fewer than 1/8 of its bins.
+_MIN_FILL = 1.0 / 8.0
+#: Relative margin added on each side of the central mass when a grid is fitted to it.
+_GRID_MARGIN = 0.25
+# Inputs spanning less than this times max(1, |x|) are treated as constant: even the narrowest
+# grid `around` fits (half-width 1e-3 * max(1, |x|)) would be too coarse for them.
+_MIN_SPREAD = 3e-4
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
+
+
+def tag(metric: str, layer: str) -> str:
+    """The key of a per-layer figure: metric first, then the layer's qualified name made safe as
+    a logger tag (``"dead/net.blocks.3.mlp.act"``; the model itself is ``"model"``).
+
+    TensorBoard groups panels by the first component, so each group compares one figure
+    across layers. Every front door uses these keys.
+    """
+    return f"{metric}/{_UNSAFE.sub('_', layer).strip('_') or 'model'}"
+
+
+@dataclass
+class _Layer:
+    """One hooked activation module and what the optimizer keeps about it."""
+
+    name: str
+    module: nn.Module
+    dynamic: bool
+    estimator: Any
+    handle: Optional[RemovableHandle] = None
+    # [-min, max] of the finite values sampled this window, on the module's device; reduced
+    # with MAX across processes when the grid has to grow to the data.
+    extrema: Optional[torch.Tensor] = None
+    # Updates skipped, by reason ("nonfinite", "constant", "parameters", "grid", "overflow", or
+    # the name of the error the update raised); each reason is warned about once per layer.
+    skips: dict[str, int] = field(default_factory=dict)
+    # dtype of the inputs last sampled: an update must not make the activation overflow it.
+    in_dtype: torch.dtype = torch.float32
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skips.values())
+
+
+class ActivationOptimizer:
+    r"""Measure every activation's input density during training, report per-layer measures, and
+    apply EAFO updates to dynamic activations.
+
+    At construction it converts the model's activation modules of the ``convert`` types to
+    :class:`~dynact.EAFOActivation` (with that type as its base), so build it *before* the
+    weight optimizer: the new ``eps`` parameters must reach it. It then hooks every activation
+    module: instances of the classes in dynact's activation registry and
+    :class:`~dynact.EAFOActivation`. Activations called as functions (``F.relu(x)``) are not
+    seen: use modules.
+
+    During the ``window`` optimizer steps before each update, a forward pre-hook takes
+    ``sample_size`` random values of each layer's input (on the model's device, float32) and
+    feeds them to the layer's streaming density estimator; no activation tensor is kept and
+    the global RNG is not touched. Hooks ignore modules in evaluation mode unless
+    ``collect_eval=True``.
+
+    Call :meth:`step` once after every optimizer step. Every ``every_n_steps`` steps each
+    layer's estimator is summed across processes and turned into a
+    :class:`~dynact.density.Density`; every process applies the same update, so dynamic
+    activations stay identical on all ranks. The per-layer figures of that update are returned
+    by :meth:`step` and kept in :meth:`metrics`, keyed ``"<metric>/<layer>"``:
+
+    ==========================  ==================================================================
+    ``entropy_in``              differential entropy of the input (nats)
+    ``dead``                    output mass on an atom: where the activation is flat
+    ``entropy``                 mixed entropy of the output (resolution-free, nats)
+    ``entropy_scale_free``      ``entropy - (1 - dead) log std``: unchanged by output rescaling
+    ``log_slope``               ``E[log f'(X)]`` over the rising mass
+    ``std``                     standard deviation of the output
+    ``eps``                     the correction's scale (CRReLU, EAFOActivation)
+    ``outside``                 mass beyond the grid (the spline's, for dynamic layers)
+    ``update_size``             largest change of the activation (dynamic layers)
+    ``accepted``                1 if the update was applied, else 0 (dynamic layers)
+    ``nonfinite``               NaN/Inf values sampled in the window
+    ``skipped``                 running count of this layer's skipped updates
+    ==========================  ==================================================================
+
+    ``docs/math.md`` defines each measure.
+
+    Skips: a layer whose update cannot be made sensibly is skipped for that update: its window
+    held NaN/Inf values, its input was constant (spanning less than ``3e-4 * max(1, |x|)``), its
+    own parameters (``eps``) are not finite, its grid cannot be stored in the activation's dtype
+    (float16 beyond 65504, bfloat16's coarse steps), the update would make it overflow its
+    input's dtype, or the update's numerics raised. Nothing of that layer changes (its
+    activation is restored if the update got half-way), one warning per layer and reason names
+    it, ``skipped`` counts it and :attr:`skips` holds the counts by reason; every other layer
+    proceeds.
+
+    Conversion keeps each converted module as the new activation's base, settings and
+    parameters included (:func:`dynact.conversion.to_eafo`); ``mode="monitor"`` converts nothing.
+
+    Grids: each estimator starts on ``init_range`` with ``bins`` bins. When a window's data
+    spill beyond it (more than ``max_outside`` of the mass) or fill less than 1/8 of it, the
+    estimator's grid is re-fitted and that layer's update waits for the next window. A dynamic
+    layer's spline grid is re-placed (:meth:`EAFOActivation.place_grid`) under the same two
+    conditions, just before its update.
+
+    Args:
+        model: the model; its activation modules are found, converted and hooked.
+        every_n_steps: optimizer steps between updates.
+        estimator: ``"kde"`` (binned Gaussian KDE) or ``"hist"`` (histogram).
+        mode: ``"refresh"`` (``s`` = the EAFO correction of the base under the measured
+            density), ``"iterate"`` (constrained descent steps on the scale-free entropy, size
+            ``eta``) or ``"monitor"`` (measure only, never change the model).
+        eta: step size of ``"iterate"`` (ignored by the other modes).
+        bins: bins of each estimator's grid.
+        sample_size: values sampled per layer per forward pass.
+        window: optimizer steps before each update during which the hooks sample
+            (``1 <= window <= every_n_steps``); default ``min(every_n_steps, 20)``.
+        convert: activation module types (or registry names) to replace by
+            an ``EAFOActivation`` with the module itself as base; ``()`` leaves the model as it is.
+        init_range: ``(lo, hi)`` of the estimators' first grid.
+        max_outside: mass beyond a grid that triggers re-fitting it.
+        collect_eval: also sample forward passes made in evaluation mode while a window is open.
+        seed: seed of the sampling generator (offset by the process rank).
+        rank: this process's rank (seeds and state); default: torch.distributed's, else 0.
+
+    Valid ranges: ``8 <= bins <= 65536``, ``1 <= sample_size <= 2**20``, ``0 <= seed <= 2**62``,
+    ``init_range`` within ``[-1e100, 1e100]``.
+
+    Raises:
+        ValueError: an argument is out of range; the message names it and the accepted values.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from dynact import ActivationOptimizer
+        >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+        >>> act_opt = ActivationOptimizer(model, every_n_steps=5, window=5, sample_size=64)
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-2)   # after: it sees eps
+        >>> for _ in range(5):
+        ...     loss = model(torch.randn(64, 8)).pow(2).mean()
+        ...     opt.zero_grad(); loss.backward(); opt.step()
+        ...     updated = act_opt.step()
+        >>> sorted(k for k in updated if k.startswith("dead/"))
+        ['dead/1']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        every_n_steps: int = 100,
+        estimator: Literal["kde", "hist"] = "kde",
+        mode: Literal["refresh", "iterate", "monitor"] = "refresh",
+        eta: float = 0.05,
+        bins: int = 256,
+        sample_size: int = 4096,
+        window: Optional[int] = None,
+        convert: Iterable[Union[type, str]] = (nn.ReLU,),
+        init_range: tuple[float, float] = (-8.0, 8.0),
+        max_outside: float = 0.01,
+        collect_eval: bool = False,
+        seed: int = 0,
+        rank: Optional[int] = None,
+    ) -> None:
+        self.options = validate_options(
+            every_n_steps=every_n_steps, estimator=estimator, mode=mode, eta=eta, bins=bins,
+            sample_size=sample_size, window=window, convert=convert, init_range=init_range,
+            max_outside=max_outside, collect_eval=collect_eval, seed=seed,
+        )
+        for key, value in self.options.items():
+            setattr(self, key, value)
+        if rank is None:
+            rank = torch.distributed.get_rank() if is_distributed() else 0
+        self.rank = int(rank)
+        self.model = model
+        self._layers: dict[str, _Layer] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        self._metrics: dict[str, float] = {}
+        #: The densities the latest update measured, by layer (for histograms and figures).
+        self.densities: dict[str, Density] = {}
+        self.global_step = 0
+        self.num_updates = 0
+        self.converted = self._convert(model)
+        for name, module in find_activations(model):
+            dynamic = isinstance(module, EAFOActivation) and self.mode != "monitor"
+            self._layers[name] = _Layer(name, module, dynamic, self._new_estimator(*self.init_range))
+        self.attach()
+        if not self._layers and self.rank == 0:
+            warnings.warn(
+                "ActivationOptimizer found no activation modules to measure; it hooks modules of "
+                f"the activation registry ({', '.join(activations.activation_names())}), not "
+                "functions such as F.relu. Use nn.ReLU() etc. in the model.",
+                stacklevel=2,
+            )
+        elif self.rank == 0 and self.mode != "monitor" and not any(layer.dynamic for layer in self._layers.values()):
+            warnings.warn(
+                f"ActivationOptimizer: none of the {len(self._layers)} activation modules is an "
+                "EAFOActivation, so it only measures. To enable updates, convert some, e.g. "
+                "convert=(torch.nn.GELU,), or build the model with act='eafo'.",
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def layer_names(self) -> list[str]:
+        """Qualified names of the hooked activation modules."""
+        return list(self._layers)
+
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        """The hooked activation modules by qualified name."""
+        return {name: layer.module for name, layer in self._layers.items()}
+
+    @property
+    def skips(self) -> dict[str, dict[str, int]]:
+        """Skipped updates per layer, by reason (``{"net.1": {"nonfinite": 2}}``)."""
+        return {name: dict(layer.skips) for name, layer in self._layers.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """The per-layer figures of the latest update (empty before the first)."""
+        return dict(self._metrics)
+
+    def step(self, global_step: Optional[int] = None) -> dict[str, float]:
+        """Count one optimizer step (call it after ``optimizer.step()``); update when due.
+
+        Args:
+            global_step: the number of optimizer steps completed so far, if the caller keeps
+                its own count (Lightning, Hugging Face); default: this object's count + 1.
+
+        Returns:
+            the figures of this step's update, or an empty dict if no update was due.
+        """
+        self.global_step = self.global_step + 1 if global_step is None else int(global_step)
+        updated: dict[str, float] = {}
+        self._collecting = False  # the update's own evaluations of the modules are not data
+        if self.global_step > 0 and self.global_step % self.every_n_steps == 0:
+            with single_thread(torch.device("cpu")):  # O(bins) grid work: no thread wake-ups
+                updated = self._update_all()
+        self._collecting = self._in_window(self.global_step)
+        return updated
+
+    def set_step(self, global_step: int) -> None:
+        """Align the step count with the training loop's (after resuming from a checkpoint)."""
+        self.global_step = int(global_step)
+        self._collecting = self._in_window(self.global_step)
+
+    def attach(self) -> None:
+        """Hook the layers again after :meth:`remove` (nothing happens to hooked layers)."""
+        for layer in self._layers.values():
+            if layer.handle is None:
+                layer.handle = layer.module.register_forward_pre_hook(partial(self._collect, layer))
+        self._collecting = self._in_window(self.global_step)
+
+    def remove(self) -> None:
+        """Remove the hooks (the converted modules stay in the model)."""
+        for layer in self._layers.values():
+            if layer.handle is not None:
+                layer.handle.remove()
+                layer.handle = None
+        self._collecting = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's own state (estimators, counters, sampling generators).
+
+        The spline buffers are in the model's ``state_dict``. Under data parallelism this is
+        the calling process's state: save rank 0's.
+        """
+        return {
+            "global_step": self.global_step,
+            "num_updates": self.num_updates,
+            "generators": {key: gen.get_state() for key, gen in self._generators.items()},
+            "layers": {
+                name: {
+                    "range": (layer.estimator.lo, layer.estimator.hi),
+                    "estimator": layer.estimator.state_dict(),
+                    "extrema": None if layer.extrema is None else layer.extrema.detach().cpu(),
+                    "skips": dict(layer.skips),
+                }
+                for name, layer in self._layers.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. A checkpoint holds rank 0's state: every process restores
+        the grids and counters; only rank 0 keeps the partial window's counts, so the sum across
+        processes never counts them twice (the other ranks' partial counts are dropped)."""
+        self.global_step = int(state.get("global_step", self.global_step))
+        self.num_updates = int(state["num_updates"])
+        saved = state["layers"]
+        unknown = sorted(set(saved) - set(self._layers))
+        if unknown:
+            warnings.warn(f"ActivationOptimizer: the state has layers this model lacks: {unknown}", stacklevel=2)
+        own = self.rank == 0
+        if own:
+            self._generators = {}
+            for key, gen_state in state["generators"].items():
+                if key.startswith("cuda") and not torch.cuda.is_available():
+                    continue  # a GPU run resumed on CPU draws from a fresh generator
+                gen = torch.Generator(device=key)
+                gen.set_state(gen_state)
+                self._generators[key] = gen
+        for name, layer_state in saved.items():
+            layer = self._layers.get(name)
+            if layer is None:
+                continue
+            layer.estimator = self._new_estimator(*layer_state["range"])
+            skips = layer_state.get("skips")
+            if skips is None:  # older states counted non-finite windows only
+                skips = {"nonfinite": int(layer_state["skipped"])} if layer_state.get("skipped") else {}
+            layer.skips = {str(k): int(v) for k, v in skips.items()}
+            if own:
+                layer.estimator.load_state_dict(layer_state["estimator"])
+                layer.extrema = layer_state["extrema"]
+        self._collecting = self._in_window(self.global_step)
+
+    # ------------------------------------------------------------------ conversion
+    def _convert(self, model: nn.Module) -> list[str]:
+        converted: list[str] = []
+        if not self.convert or self.mode == "monitor":  # monitoring never changes the model
+            return converted
+        # Outermost activations only: an EAFOActivation's own base is never converted. The
+        # module itself becomes the base: its settings and parameters stay.
+        for name, module in find_activations(model):
+            if any(isinstance(module, k) for k in self.convert):
+                model.set_submodule(name, to_eafo(module))
+                converted.append(name)
+        return converted
+
+    # ------------------------------------------------------------------ collection
+    def _in_window(self, step: int) -> bool:
+        # Updates happen after optimizer steps k*N; samples come from steps [k*N - window, k*N).
+        return step % self.every_n_steps >= self.every_n_steps - self.window
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed + RANK_SEED_STRIDE * self.rank)
+            self._generators[key] = gen
+        return gen
+
+    def _collect(self, layer: _Layer, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook: feed ``sample_size`` random input values to the layer's estimator."""
+        if not self._collecting or not (module.training or self.collect_eval):
+            return
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0 or x.is_meta:
+            return
+        # A few thousand values: extra intra-op threads only add wake-up latency.
+        with torch.no_grad(), single_thread(x.device):
+            x = x.detach()
+            idx = torch.randint(x.numel(), (self.sample_size,), device=x.device, generator=self._generator(x.device))
+            # Index without flattening: a non-contiguous input would be copied whole.
+            sample = (x.reshape(-1)[idx] if x.is_contiguous() else x[torch.unravel_index(idx, x.shape)]).float()
+            layer.estimator.update(sample)
+            layer.in_dtype = x.dtype
+            # Track the extremes of the finite values (for growing the grid) without a host sync;
+            # every non-finite value becomes -inf (nan_to_num's default would make -inf finite).
+            ends = torch.stack([-sample, sample]).nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+            ends = ends.amax(dim=1)
+            prev = layer.extrema
+            layer.extrema = ends if prev is None else torch.maximum(prev.to(ends.device), ends)
+
+    # ------------------------------------------------------------------ update
+    def _update_all(self) -> dict[str, float]:
+        self.num_updates += 1
+        layers = list(self._layers.values())
+        # One collective for all layers, in the same order on every process: counts summed, the
+        # extremes of the finite values maxed (None where no process saw one).
+        states, extrema = _reduce_windows(layers)
+        metrics: dict[str, float] = {}
+        self.densities = {}
+        for layer, state, ends in zip(layers, states, extrema):
+            used = self._update_layer(layer, state, ends, metrics)
+            metrics[tag("skipped", layer.name)] = float(layer.skipped)
+            if used is not None:
+                self.densities[layer.name] = used
+            layer.extrema = None
+        self._metrics = metrics
+        return dict(metrics)
+
+    def _update_layer(
+        self, layer: _Layer, state: torch.Tensor, ends: Optional[torch.Tensor], metrics: dict[str, float]
+    ) -> Optional[Density]:
+        """Update one layer from its summed counts, add its figures to ``metrics`` and start its
+        next window; returns the density its figures describe (None if it was not measured).
+
+        Every decision depends only on the summed counts and extremes, so all processes decide
+        alike.
+        """
+        count, nonfinite = layer.estimator.counts(state)
+        metrics[tag("nonfinite", layer.name)] = float(nonfinite)
+        if nonfinite > 0:
+            return self._skip(layer, "nonfinite", f"saw {nonfinite} NaN/Inf pre-activation value(s) in the window")
+        if count == 0 or ends is None:  # the layer did not run during the window
+            return None
+        low, high = -float(ends[0]), float(ends[1])
+        if high - low <= _MIN_SPREAD * max(1.0, abs(low), abs(high)):
+            return self._skip(
+                layer, "constant",
+                f"had a constant input in the window (all values in [{low:.6g}, {high:.6g}]), which has no "
+                "density to measure",
+            )
+        bad = nonfinite_tensors(layer.module)
+        if bad:
+            return self._skip(
+                layer, "parameters",
+                f"has non-finite parameters/buffers {bad} while its input is finite; look at training "
+                "(learning rate, loss scale) rather than the data",
+            )
+        saved = {k: v.detach().clone() for k, v in layer.module.state_dict().items()}
+        try:
+            density = layer.estimator.compute_from(state.cpu())
+            figures: dict[str, float] = {}
+            used = self._measure(layer, density, ends, figures)
+            if used is not None and layer.dynamic:
+                bad = nonfinite_tensors(layer.module)
+                if bad:
+                    raise Skip("update", f"got non-finite {bad} from its update (undone)")
+                if overflows(layer.module, layer.in_dtype):
+                    raise Skip(
+                        "overflow",
+                        f"would overflow its {layer.in_dtype} input's range (|f(x)| > "
+                        f"{torch.finfo(layer.in_dtype).max:.5g} for a finite x) after its update (undone)",
+                    )
+        except Skip as skip:
+            restore(layer.module, saved)
+            return self._skip(layer, skip.reason, skip.message)
+        except (ArithmeticError, ValueError, RuntimeError, TypeError, IndexError) as err:
+            # The numerics could not handle this window (e.g. a range they cannot resolve):
+            # undo whatever got half-way and go on; the warning carries the error.
+            restore(layer.module, saved)
+            return self._skip(layer, type(err).__name__, f"raised {type(err).__name__} in its update (undone): {err}")
+        metrics.update(figures)
+        return used
+
+    def _measure(self, layer: _Layer, density: Density, ends: torch.Tensor, metrics: dict[str, float]) -> Optional[Density]:
+        """Grid upkeep, the update of a dynamic layer and its figures (the part that may raise)."""
+        if density.outside > self.max_outside:
+            # The data reach beyond the grid: re-measure on a grid that covers them first.
+            metrics[tag("outside", layer.name)] = density.outside
+            layer.estimator = self._new_estimator(*_covering(density, ends))
+            return None
+        q_lo, q_hi = density.quantile(_Q_LO), density.quantile(_Q_HI)
+        # Quantiles are resolved to a bin; the extremes seen bound them exactly, so a grid left
+        # far too wide by huge values fits the data again in one window, not in many.
+        fit_lo = min(max(q_lo, -float(ends[0])), float(ends[1]))
+        fit_hi = max(min(q_hi, float(ends[1])), fit_lo)
+        if fit_hi - fit_lo <= _MIN_SPREAD * max(1.0, abs(fit_lo), abs(fit_hi)):
+            # Nearly all the mass at one value (a few outliers aside): no grid resolves it.
+            raise Skip("constant", f"had nearly all its input at {fit_lo:.6g}, which has no density to measure")
+        coarse = q_hi - q_lo < _MIN_FILL * (density.hi - density.lo)
+        # The next window's grid is settled first, so that it follows the data even when what
+        # comes next raises and the update is skipped.
+        if coarse:  # too few bins on the data: re-measure on a grid fitted to them
+            layer.estimator = self._new_estimator(*around(fit_lo, fit_hi))
+        else:
+            layer.estimator.reset()
+        record = self._apply(layer.module, density, q_hi - q_lo) if layer.dynamic and not coarse else None
+        metrics.update(self._layer_metrics(layer, density, record))
+        return density
+
+    def _skip(self, layer: _Layer, reason: str, message: str) -> None:
+        """Count a skipped update of ``layer``, warn once per reason, start its next window."""
+        layer.skips[reason] = layer.skips.get(reason, 0) + 1
+        layer.estimator.reset()
+        if layer.skips[reason] == 1 and self.rank == 0:  # a week-long run must not flood the log
+            warnings.warn(
+                f"ActivationOptimizer: layer {layer.name!r} {message}; it is not updated at step "
+                f"{self.global_step}. Training continues; later skips for this reason are only "
+                f"counted in {tag('skipped', layer.name)}.",
+                stacklevel=4,
+            )
+        return None
+
+    def _apply(self, act: EAFOActivation, density: Density, spread: float) -> dict:
+        """Re-place the spline's grid if the data left or hardly fill it, then update it."""
+        if act.outside_mass(density) > self.max_outside or spread < _MIN_FILL * (float(act.hi) - float(act.lo)):
+            try:
+                act.place_grid(density)
+            except ValueError as err:
+                # float16 overflows past 65504 and bfloat16 rounds neighbouring ends together.
+                raise Skip(
+                    "grid",
+                    f"cannot place its grid around the data (about {density.quantile(_Q_LO):.6g} to "
+                    f"{density.quantile(_Q_HI):.6g}) in its {act.lo.dtype} buffers ({err})",
+                ) from None
+        return act.update(density, mode=self.mode, eta=self.eta)
+
+    def _layer_metrics(self, layer: _Layer, density: Density, record: Optional[dict]) -> dict[str, float]:
+        stats = eafo.output_stats(layer.module, density)
+        out = {tag(name, layer.name): stats[name] for name in LOGGED_STATS}
+        out[tag("outside", layer.name)] = (
+            layer.module.outside_mass(density) if isinstance(layer.module, EAFOActivation) else density.outside
+        )
+        eps = getattr(layer.module, "eps", None)
+        if isinstance(eps, torch.Tensor) and eps.numel() == 1:
+            out[tag("eps", layer.name)] = float(eps.detach())
+        if record is not None:
+            out[tag("update_size", layer.name)] = float(record["change"])
+            out[tag("accepted", layer.name)] = float(bool(record["accepted"]))
+        return out
+
+    def _new_estimator(self, lo: float, hi: float) -> Any:
+        return ESTIMATORS[self.estimator](lo, hi, self.bins)
+
+
+# ---------------------------------------------------------------------- helpers
+def around(q_lo: float, q_hi: float) -> tuple[float, float]:
+    """A grid around the central mass ``[q_lo, q_hi]`` with a margin on each side."""
+    pad = max(_GRID_MARGIN * (q_hi - q_lo), 1e-3 * max(1.0, abs(q_lo), abs(q_hi)))  # a constant input too
+    return q_lo - pad, q_hi + pad
+
+
+def _covering(density: Density, ends: Optional[torch.Tensor]) -> tuple[float, float]:
+    """A grid covering ``density``'s grid and the extremes ``[-min, max]`` seen (5% margin);
+    without extremes, three times as wide."""
+    lo, hi = density.lo, density.hi
+    if ends is None:
+        return lo - (hi - lo), hi + (hi - lo)
+    lo, hi = min(lo, -float(ends[0])), max(hi, float(ends[1]))
+    return lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)
+
+
+def _reduce_windows(layers: list[_Layer]) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
+    """Every layer's estimator counts summed across processes and its ``[-min, max]`` maxed,
+    in one ``all_reduce`` (:func:`dynact.density.sum_states`). Returns the summed states and the
+    extremes (CPU; None for layers without a finite value on any process)."""
+    if not layers:
+        return [], []
+    ends = torch.stack([
+        torch.full((2,), -math.inf) if layer.extrema is None else layer.extrema.detach().float().cpu()
+        for layer in layers
+    ])
+    states, extremes = sum_states([layer.estimator for layer in layers], ends)
+    return states, [row if bool(torch.isfinite(row).all()) else None for row in extremes]

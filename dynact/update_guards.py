@@ -1,0 +1,50 @@
+"""Checks that keep one layer's failed update from touching the model or stopping training.
+
+:class:`dynact.ActivationOptimizer` snapshots a layer before updating it, checks the result
+with these helpers, and restores the snapshot when an update cannot be made sensibly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dynact.spline import EAFOActivation
+
+__all__ = ["Skip", "overflows", "nonfinite_tensors", "restore"]
+
+
+class Skip(Exception):
+    """An update that cannot be made sensibly; ``reason`` keys the warning and the count."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+def overflows(act: EAFOActivation, dtype: torch.dtype) -> bool:
+    """Whether ``act`` gives a non-finite output for some finite input of ``dtype``.
+
+    The correction is piecewise linear and zero beyond the grid, so next to a monotone base the
+    output's extremes are at the knots or at the ends of the dtype's range: evaluating there
+    decides it (in ``dtype``, as the forward pass computes it).
+    """
+    big = torch.finfo(dtype).max
+    x = act.knot_positions(torch.float64).clamp(-big, big)
+    x = torch.cat([x, x.new_tensor([-big, big])]).to(dtype)
+    with torch.no_grad():
+        return not bool(torch.isfinite(act(x)).all())
+
+
+def nonfinite_tensors(module: nn.Module) -> list[str]:
+    """Names of the module's floating parameters and buffers holding NaN/Inf."""
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+
+
+def restore(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put back a state taken with ``state_dict`` (in place: parameters stay the same objects)."""
+    with torch.no_grad():
+        for name, value in module.state_dict().items():
+            if not torch.equal(value, saved[name]):
+                value.copy_(saved[name])
