@@ -51,8 +51,12 @@ _Q_LO, _Q_HI = 1e-3, 1.0 - 1e-3
 _MIN_FILL = 1.0 / 8.0
 #: Relative margin added on each side of the central mass when a grid is fitted to it.
 _GRID_MARGIN = 0.25
+#: Relative margin added around the extremes seen when a grid must grow to cover spilled data.
+_SPILL_MARGIN = 0.05
+#: Narrowest half-width of a fitted grid, relative to max(1, |x|) (a constant input too).
+_MIN_HALF_WIDTH = 1e-3
 # Inputs spanning less than this times max(1, |x|) are treated as constant: even the narrowest
-# grid `around` fits (half-width 1e-3 * max(1, |x|)) would be too coarse for them.
+# grid `around` fits (half-width _MIN_HALF_WIDTH * max(1, |x|)) would be too coarse for them.
 _MIN_SPREAD = 3e-4
 
 
@@ -555,7 +559,7 @@ class ActivationOptimizer:
 # ---------------------------------------------------------------------- helpers
 def around(q_lo: float, q_hi: float) -> tuple[float, float]:
     """A grid around the central mass ``[q_lo, q_hi]`` with a margin on each side."""
-    pad = max(_GRID_MARGIN * (q_hi - q_lo), 1e-3 * max(1.0, abs(q_lo), abs(q_hi)))  # a constant input too
+    pad = max(_GRID_MARGIN * (q_hi - q_lo), _MIN_HALF_WIDTH * max(1.0, abs(q_lo), abs(q_hi)))
     return q_lo - pad, q_hi + pad
 
 
@@ -566,7 +570,7 @@ def _covering(density: Density, ends: Optional[torch.Tensor]) -> tuple[float, fl
     if ends is None:
         return lo - (hi - lo), hi + (hi - lo)
     lo, hi = min(lo, -float(ends[0])), max(hi, float(ends[1]))
-    return lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)
+    return lo - _SPILL_MARGIN * (hi - lo), hi + _SPILL_MARGIN * (hi - lo)
 
 
 def _reduce_windows(layers: list[_Layer]) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:

@@ -4,7 +4,8 @@
   ``cifar-10-batches-py`` / ``cifar-100-python`` folders (downloaded when ``download=True`` and
   the machine is online).
 - :class:`ImageNetDataModule`: a folder with ``train/`` and ``val/`` class sub-folders.
-- :class:`DigitsDataModule`: 1,797 bundled 8x8 grey digits, fixed stratified split, no network.
+- :class:`DigitsDataModule`: 1,797 bundled 8x8 grey digits, a stratified split drawn by ``seed``,
+  no network.
 
 Training images go through timm's transform factory with DeiT's settings (the paper's "timm
 augmentation": random resized crop, flip, RandAugment ``rand-m9-mstd0.5-inc1``, random erasing
@@ -352,14 +353,16 @@ class ImageNetDataModule(_ImageDataModule):
 class DigitsDataModule(_ImageDataModule):
     """scikit-learn's bundled digits: 1,797 grey 8x8 images of 10 classes, no download.
 
-    A fixed stratified split (``val_fraction``, ``seed``); pixels (0..16) are scaled to [0, 1]
+    A stratified split: ``val_fraction`` of each class held out, which images drawn by ``seed``
+    (the same seed gives the same split; ``dynact compare`` gives each seed its own split, so
+    its intervals cover the sampling of the data too). Pixels (0..16) are scaled to [0, 1]
     and standardised with the training split's mean and std. Batches are ``(B, 1, 8, 8)``
     float tensors, so models need ``in_chans=1`` and ``img_size=8``.
 
     Args:
         batch_size: images per batch.
         val_fraction: share of each class held out for validation.
-        seed: seed of the split.
+        seed: seed of the split (which images are held out).
         num_workers: loader processes (0: the tensors are already in memory).
         pin_memory: pin host memory (None: when CUDA is available).
     """

@@ -1,9 +1,12 @@
-"""`dynact compare` end to end: a tiny real sweep (digits, 2 arms x 2 seeds, a few steps)."""
+"""`dynact compare` end to end: tiny real sweeps (digits, 2 arms x 2 seeds, a few steps)."""
 
+import errno
 import json
+import os
 import re
 import shutil
 import signal
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -13,24 +16,35 @@ from scipy import stats
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dynact import compare
+from dynact.compare import records, runs
 
 # A few optimizer steps per run: 4 batches x 2 epochs = 8 steps, the callback acting every 2.
-TINY = ["--task", "digits", "--epochs", "2", "--every-n-steps", "2", "--no-progress",
+TINY = ["--task", "digits", "--epochs", "2", "--every-n-steps", "2", "--no-progress", "--workers", "1",
         "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "3", "--model.warmup_epochs", "1"]
 ARMS = ["relu", "eafo"]
 SEEDS = [0, 1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNGS = ("paired_differences.png", "acc_vs_epoch.png", "layer_measures.png")
 
 
 def _sweep(out: Path, *extra: str) -> int:
     return compare.main([*TINY, "--arms", ",".join(ARMS), "--seeds", "2", "--out", str(out), *extra])
 
 
+def _numbers_of(results: dict) -> dict:
+    """Everything in results.json that the experiment computed (not where it was written)."""
+    return {"summary": results["summary"], "runs": results["runs"]}
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare") / "out"
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    assert _sweep(out) == 0
+    umask = os.umask(0o022)
+    try:
+        assert _sweep(out) == 0
+    finally:
+        os.umask(umask)
     # the sweep's thread count and Lightning's deterministic flag do not leak into the caller
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
     return out, json.loads((out / "results.json").read_text())
@@ -42,65 +56,71 @@ def _events(run_dir: Path) -> EventAccumulator:
     return acc
 
 
-def test_every_arm_and_seed_is_a_real_tensorboard_run(sweep):
+def _has_metrics() -> bool:
+    from dynact.callbacks import EAFOCallback
+
+    return hasattr(EAFOCallback(), "metrics")
+
+
+def test_every_arm_and_seed_is_a_real_tensorboard_run_and_record(sweep):
     out, results = sweep
     assert [(r["arm"], r["seed"]) for r in results["runs"]] == [(a, s) for a in ARMS for s in SEEDS]
+    depth = results["settings"]["model_kwargs"]["model_kwargs"]["depth"]
     for run in results["runs"]:
         assert run["status"] == "ok" and run["steps"] == 8
-        run_dir = out / run["arm"] / f"seed{run['seed']}"
-        assert run["tensorboard"] == f"{run['arm']}/seed{run['seed']}"
-        assert list(run_dir.glob("events.out.tfevents.*"))
-        acc = _events(run_dir)
+        acc = _events(out / run["arm"] / f"seed{run['seed']}")
+        # validation top-1 and NLL from the event file agree with the record, epoch by epoch
+        assert [e.value for e in acc.Scalars("val/acc1")] == pytest.approx([r["acc1"] for r in run["epochs"]], abs=1e-6)
+        assert run["top1_final"] == pytest.approx(acc.Scalars("val/acc1")[-1].value, abs=1e-6)
+        assert run["nll_final"] == pytest.approx(acc.Scalars("val/loss")[-1].value, abs=1e-6)
+        assert run["top5_final"] == pytest.approx(acc.Scalars("val/acc5")[-1].value, abs=1e-6)
+        # top-1 is a whole number of the validation images seen (3 batches of 32)
+        seen = min(run["data_sizes"]["val"], 3 * 32)
+        assert run["top1_final"] * seen == pytest.approx(round(run["top1_final"] * seen), abs=1e-4)
+        # only the dynamic arm is updated; its layers and the static CRReLU-free ReLU arm's are
+        # keyed by the same module names as the callback's tags
         scalars = acc.Tags()["scalars"]
-        # validation accuracy from the event file agrees with the record, epoch by epoch
-        logged = [e.value for e in acc.Scalars("val/acc1")]
-        assert logged == pytest.approx([row["acc1"] for row in run["epochs"]], abs=1e-6)
-        assert run["top1_final"] == pytest.approx(logged[-1], abs=1e-6)
-        assert run["top1_best"] == pytest.approx(max(logged), abs=1e-6)
-        # every arm logs per-layer output entropy (static ones in monitor mode): one per block,
-        # at steps 2, 4, 6, 8
-        depth = results["settings"]["model_kwargs"]["model_kwargs"]["depth"]
-        # (the pre-logits Tanh is measured too: Tanh is a registry activation)
-        layers = sorted(t for t in scalars if t.startswith("entropy_scale_free/") and ".mlp." in t)
-        assert len(layers) == depth
-        assert [e.step for e in acc.Scalars(layers[0])] == [2, 4, 6, 8]
-        every = [acc.Scalars(t)[-1].value for t in scalars if t.startswith("entropy_scale_free/")]
-        assert run["entropy_final_mean"] == pytest.approx(np.mean(every), rel=1e-6)
-        # only the dynamic arm is updated (and carries a learnable eps per layer)
-        updated = any(t.startswith("update_size/") for t in scalars)
-        assert updated == (run["arm"] == "eafo")
-        assert len(run["eps_final"]) == (depth if run["arm"] == "eafo" else 0)
+        assert any(t.startswith("update_size/") for t in scalars) == (run["arm"] == "eafo")
+        eps_layers = sorted(n for n, m in run["layers"].items() if "eps" in m)
+        assert len(eps_layers) == (depth if run["arm"] == "eafo" else 0)
+        assert all(f"eps/{n}" in scalars for n in eps_layers)
         record = json.loads((out / "runs" / f"{run['arm']}-seed{run['seed']}.json").read_text())
         assert record["top1_final"] == run["top1_final"]
-        assert {t.split("/", 1)[1] for t in layers} <= set(record["entropy_series"])
+        assert record["settings"] == json.loads((out / "sweep.json").read_text())
+        assert "vit_tiny (3 blocks" in record["model"]
 
 
-def test_seeds_pair_arms_and_differ_between_seeds(sweep):
+@pytest.mark.skipif(not _has_metrics(), reason="needs EAFOCallback.metrics (the per-layer measures of issue #10)")
+def test_records_hold_each_layers_final_measures_from_the_callback(sweep):
     out, results = sweep
-    loss = {(r["arm"], r["seed"]): r["epochs"][0]["loss"] for r in results["runs"]}
-    # Different seeds give different runs (init and data order); the comparison is paired by seed.
-    assert loss[("relu", 0)] != loss[("relu", 1)]
+    for run in results["runs"]:
+        acc = _events(out / run["arm"] / f"seed{run['seed']}")
+        for layer, measures in run["layers"].items():
+            for metric in ("dead", "entropy_scale_free"):
+                # the record holds the last logged value of the layer, read in the process
+                assert measures[metric] == pytest.approx(acc.Scalars(f"{metric}/{layer}")[-1].value, rel=1e-5)
 
 
-def test_summary_statistics_match_an_independent_computation(sweep):
-    _, results = sweep
-    by = {(r["arm"], r["seed"]): r for r in results["runs"]}
-    for arm in ARMS:
-        s = results["summary"][arm]
-        top1 = [by[(arm, k)]["top1_final"] for k in SEEDS]
-        ent = [by[(arm, k)]["entropy_final_mean"] for k in SEEDS]
-        assert s["n"] == 2
-        assert s["top1_mean"] == pytest.approx(np.mean(top1))
-        assert s["top1_std"] == pytest.approx(np.std(top1, ddof=1))
-        assert s["entropy_mean"] == pytest.approx(np.mean(ent))
-    eafo = [by[("eafo", k)]["top1_final"] for k in SEEDS]
-    relu = [by[("relu", k)]["top1_final"] for k in SEEDS]
-    delta = results["summary"]["eafo"]["delta"]
-    assert delta["mean"] == pytest.approx(np.mean(eafo) - np.mean(relu))
-    if np.ptp(np.subtract(eafo, relu)) > 0:  # scipy's paired t interval as the oracle
-        ci = stats.ttest_rel(eafo, relu).confidence_interval(0.95)
-        assert delta["ci95"] == pytest.approx([ci.low, ci.high])
-    assert results["summary"]["relu"]["delta"] is None
+def test_by_arm_tensorboard_run_overlays_the_arms_with_a_custom_scalars_layout(sweep):
+    out, results = sweep
+    acc = EventAccumulator(str(out / "by_arm"), size_guidance={"scalars": 0})
+    acc.Reload()
+    for arm in ARMS:  # the mean over seeds per epoch, named by arm
+        runs_ = [r for r in results["runs"] if r["arm"] == arm]
+        mean = np.mean([[row["acc1"] for row in r["epochs"]] for r in runs_], axis=0)
+        assert [e.value for e in acc.Scalars(f"top1/{arm}")] == pytest.approx(mean, abs=1e-6)
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    events = next((out / "by_arm").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    layouts = [v for e in EventFileLoader(str(events)).Load() if e.HasField("summary")
+               for v in e.summary.value if v.tag == metadata.CONFIG_SUMMARY_TAG]
+    assert layouts
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(layouts[0].tensor.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts["validation top-1"] == [r"^top1/"]
 
 
 def _table(report: str) -> dict[str, list[str]]:
@@ -109,7 +129,7 @@ def _table(report: str) -> dict[str, list[str]]:
     rows = {}
     for ln in lines[2:]:
         cells = [c.strip() for c in ln.strip("|").split("|")]
-        if cells[0].startswith("arm"):  # the per-run table starts
+        if cells[0].startswith("layer") or cells[0].startswith("arm"):  # the next tables start
             break
         rows[cells[0]] = cells[1:]
     return {"header": header[1:], **rows}
@@ -126,24 +146,167 @@ def test_report_table_matches_results_json(sweep):
     assert table["header"] == ["ReLU", "EAFO (dynamic)"]  # arms as columns, as in the paper
     for col, arm in enumerate(ARMS):
         s = results["summary"][arm]
-        assert _numbers(table["top-1, mean ± std"][col]) == pytest.approx([s["top1_mean"], s["top1_std"]], abs=5e-4)
-        assert "(n=2)" in table["top-1, mean ± std"][col]
-        assert _numbers(table["best top-1, mean ± std"][col]) == pytest.approx(
-            [s["top1_best_mean"], s["top1_best_std"]], abs=5e-4)
-        assert _numbers(table["final output entropy, nats"][col]) == pytest.approx(
-            [s["entropy_mean"], s["entropy_std"]], abs=5e-4)
-        assert _numbers(table["wall time per run, s"][col]) == pytest.approx([s["wall_time_mean"]], abs=0.05)
-    delta_row = table["Δ top-1 vs ReLU [95% CI]"]
-    assert delta_row[0] == "control"
-    d = results["summary"]["eafo"]["delta"]
-    expected = [d["mean"]] + (d["ci95"] if d["ci95"] else [])
-    assert _numbers(delta_row[1]) == pytest.approx(expected, abs=5e-4)
-    # the report says what the run is, and embeds both plots, which are real PNG files
-    assert "digits" in report and "2 epochs" in report and "seeds 0, 1" in report
-    for png in ("acc_vs_epoch.png", "entropy_vs_step.png"):
+        assert _numbers(table["top-1 %, mean ± std"][col]) == pytest.approx([100 * v for v in s["top1"]], abs=5e-3)
+        assert "(n=2)" in table["top-1 %, mean ± std"][col]
+        assert _numbers(table["top-5 %, mean ± std"][col]) == pytest.approx([100 * v for v in s["top5"]], abs=5e-3)
+        assert _numbers(table["validation NLL, nats/image"][col]) == pytest.approx(s["nll"], abs=5e-4)
+    d = results["summary"]["eafo"]["delta_top1"]
+    row = table["Δ top-1 vs ReLU, points [95% CI] (± half-width)"]
+    assert row[0] == "control"
+    assert _numbers(row[1]) == pytest.approx([100 * d["mean"], 100 * d["ci95"][0], 100 * d["ci95"][1],
+                                              100 * d["half_width"]], abs=5e-3)
+    # one plain sentence per arm with its interval
+    verdict = next(ln for ln in report.splitlines() if ln.startswith("- **EAFO (dynamic)**"))
+    word = "better" if d["ci95"][0] > 0 else "worse" if d["ci95"][1] < 0 else "not distinguishable"
+    assert word in verdict and f"{100 * d['ci95'][0]:+.2f}" in verdict
+    # the model as it is, the data, and the plots, real PNG files
+    assert "vit_tiny (3 blocks, width 64, 4 heads, 4x4 patches)" in report
+    assert "2 epochs" in report and "seeds 0, 1" in report
+    for png in PNGS:
         assert f"]({png})" in report
         data = (out / png).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5_000
+
+
+def test_summary_statistics_match_scipy(sweep):
+    _, results = sweep
+    by = {(r["arm"], r["seed"]): r for r in results["runs"]}
+    for arm in ARMS:
+        s = results["summary"][arm]
+        top1 = [by[(arm, k)]["top1_final"] for k in SEEDS]
+        assert s["n"] == 2 and s["top1"] == pytest.approx([np.mean(top1), np.std(top1, ddof=1)])
+    eafo = [by[("eafo", k)]["nll_final"] for k in SEEDS]
+    relu = [by[("relu", k)]["nll_final"] for k in SEEDS]
+    delta = results["summary"]["eafo"]["delta_nll"]
+    ci = stats.ttest_rel(eafo, relu).confidence_interval(0.95)
+    assert delta["mean"] == pytest.approx(np.mean(eafo) - np.mean(relu))
+    assert delta["ci95"] == pytest.approx([ci.low, ci.high])
+    assert delta["diffs"] == pytest.approx(np.subtract(eafo, relu))
+    assert results["summary"]["relu"]["delta_top1"] is None
+
+
+def test_every_output_is_readable_by_all(sweep):
+    out, _ = sweep
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    assert {p.relative_to(out).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {
+        p.relative_to(out).as_posix(): "0o644" for p in files}
+
+
+def test_two_identical_sweeps_give_identical_numbers_in_one_or_two_processes(sweep, tmp_path):
+    out, results = sweep
+    assert _sweep(tmp_path / "again", "--workers", "2") == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert _numbers_of(again) == _numbers_of(results)
+    # the seeds differ from each other (init, split, order): the pairing is by seed
+    loss = {(r["arm"], r["seed"]): r["epochs"][0]["loss"] for r in results["runs"]}
+    assert loss[("relu", 0)] != loss[("relu", 1)]
+
+
+# ----------------------------------------------------------------------------- the folder
+
+
+def test_out_with_foreign_files_is_refused_and_left_untouched(sweep, tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "relu" / "seed0").mkdir(parents=True)
+    (out / "relu" / "seed0" / "important.txt").write_text("keep me")
+    (out / "report.md").write_text("my own report")
+    with pytest.raises(SystemExit) as info:
+        _sweep(out, "--resume")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "relu/seed0/important.txt" in err and "nothing was changed" in err
+    assert (out / "relu" / "seed0" / "important.txt").read_text() == "keep me"
+    assert (out / "report.md").read_text() == "my own report"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "relu", "relu/seed0", "relu/seed0/important.txt", "report.md"]
+
+
+def test_a_second_sweep_into_a_locked_out_is_refused(sweep, tmp_path, capsys):
+    src, _ = sweep
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    before = (out / "results.json").read_text()
+    with records.sweep_lock(out):  # what a running sweep holds
+        with pytest.raises(SystemExit) as info:
+            _sweep(out, "--resume", "--seeds", "3")
+    assert info.value.code == 2 and "another sweep is running there" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before and not (out / "runs" / "relu-seed2.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["[1, 2]", "missing fields", "null top-1", "other settings", "not json"])
+def test_a_damaged_or_foreign_record_is_redone(sweep, tmp_path, capsys, damage):
+    src, results = sweep
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    path = out / "runs" / "eafo-seed1.json"
+    rec = json.loads(path.read_text())
+    text = {
+        "[1, 2]": "[1, 2]",
+        "missing fields": json.dumps({"arm": "eafo", "seed": 1}),
+        "null top-1": json.dumps({**rec, "top1_final": None}),
+        "other settings": json.dumps({**rec, "settings": {**rec["settings"], "epochs": 7}}),
+        "not json": "{\"arm\": ",
+    }[damage]
+    path.write_text(text)
+    kept = (out / "runs" / "relu-seed1.json").stat().st_mtime_ns
+    assert _sweep(out, "--resume") == 0
+    assert "runs/eafo-seed1.json" in capsys.readouterr().out  # said, then redone
+    redone = json.loads(path.read_text())
+    assert redone["status"] == "ok" and redone["top1_final"] == rec["top1_final"]  # the same run, again
+    assert (out / "runs" / "relu-seed1.json").stat().st_mtime_ns == kept
+    assert _numbers_of(json.loads((out / "results.json").read_text())) == _numbers_of(results)
+
+
+def test_missing_sweep_json_resume_with_other_settings_is_refused(sweep, tmp_path, capsys):
+    src, _ = sweep
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    (out / "sweep.json").unlink()
+    with pytest.raises(SystemExit) as info:
+        compare.main([*TINY[:2], "--epochs", "1", *TINY[4:], "--arms", "relu,eafo", "--seeds", "2",
+                      "--out", str(out), "--resume"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "epochs: 2 there, 1 now" in err
+    assert all(json.loads(p.read_text())["settings"]["epochs"] == 2 for p in (out / "runs").glob("*.json"))
+
+
+def test_damaged_sweep_json_is_an_error_naming_the_file_and_the_fix(sweep, tmp_path, capsys):
+    src, _ = sweep
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    for text in ("{\"task\": ", "[1, 2]"):
+        (out / "sweep.json").write_text(text)
+        with pytest.raises(SystemExit) as info:
+            _sweep(out, "--resume")
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"{out / 'sweep.json'} is damaged" in err and "delete it and rerun" in err
+
+
+def test_a_write_error_mid_sweep_stops_with_a_message_and_a_partial_report(tmp_path, monkeypatch, capsys):
+    real = records.write_text
+
+    def full_disk(path, text):  # the disk fills up when the second run's record is written
+        if path.name == "crrelu-seed0.json":
+            raise records.OutputError(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        real(path, text)
+
+    monkeypatch.setattr(records, "write_text", full_disk)
+    out = tmp_path / "out"
+    args = [*TINY, "--arms", "relu,crrelu", "--seeds", "1", "--out", str(out)]
+    assert compare.main(args) == 3
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "crrelu-seed0.json" in err and "--resume" in err
+    partial = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in partial["runs"]] == ["ok", "not run"]
+    assert "| crrelu | 0 | n/a |" in (out / "report.md").read_text()
+    monkeypatch.setattr(records, "write_text", real)
+    assert compare.main(args + ["--resume"]) == 0
+
+
+# ----------------------------------------------------------------------------- resume, failures
 
 
 def test_rerun_needs_resume_and_resume_skips_finished_runs(sweep, tmp_path, capsys):
@@ -153,15 +316,13 @@ def test_rerun_needs_resume_and_resume_skips_finished_runs(sweep, tmp_path, caps
     with pytest.raises(SystemExit) as info:
         _sweep(out)
     assert info.value.code == 2 and "--resume" in capsys.readouterr().err
-    records = sorted((out / "runs").glob("*.json"))
-    stamps = {p.name: p.stat().st_mtime_ns for p in records}
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
     # growing the sweep by one seed runs only the two new (arm, seed) pairs
     assert compare.main([*TINY, "--arms", "relu,eafo", "--seeds", "3", "--out", str(out), "--resume"]) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in records} == stamps
-    assert sorted(p.name for p in (out / "runs").glob("*.json")) == sorted(
-        [p.name for p in records] + ["eafo-seed2.json", "relu-seed2.json"])
+    assert {n: (out / "runs" / n).stat().st_mtime_ns for n in stamps} == stamps
+    assert sorted(p.name for p in (out / "runs").glob("*.json")) == sorted([*stamps, "eafo-seed2.json", "relu-seed2.json"])
     results = json.loads((out / "results.json").read_text())
-    assert results["summary"]["relu"]["n"] == 3 and results["summary"]["eafo"]["delta"]["n"] == 3
+    assert results["summary"]["relu"]["n"] == 3 and results["summary"]["eafo"]["delta_top1"]["n"] == 3
     # resuming with other settings is refused: the runs would not be comparable
     with pytest.raises(SystemExit) as info:
         compare.main([*TINY[:2], "--epochs", "3", *TINY[4:], "--arms", "relu,eafo", "--out", str(out), "--resume"])
@@ -171,18 +332,18 @@ def test_rerun_needs_resume_and_resume_skips_finished_runs(sweep, tmp_path, caps
 def test_ctrl_c_keeps_finished_runs_and_resume_completes(tmp_path, monkeypatch, capsys):
     from lightning.pytorch.callbacks import Callback
 
-    real = compare._history_callback
+    real = runs.history_callback
     calls = {"n": 0}
 
     class CtrlC(Callback):
         def on_train_batch_end(self, *args):
             raise KeyboardInterrupt  # what Ctrl-C raises in the middle of the second run
 
-    def history():
+    def history(*args, **kwargs):
         calls["n"] += 1
-        return real() if calls["n"] != 2 else CtrlC()
+        return real(*args, **kwargs) if calls["n"] != 2 else CtrlC()
 
-    monkeypatch.setattr(compare, "_history_callback", history)
+    monkeypatch.setattr(runs, "history_callback", history)
     out = tmp_path / "out"
     args = [*TINY, "--arms", "relu,crrelu", "--seeds", "1", "--out", str(out)]
     handler = signal.getsignal(signal.SIGINT)
@@ -193,13 +354,10 @@ def test_ctrl_c_keeps_finished_runs_and_resume_completes(tmp_path, monkeypatch, 
     assert [p.name for p in (out / "runs").glob("*.json")] == ["relu-seed0.json"]
     partial = json.loads((out / "results.json").read_text())  # a report of what finished
     assert [r["status"] for r in partial["runs"]] == ["ok", "not run"]
-    assert "| crrelu | 0 | n/a |" in (out / "report.md").read_text()
     first = (out / "runs" / "relu-seed0.json").stat().st_mtime_ns
     assert compare.main(args + ["--resume"]) == 0
     assert (out / "runs" / "relu-seed0.json").stat().st_mtime_ns == first
-    results = json.loads((out / "results.json").read_text())
-    assert [r["status"] for r in results["runs"]] == ["ok", "ok"]
-    assert "| control | " in (out / "report.md").read_text() and "[n/a (n=1)]" in (out / "report.md").read_text()
+    assert [r["status"] for r in json.loads((out / "results.json").read_text())["runs"]] == ["ok", "ok"]
     # the interrupted attempt's partial TensorBoard files were replaced, not overlaid
     assert len(list((out / "crrelu" / "seed0").glob("events.out.tfevents.*"))) == 1
 
@@ -207,7 +365,7 @@ def test_ctrl_c_keeps_finished_runs_and_resume_completes(tmp_path, monkeypatch, 
 def test_a_failing_run_is_recorded_and_redone_on_resume(tmp_path, monkeypatch, capsys):
     from lightning.pytorch.callbacks import Callback
 
-    real = compare._history_callback
+    real = runs.history_callback
 
     class Boom(Callback):
         def on_train_batch_end(self, trainer, *args):
@@ -216,11 +374,11 @@ def test_a_failing_run_is_recorded_and_redone_on_resume(tmp_path, monkeypatch, c
 
     calls: list = []
 
-    def history():  # the first run fails, every later one is normal
+    def history(*args, **kwargs):  # the first run fails, every later one is normal
         calls.append(1)
-        return Boom() if len(calls) == 1 else real()
+        return Boom() if len(calls) == 1 else real(*args, **kwargs)
 
-    monkeypatch.setattr(compare, "_history_callback", history)
+    monkeypatch.setattr(runs, "history_callback", history)
     out = tmp_path / "out"
     args = [*TINY, "--arms", "relu,crrelu", "--seeds", "1", "--out", str(out)]
     assert compare.main(args) == 1  # the sweep went on after the failure, then reports it
@@ -228,13 +386,15 @@ def test_a_failing_run_is_recorded_and_redone_on_resume(tmp_path, monkeypatch, c
     results = json.loads((out / "results.json").read_text())
     failed, done = results["runs"]
     assert failed["status"] == "failed" and failed["error"] == "RuntimeError: boom at step 2"
-    assert done["status"] == "ok"
-    assert results["summary"]["relu"]["n"] == 0 and results["summary"]["crrelu"]["delta"]["n"] == 0
+    assert done["status"] == "ok" and results["summary"]["relu"]["n"] == 0
     assert "failed: RuntimeError: boom at step 2" in (out / "report.md").read_text()
     stamp = (out / "runs" / "crrelu-seed0.json").stat().st_mtime_ns
     assert compare.main(args + ["--resume"]) == 0
     assert (out / "runs" / "crrelu-seed0.json").stat().st_mtime_ns == stamp
     assert [r["status"] for r in json.loads((out / "results.json").read_text())["runs"]] == ["ok", "ok"]
+
+
+# ----------------------------------------------------------------------------- input
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -245,10 +405,12 @@ def test_a_failing_run_is_recorded_and_redone_on_resume(tmp_path, monkeypatch, c
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--every-n-steps", "0"], "--every-n-steps"),
+    (["--workers", "0"], "--workers must be at least 1"),
     (["--arms", "crrelu,eafo"], "--control 'relu' is not among --arms"),
     (["--trainer.max_epochs", "3"], "use --epochs"),
     (["--trainer.no_such_flag", "1"], "lightning's Trainer has no argument 'no_such_flag'"),
     (["--model.act", "gelu"], "use --arms"),
+    (["--data.seed", "3"], "each seed draws its own split"),
     (["--data.no_such_arg", "1"], "DigitsDataModule has no argument"),
     (["--trainer.accelerator", "tpu"], "Trainer options"),
     (["--callback.mode", "iterate"], "the sweep sets it itself"),
@@ -278,29 +440,41 @@ def test_unwritable_out_is_a_clear_error(tmp_path, capsys):
     assert "--out" in err and str(blocker / "out") in err and "not a writable folder" in err
 
 
-def test_dispatcher_runs_compare(tmp_path, capsys):
+def test_dispatcher_runs_compare_and_help_states_the_defaults(tmp_path, capsys):
     from dynact.cli import main
 
     with pytest.raises(SystemExit) as info:
         main(["compare", "--arms", "nope", "--out", str(tmp_path / "o")])
     assert info.value.code == 2 and "unknown arm 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    digits = compare.TASKS["digits"]
+    assert f"digits {digits['epochs']}, paper tasks 100" in text and f"digits {digits['seeds']}, paper" in text
 
 
-def test_arms_share_initial_weights_at_each_seed(tmp_path):
-    # The pairing behind the Δ column: at one seed every arm starts from the same weights.
+def test_arms_share_initial_weights_and_split_at_each_seed(tmp_path):
+    # The pairing behind the Δ column: at one seed every arm starts from the same weights and
+    # sees the same split; another seed draws other weights and another split.
     from lightning.pytorch import seed_everything
 
-    args = compare._build_parser().parse_args(["--arms", "relu,crrelu,eafo", "--out", str(tmp_path)])
-    settings = compare._settings_from_args(args, compare._split_overrides([])[1])
+    from dynact.compare.settings import build_parser, settings_from_args, split_overrides
 
-    def weights(arm: str, seed: int) -> dict:
+    args = build_parser().parse_args(["--arms", "relu,crrelu,eafo", "--out", str(tmp_path)])
+    settings = settings_from_args(args, split_overrides([])[1])
+
+    def build(arm: str, seed: int):
         seed_everything(seed, verbose=False)
-        compare._make_datamodule(settings)
-        return {k: v for k, v in compare._make_model(settings, arm).state_dict().items() if not k.endswith(".eps")}
+        data = runs.make_datamodule(settings, seed)
+        data.setup("fit")
+        state = {k: v for k, v in runs.make_model(settings, arm).state_dict().items() if not k.endswith(".eps")}
+        return state, data.val_set.tensors[1]
 
-    relu = weights("relu", 0)
+    relu, split = build("relu", 0)
     for arm in ("crrelu", "eafo"):
-        other = weights(arm, 0)
-        assert other.keys() == relu.keys()
-        assert all(torch.equal(relu[k], other[k]) for k in relu)
-    assert not torch.equal(weights("relu", 1)["net.patch_embed.proj.weight"], relu["net.patch_embed.proj.weight"])
+        other, other_split = build(arm, 0)
+        assert other.keys() == relu.keys() and all(torch.equal(relu[k], other[k]) for k in relu)
+        assert torch.equal(other_split, split)
+    relu1, split1 = build("relu", 1)
+    assert not torch.equal(relu1["net.patch_embed.proj.weight"], relu["net.patch_embed.proj.weight"])
+    assert not torch.equal(split1, split)

@@ -197,7 +197,7 @@ def test_image_folder_with_different_classes_is_rejected(tmp_path):
 # ----------------------------------------------------------------------------- digits
 
 
-def test_digits_split_is_fixed_stratified_and_standardised():
+def test_digits_split_is_drawn_by_seed_stratified_and_standardised():
     a, b = DigitsDataModule(), DigitsDataModule()
     a.setup("fit")
     b.setup("fit")
@@ -212,7 +212,10 @@ def test_digits_split_is_fixed_stratified_and_standardised():
     assert abs(float(x_train.mean())) < 1e-5 and float(x_train.std()) == pytest.approx(1.0, abs=1e-3)
     c = DigitsDataModule(seed=1)
     c.setup("fit")
+    # another seed holds out other images, in the same number per class
     assert not torch.equal(c.val_set.tensors[1], y_val)
+    assert torch.equal(torch.bincount(c.val_set.tensors[1]), torch.bincount(y_val))
+    assert c.train_set.tensors[0].shape == x_train.shape
 
 
 def test_loader_settings():

@@ -300,3 +300,22 @@ def test_digits_eafo_config_wires_the_callback_to_eafo_activations():
     assert any(isinstance(cb, EAFOCallback) for cb in cli.trainer.callbacks)
     acts = [m for m in cli.model.net.modules() if isinstance(m, EAFOActivation)]
     assert len(acts) == cli.model.hparams.model_kwargs["depth"]
+
+
+def test_top1_is_the_fraction_of_images_not_the_mean_over_classes():
+    # Unequal classes: the model always ranks the classes 0 > 1 > ... > 9, so four of six images
+    # (label 0) are right at top-1 and five (labels 0..4) at top-5, while the mean over the
+    # three classes present of each class's top-1 is (1 + 0 + 0) / 3.
+    model = _digits_model()
+    with torch.no_grad():
+        model.net.head.weight.zero_()
+        model.net.head.bias.copy_(torch.arange(10, 0, -1, dtype=torch.float32))
+    x = torch.randn(6, 1, 8, 8)
+    y = torch.tensor([0, 0, 0, 0, 1, 7])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)  # 4 + 2
+    (metrics,) = _trainer(limit_val_batches=None).validate(model, loader, verbose=False)
+    assert metrics["val/acc1"] == pytest.approx(4 / 6)
+    assert metrics["val/acc5"] == pytest.approx(5 / 6)
+    assert metrics["val/acc1_macro"] == pytest.approx(1 / 3)
+    logits = torch.arange(10, 0, -1, dtype=torch.float32).expand(6, 10)
+    assert metrics["val/loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)

@@ -39,8 +39,11 @@ class ImageClassifier(pl.LightningModule):
 
       with ``W`` and ``T`` the warm-up and total step counts. Gradient clipping is the Trainer's
       (``gradient_clip_val=1.0`` in the paper's configs).
-    - logs: ``train/loss``, ``train/acc1``, ``val/loss``, ``val/acc1`` and ``val/acc5``
-      (top-5 when ``num_classes >= 5``), with torchmetrics.
+    - logs: ``train/loss``, ``train/acc1``, ``val/loss`` (the mean negative log-likelihood per
+      image), ``val/acc1`` and ``val/acc5`` (top-5 when ``num_classes >= 5``), with torchmetrics.
+      Top-k is the fraction of images whose label is among the k highest logits, as in the
+      paper's tables (torchmetrics' ``average="micro"``); ``val/acc1_macro`` is the mean over
+      classes of each class's top-1, which differs when the classes are not equally large.
 
     The timm model is ``self.net``, so callbacks find its activation modules there.
 
@@ -119,9 +122,14 @@ class ImageClassifier(pl.LightningModule):
                 )
             self._teacher = (_load_teacher(teacher, teacher_weights, num_classes, teacher_kwargs),)
 
-        self.train_acc1 = MulticlassAccuracy(num_classes=num_classes, top_k=1)
-        self.val_acc1 = MulticlassAccuracy(num_classes=num_classes, top_k=1)
-        self.val_acc5 = MulticlassAccuracy(num_classes=num_classes, top_k=5) if num_classes >= 5 else None
+        # torchmetrics' default is the macro average over classes; top-1 as users and the paper
+        # mean it is the fraction of images classified correctly ("micro").
+        self.train_acc1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.val_acc1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.val_acc1_macro = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="macro")
+        self.val_acc5 = (
+            MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro") if num_classes >= 5 else None
+        )
 
     @property
     def teacher(self) -> Optional[nn.Module]:
@@ -205,6 +213,8 @@ class ImageClassifier(pl.LightningModule):
         self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True)
         self.val_acc1(logits, y)
         self.log("val/acc1", self.val_acc1, prog_bar=True)
+        self.val_acc1_macro(logits, y)
+        self.log("val/acc1_macro", self.val_acc1_macro)
         if self.val_acc5 is not None:
             self.val_acc5(logits, y)
             self.log("val/acc5", self.val_acc5)

@@ -1,0 +1,245 @@
+"""``dynact compare``: check everything, run the sweep, write the results and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from dynact.compare import plots, records as rec_files, runs, stats
+from dynact.compare.records import OutputError, RESULTS_FILE, TIMING_FILE, write_text
+from dynact.compare.report import fmt, pct, write_report
+from dynact.compare.settings import SweepSettings, build_parser, settings_from_args, split_overrides
+
+EXIT_FAILED_RUNS = 1
+EXIT_BAD_INPUT = 2
+EXIT_WRITE_ERROR = 3
+EXIT_INTERRUPTED = 130
+
+
+class SweepWriteError(Exception):
+    """The sweep stopped: a file could not be written, or a worker process died (what finished is kept)."""
+
+
+def _summary_line(rec: dict[str, Any]) -> str:
+    where = f"{rec['arm']} seed {rec['seed']}"
+    if rec["status"] != "ok":
+        return f"{where}: FAILED ({rec.get('error')}); traceback in {rec_files.RECORDS}/{rec['arm']}-seed{rec['seed']}.json"
+    return (f"{where}: top-1 {pct(rec['top1_final'])}%, NLL {fmt(rec['nll_final'])}, "
+            f"{rec['steps']} steps, {rec['wall_time_s']:.1f} s")
+
+
+def run_sweep(settings: SweepSettings, resume: bool = False, progress: bool = True, command: str = "") -> dict[str, Any]:
+    """Run every (arm, seed) not finished yet, then write ``results.json``, the plots and the report.
+
+    Runs are handed out seed by seed (every arm of seed 0, then seed 1, ...), so an interrupted
+    sweep already holds complete pairs. A run that raises is recorded as failed and redone by
+    ``--resume``. On Ctrl-C or a write error the files are written for the runs finished so far.
+
+    Returns:
+        The results (what ``results.json`` holds).
+
+    Raises:
+        ValueError: ``out`` is unusable (not writable, foreign files, locked by another sweep,
+            a sweep already there without ``resume``, other settings, a damaged ``sweep.json``).
+        SweepWriteError: a file could not be written mid-sweep.
+        KeyboardInterrupt: Ctrl-C; every run finished before it is kept.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    out = Path(settings.out)
+    rec_files.check_foreign(out)  # before creating anything in a folder that is not a sweep's
+    try:
+        (out / rec_files.RECORDS).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {str(out)!r} is not a writable folder ({err.strerror or err}); "
+                         "choose another --out") from None
+    with rec_files.sweep_lock(out):
+        try:
+            records, notes = rec_files.prepare_out(settings, resume)
+        except OutputError as err:
+            raise ValueError(f"--out {str(out)!r} is not a writable folder ({err}); choose another --out") from None
+        plan = [(arm, seed) for seed in settings.seeds for arm in settings.arms]
+        todo = [key for key in plan if key not in records]
+        failed: dict[tuple[str, int], dict] = {}
+        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="sweep", unit="run",
+                   disable=True if not progress else None, dynamic_ncols=True)
+        for note in notes:
+            bar.write(note)
+        if todo and settings.workers > 1:
+            bar.write(f"{len(todo)} runs in {settings.workers} processes, {settings.threads or 'default'} "
+                      "torch thread(s) each")
+
+        def done(rec: dict[str, Any]) -> None:
+            rec_files.write_text(rec_files.record_path(out, rec["arm"], rec["seed"]), json.dumps(rec))
+            (records if rec["status"] == "ok" else failed)[(rec["arm"], rec["seed"])] = rec
+            bar.update(1)
+            bar.write(_summary_line(rec))
+
+        def started(running: list[tuple[str, int]]) -> None:
+            bar.set_postfix_str("running " + ", ".join(f"{a} seed {s}" for a, s in running))
+
+        def epoch(arm: str, seed: int, k: int) -> None:
+            bar.set_postfix_str(f"{arm} seed {seed}: epoch {k}/{settings.epochs}")
+
+        try:
+            runs.execute(settings, todo, done, started, epoch)
+        except OutputError as err:
+            bar.close()
+            partial = _try_partial(settings, command, records, failed, start)
+            raise SweepWriteError(
+                f"{err}. The sweep stopped; {len(records)} finished runs are kept in {out}{partial}. Free space "
+                "or make the folder writable, then continue with the same command and --resume"
+            ) from err
+        except BrokenProcessPool as err:  # a worker was killed (often: out of memory)
+            bar.close()
+            partial = _try_partial(settings, command, records, failed, start)
+            raise SweepWriteError(
+                f"a worker process died ({err}; often out of memory: try fewer --workers). The sweep stopped; "
+                f"{len(records)} finished runs are kept in {out}{partial}; continue with the same command and --resume"
+            ) from err
+        except KeyboardInterrupt:
+            bar.close()
+            if records:
+                _try_partial(settings, command, records, failed, start)
+            raise
+        finally:
+            bar.close()
+        try:
+            return write_results(settings, command, records, failed, time.perf_counter() - start)
+        except OutputError as err:
+            raise SweepWriteError(f"{err}. Every run finished and its record is kept in {out}/{rec_files.RECORDS}; "
+                                  "free space or fix the folder, then rerun with --resume to write the report") from err
+
+
+def _try_partial(settings, command, records, failed, start) -> str:
+    try:
+        write_results(settings, command, records, failed, time.perf_counter() - start)
+    except OutputError as err:
+        return f"; the partial report could not be written either ({err})"
+    return " and report.md / results.json show them"
+
+
+def environment(settings: SweepSettings) -> dict[str, Any]:
+    import lightning
+    import torch
+
+    accel = str(settings.trainer_kwargs.get("accelerator", "auto"))
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and accel in ("auto", "gpu", "cuda") else None
+    cpu = platform.processor() or platform.machine()
+    threads = settings.threads or torch.get_num_threads()
+    machine = gpu or (f"{os.cpu_count()} CPU cores ({cpu}), {settings.workers} run(s) at once with {threads} "
+                      f"torch thread{'s' if threads > 1 else ''} each")
+    return {"machine": machine, "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "lightning": lightning.__version__}
+
+
+def write_results(settings: SweepSettings, command: str, ok: dict, failed: dict, elapsed: float) -> dict[str, Any]:
+    """``results.json`` (every number of the experiment, and only those: the same command gives
+    the same file), ``timing.json`` (wall times), the plots, the TensorBoard overlay and the report."""
+    out = Path(settings.out)
+    keys = [(arm, seed) for arm in settings.arms for seed in settings.seeds]
+    run_rows, walls = [], {}
+    for key in keys:
+        rec = ok.get(key) or failed.get(key) or {"arm": key[0], "seed": key[1], "status": "not run"}
+        if "wall_time_s" in rec:
+            walls[f"{key[0]}-seed{key[1]}"] = rec["wall_time_s"]
+        run_rows.append({k: v for k, v in rec.items() if k not in ("wall_time_s", "settings", "traceback")})
+    results = {
+        "settings": asdict(settings),
+        "environment": environment(settings),
+        "command": command,
+        "summary": stats.summarize(run_rows, settings.arms, settings.control),
+        "runs": run_rows,
+        "report": rec_files.REPORT_FILE,
+        "plots": [rec_files.PNG_DELTA, rec_files.PNG_ACC, rec_files.PNG_LAYERS],
+    }
+    timing = {
+        "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "sweep_s": elapsed,
+        "wall_time_mean": {arm: stats.mean_std([w for k, w in walls.items() if k.rpartition("-seed")[0] == arm])[0]
+                           for arm in settings.arms},
+        "runs": walls,
+    }
+    plots.write_all(results, out)
+    write_text(out / RESULTS_FILE, json.dumps(results, indent=2))
+    write_text(out / TIMING_FILE, json.dumps(timing, indent=2))
+    write_report(out, results, timing)
+    return results
+
+
+def dry_build(settings: SweepSettings) -> None:
+    """Build the data module, every arm's model and callback, and a Trainer: errors surface now."""
+    from lightning.pytorch import Trainer
+
+    with runs.quiet_lightning(), runs.restore_global_state():
+        datamodule = runs.make_datamodule(settings, settings.seeds[0])
+        try:
+            datamodule.prepare_data()
+            datamodule.setup("fit")
+        except FileNotFoundError:
+            raise  # the data modules say where the files should be
+        except Exception as err:
+            raise ValueError(f"data ({settings.data_class}): {err}") from err
+        for arm in settings.arms:
+            try:
+                runs.make_model(settings, arm)
+                runs.make_eafo_callback(settings, arm)
+            except Exception as err:
+                extra = settings.model_kwargs.get("model_kwargs")
+                hint = (f" (the settings give model_kwargs={extra}; change them with "
+                        "--model.model_kwargs.KEY VALUE)") if extra else ""
+                raise ValueError(f"arm {arm!r} with model {settings.model!r}: {err}{hint}") from err
+        try:
+            Trainer(max_epochs=settings.epochs, logger=False, callbacks=[], **settings.trainer_kwargs)
+        except Exception as err:
+            raise ValueError(f"Trainer options {settings.trainer_kwargs}: {type(err).__name__}: {err}") from err
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``dynact compare``: validate everything, run the sweep, write the report; return the exit code.
+
+    Bad input or an unusable ``--out`` exits with code 2 before any training; a failed write
+    or a worker process that died mid-sweep stops it with code 3 (finished runs kept, a partial report written when possible);
+    Ctrl-C keeps the finished runs and returns 130; a sweep with failed runs returns 1.
+    """
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        rest, overrides = split_overrides(args_in)
+    except ValueError as err:
+        parser.error(str(err))
+    args = parser.parse_args(rest)
+    try:
+        settings = settings_from_args(args, overrides)
+        dry_build(settings)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        parser.error(str(err))
+    command = "dynact compare " + " ".join(args_in)
+    try:
+        results = run_sweep(settings, resume=args.resume, progress=not args.no_progress, command=command)
+    except ValueError as err:  # --out problems, raised before any training
+        parser.error(str(err))
+    except SweepWriteError as err:
+        print(f"dynact compare: {err}", file=sys.stderr)
+        return EXIT_WRITE_ERROR
+    except KeyboardInterrupt:
+        done = len(rec_files.load_records(Path(settings.out), settings)[0])
+        print(f"\ninterrupted: {done} finished runs are kept in {settings.out}; continue with:\n"
+              f"  {command} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    out = Path(settings.out)
+    print(f"report: {out / rec_files.REPORT_FILE}  results: {out / RESULTS_FILE}")
+    failed = [r for r in results["runs"] if r["status"] == "failed"]
+    if failed:
+        print(f"{len(failed)} runs failed; fix the cause and rerun with --resume to redo them", file=sys.stderr)
+        return EXIT_FAILED_RUNS
+    return 0
