@@ -121,7 +121,8 @@ def _keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+        mmap = libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+        return bool(mmap) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError):
         return False
 
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=65)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--dtype", default=None,
+                        help="float32, float16 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
                 # Ratio of the repeat-by-repeat pairs (same moment of the machine's load): the
                 # interquartile range of these is the noise of the ratio.
                 "ratio_to_gelu_iqr": [round(q, 3) for q in _quartiles(
-                    [a / b for a, b in zip(samples[name], samples["GELU"])])],
+                    [a / b for a, b in zip(samples[name], samples["GELU"], strict=True)])],
                 "first_call_s": round(first[name], 3),
             }
             for name, t in seconds.items()

@@ -189,7 +189,7 @@ def _summary(arm: str, runs: list[list[tuple[int, float]]], ref: dict[str, list[
         out[f"ratio_to_{base}_median"] = round(statistics.median(times) / statistics.median(base_times), 4)
     # Step i of this arm ran right after step i of the GELU arm: the spread of these paired
     # ratios is the noise of the machine.
-    paired = [t / dict(base)[s] for run, base in zip(runs, ref["gelu"]) for s, t in run if s in dict(base)]
+    paired = [t / dict(base)[s] for run, base in zip(runs, ref["gelu"], strict=True) for s, t in run if s in dict(base)]
     q = statistics.quantiles(paired, n=4)
     out["paired_ratio_to_gelu_quartiles"] = [round(q[0], 4), round(q[1], 4), round(q[2], 4)]
     setting = ARMS[arm][1]

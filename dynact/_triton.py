@@ -78,7 +78,8 @@ if triton is not None:
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         j, frac = _segment(x, tl.load(a_ptr), tl.load(b_ptr), last)
-        s = tl.fma(frac, tl.load(pairs_ptr + 2 * j + 1, mask=mask, other=0.0), tl.load(pairs_ptr + 2 * j, mask=mask, other=0.0))
+        value = tl.load(pairs_ptr + 2 * j, mask=mask, other=0.0)
+        s = tl.fma(frac, tl.load(pairs_ptr + 2 * j + 1, mask=mask, other=0.0), value)
         if RELU:
             base = tl.where(x < 0.0, 0.0, x)
         else:

@@ -284,7 +284,9 @@ class EAFOActivation(nn.Module):
             tables = _tables(self.s, self.lo, self.hi, dtype)
             return (*tables, _kernels.pack(tables[0], tables[1]))
         hit = self._cache.get(dtype)
-        if hit is not None and all(a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(hit[0], key)):
+        if hit is not None and all(
+            a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(hit[0], key, strict=True)
+        ):
             return hit[1]
         # Built outside inference mode even when called inside it: inference tensors cannot be
         # saved for backward, so cached ones would break the first training step after a

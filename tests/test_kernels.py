@@ -305,7 +305,7 @@ def test_compiled_graph_without_the_library_computes_the_same(fresh_build, monke
     y_ref, gx_ref, _, _ = _run(model, x, grad, "reference")
     torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-6)
-    for got, want in zip(grads, [p.grad for p in model.parameters()]):
+    for got, want in zip(grads, [p.grad for p in model.parameters()], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert sum("could not be built" in str(w.message) for w in caught) == 1
     torch._dynamo.reset()
@@ -371,7 +371,8 @@ for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 2 ** -7), (torch.floa
     u = (x.double() + 6.0) / act.knot_step
     off = (u - u.round()).abs() > 1e-3
     for relu in (True, False):
-        t, k = _triton.eafo_backward(g, x, relu, pairs, a, b, eps, True, True), _kernels.eafo_backward(g, x, relu, pairs, a, b, eps, True, True)
+        t = _triton.eafo_backward(g, x, relu, pairs, a, b, eps, True, True)
+        k = _kernels.eafo_backward(g, x, relu, pairs, a, b, eps, True, True)
         pairs_of_results += [(t[0][off], k[0][off]), (t[1], k[1])]
     t, k = _triton.crrelu_backward(g, x, eps, True, True), _kernels.crrelu_backward(g, x, eps, True, True)
     pairs_of_results += [(t[0], k[0]), (t[1], k[1])]
