@@ -191,7 +191,7 @@ def _check(rc: int) -> None:
 
 def pack(value: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
     """``(K + 3, 2)`` table of ``(value[j], slope[j])`` pairs (``slope`` padded with a zero), from
-    the tables of ``dynact.spline._tables``: the kernels fetch both numbers with one load."""
+    the tables of ``dynact._spline_ref._tables``: the kernels fetch both numbers with one load."""
     return torch.stack([value, torch.cat([slope, slope.new_zeros(1)])], 1).contiguous()
 
 

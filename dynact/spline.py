@@ -28,6 +28,15 @@ import torch
 from torch import nn
 
 from dynact import _kernels, eafo
+from dynact._slopes import SlopeProblem, finite_arg
+from dynact._spline_ref import (
+    _compute_dtype,
+    _interp_clamped,
+    _interp_uniform,
+    _spline_ops,
+    _SplineTerm,
+    _tables,
+)
 from dynact.activations import ActSpec, activation_types, make_activation, register_activation
 from dynact.density import Density, check_grid
 
@@ -43,101 +52,6 @@ _INITS = ("crrelu", "zero")
 #: Taper ``kappa`` of the correction for bases with a minimum (GELU, SiLU, Mish): it keeps the
 #: refreshed shape of those bases within twice ReLU's peak under N(0, 1) (docs/math.md).
 TAPER = 0.3
-
-
-# ----------------------------------------------------------------------------- spline kernels
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half-precision inputs index in float32: with 257 knots a bfloat16 index (8-bit mantissa)
-    # would round every position to a knot and turn the spline into a staircase.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tables(
-    s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Padded knot values and segment slopes, and the map ``u = a * x + b`` to knot coordinates.
-
-    Knot ``i`` sits at ``u = i + 1``. The knot values are padded with one zero knot on the left
-    and two on the right, and the end knots are read as zero, so every segment at or beyond the
-    grid ends is flat zero: after clamping ``u`` to ``[0, K + 1]`` no mask is needed, and the
-    slope (the input gradient) is zero outside the grid. On segment ``j``
-    ``s(u) = value[j] + (u - j) * slope[j]``.
-    """
-    s = s.to(dtype)
-    value = torch.cat([s.new_zeros(2), s[1:-1], s.new_zeros(3)])  # (K + 3,)
-    slope = value[1:] - value[:-1]  # (K + 2,)
-    a = (s.shape[0] - 1) / (hi.to(dtype) - lo.to(dtype))
-    b = 1.0 - lo.to(dtype) * a
-    return value, slope, a, b
-
-
-def _segment(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, last: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segment index ``j`` (int32) and position within it ``u - j`` for ``u`` clamped to ``[0, last]``."""
-    xc = x if x.dtype == a.dtype else x.to(a.dtype)
-    u = torch.addcmul(b, xc, a).clamp_(0.0, float(last))
-    # The second clamp only matters for NaN inputs, whose integer cast is arbitrary.
-    j = u.to(torch.int32).clamp_(0, last)
-    return j, u.sub_(j)
-
-
-def _gather(table: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    return table.index_select(0, j.reshape(-1)).view(j.shape)
-
-
-class _SplineTerm(torch.autograd.Function):
-    """``y0 + eps * s(x)`` with a hand-written backward (the eager reference path, taken where
-    the fused kernels of :mod:`dynact._kernels` cannot be built or are turned off).
-
-    Saves only ``x`` (already kept alive by the base) and the tiny tables; backward recomputes
-    the segment index. ``grad_x = grad * eps * slope[j] * a``; ``grad_eps = sum(grad * s(x))``
-    accumulated in float32 or wider; ``grad_y0 = grad``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, y0, eps, value, slope, a, b):  # noqa: D102 (documented on the class)
-        last = slope.shape[0] - 1
-        j, frac = _segment(x, a, b, last)
-        v = _gather(value, j).addcmul_(frac, _gather(slope, j))
-        out = torch.addcmul(y0, v, eps.to(v.dtype))
-        ctx.save_for_backward(x, eps, value, slope, a, b)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        x, eps, value, slope, a, b = ctx.saved_tensors
-        j, frac = _segment(x, a, b, slope.shape[0] - 1)
-        grad_x = grad_eps = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad * _gather(slope * (a * eps.to(a.dtype)), j)).to(x.dtype)
-        if ctx.needs_input_grad[2]:
-            v = _gather(value, j).addcmul_(frac, _gather(slope, j))
-            grad_eps = (grad * v).sum().to(eps.dtype).reshape(eps.shape)
-        grad_y0 = grad if ctx.needs_input_grad[1] else None
-        return grad_x, grad_y0, grad_eps, None, None, None, None
-
-
-def _spline_ops(x: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """``s(x)`` in plain differentiable ops (compiled path, float64 views, resampling).
-
-    Returns the compute dtype (float32 for half inputs, else the input's dtype).
-    """
-    value, slope, a, b = _tables(s, lo, hi, _compute_dtype(x.dtype))
-    last = slope.shape[0] - 1
-    u = (x.to(a.dtype) * a + b).clamp(0.0, float(last))
-    j = u.detach().long().clamp(0, last)
-    return value[j] + (u - j) * slope[j]
-
-
-def _interp_uniform(xq: torch.Tensor, x0: float, step: float, values: torch.Tensor) -> torch.Tensor:
-    """Linear interpolation of ``values`` given at ``x0 + k * step``; zero outside their span."""
-    n = values.shape[0]
-    t = (xq - x0) / step
-    inside = (t >= -1e-9) & (t <= n - 1 + 1e-9)
-    t = t.clamp(0.0, n - 1.0)
-    j = t.floor().long().clamp(0, n - 2)
-    w = t - j
-    val = values[j] * (1 - w) + values[j + 1] * w
-    return torch.where(inside, val, torch.zeros_like(val))
 
 
 # ----------------------------------------------------------------------------- the module
@@ -457,15 +371,16 @@ class EAFOActivation(nn.Module):
         Returns:
             the :meth:`update` record, plus ``objective_before``/``objective_after`` (``J``).
         """
-        eta, max_log_change = _finite("eta", eta, nonzero=True), _finite("max_log_change", max_log_change, positive=True)
+        eta = finite_arg("eta", eta, nonzero=True)
+        max_log_change = finite_arg("max_log_change", max_log_change, positive=True)
         if max_change is not None:
-            _finite("max_change", max_change, positive=True)
+            finite_arg("max_change", max_change, positive=True)
         if not (0 < float(min_ratio) <= 1 <= float(max_ratio) < math.inf):
             raise ValueError(
                 f"iterate: need 0 < min_ratio <= 1 <= max_ratio < inf, got min_ratio={min_ratio!r}, "
                 f"max_ratio={max_ratio!r}"
             )
-        _finite("min_slope", min_slope, positive=True)
+        finite_arg("min_slope", min_slope, positive=True)
         if isinstance(backtrack, bool) or not isinstance(backtrack, int) or backtrack < 0:
             raise ValueError(f"iterate: backtrack must be an integer >= 0, got backtrack={backtrack!r}")
         d = self._prepare(density)
@@ -478,7 +393,7 @@ class EAFOActivation(nn.Module):
         if not math.isfinite(eps) or abs(eps) < min_eps:
             record["reason"] = f"eps too small or not finite (eps = {eps:.3g}, min_eps = {min_eps:.3g})"
             return record
-        problem = _SlopeProblem(self, d, base64, float(min_ratio), float(max_ratio), float(min_slope))
+        problem = SlopeProblem(self, d, base64, float(min_ratio), float(max_ratio), float(min_slope))
         if not bool(problem.free.any()):
             record["reason"] = "no knot cell where the base rises throughout: nothing to optimise"
             return record
@@ -548,7 +463,8 @@ class EAFOActivation(nn.Module):
         q_lo, q_hi = d.quantile(lo_q), d.quantile(hi_q)
         span = max(q_hi - q_lo, 2 * d.step)
         # The knots must sit where forward will put them: at the ends as the buffers store them.
-        new_lo, new_hi = (float(torch.tensor(v, dtype=self.lo.dtype)) for v in (q_lo - widen * span, q_hi + widen * span))
+        ends = (q_lo - widen * span, q_hi + widen * span)
+        new_lo, new_hi = (float(torch.tensor(v, dtype=self.lo.dtype)) for v in ends)
         record = dict(old_lo=float(self.lo), old_hi=float(self.hi), outside_before=self.outside_mass(d))
         check_grid(new_lo, new_hi, self.knots)
         x_new = torch.linspace(new_lo, new_hi, self.knots, dtype=torch.float64, device=self.s.device)
@@ -562,121 +478,4 @@ class EAFOActivation(nn.Module):
         return record
 
 
-def _interp_clamped(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear ``fp(xp)`` at ``x``, constant beyond the ends (``xp`` uniform)."""
-    n = xp.shape[0]
-    step = float(xp[1] - xp[0])
-    t = ((x - xp[0]) / step).clamp(0.0, n - 1.0)
-    j = t.floor().long().clamp(0, n - 2)
-    w = t - j
-    return fp[j] * (1 - w) + fp[j + 1] * w
-
-
 register_activation("eafo", EAFOActivation)
-
-
-def _finite(name: str, value, *, positive: bool = False, nonzero: bool = False) -> float:
-    """``value`` as a float, or a ValueError naming the argument and what it must be."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = math.nan
-    if not math.isfinite(v) or (positive and v <= 0) or (nonzero and v == 0):
-        need = "> 0" if positive else "non-zero" if nonzero else "finite"
-        raise ValueError(f"iterate: {name} must be a finite number {need}, got {name}={value!r}")
-    return v
-
-
-#: Slope below which a cell of the base counts as not rising (the same convention as
-#: :func:`dynact.eafo.output_stats`'s flat cells).
-_RISE_TOL = eafo.FLAT_TOL
-#: Points per knot cell at which the base's slope is checked for the cell's minimum slope.
-_SUBPOINTS = 8
-
-
-class _SlopeProblem:
-    """The constrained problem behind :meth:`EAFOActivation.iterate`, for one density.
-
-    Variables ``u = log r`` on the free knot cells (where the base rises throughout); the
-    knot values follow by summing the rises, with the fixed cells keeping their current rise.
-    """
-
-    def __init__(self, act: EAFOActivation, d: Density, base64: nn.Module, min_ratio: float,
-                 max_ratio: float, min_slope: float) -> None:
-        self.d, self.base64 = d, base64
-        self.eps = float(act.eps.detach())
-        self.lo, self.hi = act.lo.detach().double(), act.hi.detach().double()
-        t = act.knot_positions()
-        h = float(t[1] - t[0])
-        with torch.no_grad():
-            self.delta_b = torch.diff(base64(t))
-        sub = t[:-1, None] + h * torch.linspace(0.0, 1.0, _SUBPOINTS + 1, dtype=t.dtype, device=t.device)
-        slope_min = eafo.derivatives(base64, sub.reshape(-1))[1].view(sub.shape).amin(dim=1)
-        slope_avg = self.delta_b / h
-        self.free = (slope_min > _RISE_TOL) & (slope_avg > _RISE_TOL)
-        # The new cell's lowest slope is slope_min + (r - 1) * slope_avg: keep it above a floor
-        # that is min_ratio of the base's, and min_slope where the base's lies above it.
-        floor = torch.maximum(min_ratio * slope_min, torch.minimum(slope_min, torch.full_like(slope_min, min_slope)))
-        lower = 1.0 + (floor - slope_min) / slope_avg.clamp_min(_RISE_TOL)
-        self.lower = lower[self.free].clamp(min_ratio, 1.0)
-        self.upper = torch.full_like(self.lower, max_ratio)
-        self.delta_s = torch.diff(act.s.detach().double())
-        # s at the last knot is the sum of all rises of s: it must stay 0.
-        self.target = float(self.delta_b[self.free].sum()) - self.eps * float(self.delta_s[~self.free].sum())
-        cum = torch.cat([d.p.new_zeros(1), torch.cumsum(d.mass, 0)])
-        at_knots = _interp_clamped(t, d.edges, cum)
-        self.cell_mass = torch.diff(at_knots)[self.free].clamp_min(1e-12)
-        # The objective's cells: those of the density's grid where the base rises.
-        with torch.no_grad():
-            self.base_edges = base64(d.edges)
-        mass = d.mass / d.mass.sum()
-        rising = (torch.diff(self.base_edges) > _RISE_TOL * d.step) & (mass > 0)
-        self.mass, self.rising = mass, rising
-        self.rising_mass = float(mass[rising].sum())
-
-    def log_ratio(self, s: torch.Tensor) -> torch.Tensor:
-        rise = self.delta_b[self.free] + self.eps * torch.diff(s)[self.free]
-        return (rise / self.delta_b[self.free]).clamp_min(1e-12).log()
-
-    def knot_values(self, u: torch.Tensor) -> torch.Tensor:
-        delta_s = self.delta_s.clone() if not u.requires_grad else self.delta_s.clone().to(u.dtype)
-        delta_s = delta_s.masked_scatter(self.free, (u.exp() - 1.0) * self.delta_b[self.free] / self.eps)
-        s = torch.cat([delta_s.new_zeros(1), torch.cumsum(delta_s, 0)])
-        return torch.cat([s[:-1], s.new_zeros(1)])  # the end knot is 0 (the residual is rounding)
-
-    def project(self, u: torch.Tensor) -> torch.Tensor:
-        """Rescale ``r = exp(u)`` by one factor and clip to the bounds so that ``s`` ends at 0."""
-        r, w = u.detach().exp(), self.delta_b[self.free]
-
-        def total(log_c: float) -> float:
-            return float((w * (r * math.exp(log_c)).clamp(self.lower, self.upper)).sum())
-
-        lo_c, hi_c = -30.0, 30.0
-        for _ in range(80):  # total() is increasing in log_c: bisection
-            mid = 0.5 * (lo_c + hi_c)
-            lo_c, hi_c = (mid, hi_c) if total(mid) < self.target else (lo_c, mid)
-        return (r * math.exp(0.5 * (lo_c + hi_c))).clamp(self.lower, self.upper).log()
-
-    def objective_of(self, s: torch.Tensor) -> float:
-        with torch.no_grad():
-            return float(self._objective(s))
-
-    def objective(self, u: torch.Tensor, with_grad: bool = False) -> tuple[float, torch.Tensor]:
-        u = u.detach().clone().requires_grad_(with_grad)
-        with torch.enable_grad():
-            value = self._objective(self.knot_values(u))
-            if not with_grad or not bool(torch.isfinite(value)):
-                return float(value.detach()), torch.full_like(u, math.nan)
-            (grad,) = torch.autograd.grad(value, u)
-        return float(value.detach()), grad
-
-    def _objective(self, s: torch.Tensor) -> torch.Tensor:
-        fe = self.base_edges + self.eps * _spline_ops(self.d.edges, s, self.lo, self.hi)
-        rise = torch.diff(fe)[self.rising]
-        if bool((rise <= 0).any()):
-            return torch.tensor(math.inf, dtype=fe.dtype)
-        a, b, m = fe[:-1], fe[1:], self.mass
-        mean = (m * (a + b)).sum() / 2
-        var = (m * (a * a + a * b + b * b)).sum() / 3 - mean * mean
-        log_slope = (self.mass[self.rising] * torch.log(rise / self.d.step)).sum()
-        return log_slope - 0.5 * self.rising_mass * torch.log(var)
