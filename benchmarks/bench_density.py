@@ -106,7 +106,7 @@ def _dynact_rows(x, bins, grid, h, pdf, dpdf, repeats, device="cpu", sync=lambda
 
         d, tm = _timed(full, repeats, sync)
         est = make(bins, device=device)
-        _, upd = _timed(lambda: est.update(x), repeats, sync)
+        _, upd = _timed(lambda est=est: est.update(x), repeats, sync)
         _, comp = _timed(est.compute, repeats, sync)
         err = _errors(grid, h, pdf, d.p.cpu().numpy(), dpdf, d.dp.cpu().numpy())
         rows[label] = {"method": label, **tm, "update_ms_median": upd["ms_median"],
@@ -151,15 +151,16 @@ def run(args) -> dict:
 
             ref = {}
             counts_to_p = 1.0 / (n * h)
-            p, tm = _timed(lambda: np.histogram(x64, bins=bins, range=(LO, HI))[0] * counts_to_p, args.repeats)
+            p, tm = _timed(lambda x64=x64, counts_to_p=counts_to_p:
+                           np.histogram(x64, bins=bins, range=(LO, HI))[0] * counts_to_p, args.repeats)
             ref["numpy"] = {"method": "numpy.histogram", **tm, **_errors(grid, h, pdf, p)}
             if n <= args.scipy_max_n:  # Scott's factor, scipy's default
-                p, tm = _timed(lambda: stats.gaussian_kde(x64)(grid), min(args.repeats, 3))
+                p, tm = _timed(lambda x64=x64: stats.gaussian_kde(x64)(grid), min(args.repeats, 3))
                 ref["scipy"] = {"method": "scipy.gaussian_kde", **tm, **_errors(grid, h, pdf, p)}
             else:
                 skipped.append(f"scipy.gaussian_kde at {name} n={n}: O(N B) direct sum, over a minute")
             if FFTKDE is not None:  # Silverman's rule, like dynact.KDE's default
-                def kdepy():
+                def kdepy(x64=x64):
                     return FFTKDE(kernel="gaussian", bw="silverman").fit(x64).evaluate(bins)
 
                 (kx, ky), tm = _timed(kdepy, args.repeats)

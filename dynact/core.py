@@ -38,8 +38,8 @@ from dynact.conversion import to_eafo
 from dynact.density import Density, sum_states
 from dynact.distributed import is_distributed, single_thread
 from dynact.options import ESTIMATORS, RANK_SEED_STRIDE, validate_options
-from dynact.update_guards import Skip, nonfinite_tensors, overflows, restore
 from dynact.spline import EAFOActivation
+from dynact.update_guards import Skip, nonfinite_tensors, overflows, restore
 
 __all__ = ["ActivationOptimizer", "LOGGED_STATS", "tag"]
 
@@ -421,7 +421,7 @@ class ActivationOptimizer:
         states, extrema = _reduce_windows(layers)
         metrics: dict[str, float] = {}
         self.densities = {}
-        for layer, state, ends in zip(layers, states, extrema):
+        for layer, state, ends in zip(layers, states, extrema, strict=False):
             used = self._update_layer(layer, state, ends, metrics)
             metrics[tag("skipped", layer.name)] = float(layer.skipped)
             if used is not None:
@@ -485,7 +485,9 @@ class ActivationOptimizer:
         metrics.update(figures)
         return used
 
-    def _measure(self, layer: _Layer, density: Density, ends: torch.Tensor, metrics: dict[str, float]) -> Optional[Density]:
+    def _measure(
+        self, layer: _Layer, density: Density, ends: torch.Tensor, metrics: dict[str, float]
+    ) -> Optional[Density]:
         """Grid upkeep, the update of a dynamic layer and its figures (the part that may raise)."""
         if density.outside > self.max_outside:
             # The data reach beyond the grid: re-measure on a grid that covers them first.

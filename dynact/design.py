@@ -78,8 +78,10 @@ def _parser() -> argparse.ArgumentParser:
         "the stepped activation, their difference and the worst activation (WAFBC) for that density, "
         "and report the output entropies before and after.",
     )
-    p.add_argument("--base", default="relu", help=f"base activation ({', '.join(n for n in activation_names() if n != 'eafo')})")
-    p.add_argument("--density", default="normal", help="normal | laplace | uniform | student-t:NU | path to a saved density (.pt)")
+    p.add_argument("--base", default="relu",
+                   help=f"base activation ({', '.join(n for n in activation_names() if n != 'eafo')})")
+    p.add_argument("--density", default="normal",
+                   help="normal | laplace | uniform | student-t:NU | path to a saved density (.pt)")
     p.add_argument("--eta", type=float, default=0.05, help="EAFO step size (default 0.05)")
     p.add_argument("--method", choices=("x", "g"), default="x",
                    help="x: first-order step (any activation); g: exact in the inverse (strictly increasing, "
@@ -87,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lo", type=float, default=-8.0, help="grid start (ignored for a density file)")
     p.add_argument("--hi", type=float, default=8.0, help="grid end (ignored for a density file)")
     p.add_argument("--bins", type=int, default=1600, help="grid size (ignored for a density file)")
-    p.add_argument("--delta", type=float, default=None, help="output resolution of the discretised entropy (default: the input's std / 20)")
+    p.add_argument("--delta", type=float, default=None,
+                   help="output resolution of the discretised entropy (default: the input's std / 20)")
     p.add_argument("--out", default="design_out", help="folder for design.png and design.json (default design_out)")
     return p
 
@@ -182,15 +185,18 @@ def _figure(result: dict, title: str):
     ax.set_zorder(dens.get_zorder() + 1)
     ax.patch.set_visible(False)
 
-    bulk = ax.axvspan(x_lo, x_hi, color="C2", alpha=0.05, lw=0, label=f"bulk: x between the {q_lo} and {q_hi} quantiles")
+    bulk = ax.axvspan(x_lo, x_hi, color="C2", alpha=0.05, lw=0,
+                      label=f"bulk: x between the {q_lo} and {q_hi} quantiles")
     for b in (lower, upper):
         ax.axhline(b, color="C2", lw=0.7, ls=":")
     ax.plot(c["x"], c["wafbc"], color="C2", lw=1.4, ls="-.",
             label=f"WAFBC (worst), bounds [{lower:.3g}, {upper:.3g}] (dotted) = base's range on the bulk  "
             f"H={result['entropy_wafbc']:.4f}")
     ax.plot(c["x"], c["stepped"], color="C1", lw=2.6, alpha=0.85,
-            label=rf"one EAFO step $\tilde f$ (method {result['method']}, $\eta$={result['eta']:g})  H={result['entropy_after']:.4f}")
-    ax.plot(c["x"], c["base"], color="k", lw=1.3, ls="--", label=f"base f: {result['base']}  H={result['entropy_before']:.4f}")
+            label=rf"one EAFO step $\tilde f$ (method {result['method']}, $\eta$={result['eta']:g})"
+                  f"  H={result['entropy_after']:.4f}")
+    ax.plot(c["x"], c["base"], color="k", lw=1.3, ls="--",
+            label=f"base f: {result['base']}  H={result['entropy_before']:.4f}")
     ax.set_ylabel("activation")
     ax.set_title(title)
     # Headroom above the curves for the legend, so that it never hides them.
@@ -199,7 +205,8 @@ def _figure(result: dict, title: str):
     span = top - bottom
     ax.set_ylim(bottom - 0.05 * span, top + 0.45 * span)
     handles, _ = ax.get_legend_handles_labels()
-    ax.legend(handles=[h for h in handles if h is not bulk] + [bulk, shade], fontsize=7.5, loc="upper left", framealpha=0.9)
+    ax.legend(handles=[h for h in handles if h is not bulk] + [bulk, shade], fontsize=7.5, loc="upper left",
+              framealpha=0.9)
 
     ax_d.axhline(0, color="k", lw=0.5)
     ax_d.plot(c["x"], c["change"], color="C3", lw=1.8, label=r"change $\tilde f - f$")

@@ -118,7 +118,7 @@ def _evaluate(fn: Callable, x: torch.Tensor, *, grad: bool) -> tuple[torch.Tenso
             else:
                 d2 = zeros
     out = (y.detach(), d1.detach(), d2.detach())
-    for name, t in zip(("values", "first derivative", "second derivative"), out):
+    for name, t in zip(("values", "first derivative", "second derivative"), out, strict=False):
         if not bool(torch.isfinite(t).all()):
             bad = x.detach()[~torch.isfinite(t)][:3].tolist()
             raise ActivationError(
@@ -281,7 +281,8 @@ def step(f: Activation, density: Density, eta: float, method: str = "x", flat_to
     rising = (d1 > flat_tol) | ~bulk
     if not bool(rising.all()) or bool((torch.diff(y)[pair] <= 0).any()):
         where = x[~rising]
-        span = f"; it is flat or decreasing on [{float(where.min()):.3g}, {float(where.max()):.3g}]" if where.numel() else ""
+        span = (f"; it is flat or decreasing on [{float(where.min()):.3g}, {float(where.max()):.3g}]"
+                if where.numel() else "")
         raise ValueError(
             "method='g' needs an activation that is strictly increasing where the density has mass, "
             f"x in [{float(x[bulk][0]):.3g}, {float(x[bulk][-1]):.3g}]{span}; "

@@ -199,7 +199,8 @@ def test_logged_measures_match_the_analytic_values_of_the_sampled_input(tmp_path
     mixed = math.log(2) + 0.5 * h_half
     std = math.sqrt(0.5 - 1 / (2 * math.pi))
     rows = _csv_rows(logger)
-    assert _csv_series(rows, "entropy_in/net.0")[0] == (5, pytest.approx(0.5 * math.log(2 * math.pi * math.e), abs=0.02))
+    assert _csv_series(rows, "entropy_in/net.0")[0] == (
+        5, pytest.approx(0.5 * math.log(2 * math.pi * math.e), abs=0.02))
     assert _csv_series(rows, "entropy/net.0")[0][1] == pytest.approx(mixed, abs=0.03)
     assert _csv_series(rows, "entropy_scale_free/net.0")[0][1] == pytest.approx(mixed - 0.5 * math.log(std), abs=0.03)
     assert _csv_series(rows, "std/net.0")[0][1] == pytest.approx(std, abs=0.02)
@@ -246,7 +247,7 @@ def test_static_model_is_measured_untouched_with_one_warning(tmp_path):
         watched = run([cb], logger)
     assert sum("EAFOActivation" in str(w.message) for w in record) == 1
     plain = run([], False)
-    for (name, a), b in zip(watched.state_dict().items(), plain.state_dict().values()):
+    for (name, a), b in zip(watched.state_dict().items(), plain.state_dict().values(), strict=False):
         assert torch.equal(a, b), name
     assert not any(isinstance(m, EAFOActivation) for m in watched.modules())
     rows = _csv_rows(logger)
@@ -276,7 +277,8 @@ def test_hooks_fire_in_a_compiled_model(tmp_path):
     model = Forwarding()
     logger = CSVLogger(tmp_path)
     cb = EAFOCallback(every_n_steps=3, sample_size=128)
-    _trainer(tmp_path, max_steps=6, callbacks=[cb], logger=logger).fit(torch.compile(model, backend="eager"), _loader(256))
+    _trainer(tmp_path, max_steps=6, callbacks=[cb], logger=logger).fit(
+        torch.compile(model, backend="eager"), _loader(256))
     assert counters["stats"]["unique_graphs"] > 0  # the forward really went through Dynamo
     rows = _csv_rows(logger)
     for layer in ("net.1", "net.4"):
@@ -313,7 +315,8 @@ def test_updates_follow_optimizer_steps_under_accumulation_and_two_loaders(tmp_p
     snaps = _Snapshots()
     logger = CSVLogger(tmp_path)
     loaders = {"a": _loader(192, batch=16, seed=1), "b": _loader(192, batch=16, seed=2)}
-    _trainer(tmp_path, max_epochs=1, accumulate_grad_batches=3, callbacks=[cb, snaps], logger=logger).fit(model, loaders)
+    _trainer(tmp_path, max_epochs=1, accumulate_grad_batches=3, callbacks=[cb, snaps],
+             logger=logger).fit(model, loaders)
 
     rows = _csv_rows(logger)
     assert [s for s, _ in _csv_series(rows, "accepted/net.1")] == [2, 4]
@@ -358,7 +361,7 @@ def test_resume_gives_the_same_weights_and_spline_buffers_as_a_straight_run(tmp_
     saved = torch.load(path, weights_only=False)
     resumed = fit(ckpt_path=str(path))
 
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=False):
         assert torch.equal(a, b), name
     # the second half did update the splines (the comparison is not vacuous)
     assert not torch.equal(saved["state_dict"]["net.1.s"], straight.state_dict()["net.1.s"])
@@ -380,7 +383,8 @@ class RankDump(MLP):
         return super().training_step(batch, batch_idx)
 
     def on_train_end(self):
-        torch.save({"buffers": _dynamic_state(self), "seen": self.seen}, os.path.join(self.out, f"rank{self.global_rank}.pt"))
+        torch.save({"buffers": _dynamic_state(self), "seen": self.seen},
+                   os.path.join(self.out, f"rank{self.global_rank}.pt"))
 
 
 @pytest.mark.timeout(180)
@@ -444,7 +448,7 @@ def test_nonfinite_window_skips_only_that_layer_with_a_warning_and_a_count(tmp_p
     assert torch.equal(snaps[2 * n]["probe.s"], snaps[n]["probe.s"])  # unchanged while poisoned
     assert not torch.equal(snaps[3 * n]["probe.s"], snaps[2 * n]["probe.s"])  # updates again after
     # everything else is exactly as in the clean run
-    for (name, a), b in zip(bad.state_dict().items(), clean.state_dict().values()):
+    for (name, a), b in zip(bad.state_dict().items(), clean.state_dict().values(), strict=False):
         if not name.startswith("probe."):
             assert torch.equal(a, b), name
     assert all(math.isfinite(float(v)) for v in _dynamic_state(bad).values() for v in v.flatten())

@@ -52,7 +52,8 @@ def test_design_accepts_every_named_density(tmp_path, spec, capsys):
 def test_design_reads_a_saved_density_and_g_method(tmp_path, capsys):
     path = tmp_path / "p.pt"
     Density.from_pdf(stats.logistic.pdf, -10, 10, 800).save(path)
-    assert main(["design", "--base", "silu", "--density", str(path), "--method", "x", "--out", str(tmp_path / "o")]) == 0
+    assert main(["design", "--base", "silu", "--density", str(path), "--method", "x",
+                 "--out", str(tmp_path / "o")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["grid"] == {"lo": -10.0, "hi": 10.0, "bins": 800}
 
@@ -83,5 +84,6 @@ def test_console_script_dispatch(capsys):
 
 
 def test_installed_entry_point_runs():
-    done = subprocess.run([sys.executable, "-m", "dynact.cli", "--version"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "dynact.cli", "--version"],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("dynact ")

@@ -320,7 +320,8 @@ def test_rerun_needs_resume_and_resume_skips_finished_runs(sweep, tmp_path, caps
     # growing the sweep by one seed runs only the two new (arm, seed) pairs
     assert compare.main([*TINY, "--arms", "relu,eafo", "--seeds", "3", "--out", str(out), "--resume"]) == 0
     assert {n: (out / "runs" / n).stat().st_mtime_ns for n in stamps} == stamps
-    assert sorted(p.name for p in (out / "runs").glob("*.json")) == sorted([*stamps, "eafo-seed2.json", "relu-seed2.json"])
+    assert sorted(p.name for p in (out / "runs").glob("*.json")) == sorted(
+        [*stamps, "eafo-seed2.json", "relu-seed2.json"])
     results = json.loads((out / "results.json").read_text())
     assert results["summary"]["relu"]["n"] == 3 and results["summary"]["eafo"]["delta_top1"]["n"] == 3
     # resuming with other settings is refused: the runs would not be comparable

@@ -424,7 +424,7 @@ def _packed_rank(rank: int, world: int, port: int, out: str) -> None:
             ends.append(torch.stack([-x.min(), x.max()]))
         ends.append(torch.full((2,), -math.inf))  # a row no process has values for
         states, maxima = sum_states(estimators, torch.stack(ends))
-        densities = [est.compute_from(state) for est, state in zip(estimators, states)]
+        densities = [est.compute_from(state) for est, state in zip(estimators, states, strict=False)]
         torch.save({"calls": calls, "maxima": maxima, "densities": [(d.p, d.dp, d.count) for d in densities]},
                    os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -453,7 +453,8 @@ def test_sum_states_without_a_process_group_is_the_local_state():
     est = KDE(-4.0, 4.0, 32)
     est.update(randn(500, seed=1))
     (state,), maxima = sum_states([est], torch.tensor([[1.0, -math.inf]]))
-    assert torch.equal(state, est.additive_state) and torch.equal(maxima, torch.tensor([[1.0, -math.inf]], dtype=torch.float64))
+    assert torch.equal(state, est.additive_state) and torch.equal(
+        maxima, torch.tensor([[1.0, -math.inf]], dtype=torch.float64))
 
 
 def test_density_quantiles_match_scipy():

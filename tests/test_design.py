@@ -144,7 +144,8 @@ def test_figure_shows_the_base_over_the_step_and_the_change_on_its_own_axis(norm
     assert base.get_zorder() >= stepped.get_zorder() and top.get_lines().index(base) > top.get_lines().index(stepped)
     np.testing.assert_allclose(base.get_ydata(), F.softplus(torch.as_tensor(x)).numpy(), atol=1e-12)
     # the change f~ - f has its own axis, and its scale is the change's, not the activation's
-    np.testing.assert_allclose(change.get_ydata(), np.asarray(stepped.get_ydata()) - np.asarray(base.get_ydata()), atol=1e-12)
+    np.testing.assert_allclose(change.get_ydata(), np.asarray(stepped.get_ydata()) - np.asarray(base.get_ydata()),
+                               atol=1e-12)
     lo, hi = bottom.get_ylim()
     assert hi - lo < 0.1 < float(np.ptp(base.get_ydata()))
     assert float(np.abs(change.get_ydata()).max()) == pytest.approx(result["max_abs_change"], rel=1e-6)

@@ -195,7 +195,7 @@ def test_callback_steps_per_optimizer_step_logs_layers_and_resumes_from_checkpoi
     trainer2 = _lm_trainer(model2, tmp_path / "a", 4, callback2, save=False)
     trainer2.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     resumed = [model2.get_submodule(n).s for n in callback2.layer_names]
-    for a, b in zip(full, resumed):
+    for a, b in zip(full, resumed, strict=False):
         assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -240,7 +240,8 @@ def test_empty_response_and_long_prompt_are_named():
     with pytest.raises(ValueError, match=r"row 0, column 'chosen' is a int"):
         check_rows([{"prompt": "p", "chosen": 3, "rejected": "no"}], "x.jsonl")
     tok = train_tokenizer(["word " * 50] * 2, vocab_size=280)
-    rows = [{"prompt": "short", "chosen": "a", "rejected": "b"}, {"prompt": "word " * 40, "chosen": "a", "rejected": "b"}]
+    rows = [{"prompt": "short", "chosen": "a", "rejected": "b"},
+            {"prompt": "word " * 40, "chosen": "a", "rejected": "b"}]
     with pytest.raises(ValueError, match=r"row 1, column 'prompt' has \d+ tokens, over the limit of 8"):
         fit_prompts(rows, tok, 8, truncate=False, source="x.jsonl")
     cut = fit_prompts(rows, tok, 8, truncate=True, source="x.jsonl")

@@ -337,7 +337,7 @@ def test_results_live_on_the_density_device_and_never_nan(normal):
         assert math.isfinite(eafo.output_entropy(f, normal))
 
 
-# ---------------------------------------------------------------- method g (section 2a): which activations, and how well
+# ---------------------------------------------------------------- method g (section 2a): which activations and how well
 def _first_order_entropy_change(d1, d2, eta: float) -> float:
     """Section 2b's dH = -eta * int f' ((p/f')')^2 dx for p = N(0,1), by scipy quadrature of
     the analytic derivatives: an oracle independent of grids, interpolation and push-forward."""

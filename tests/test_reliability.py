@@ -90,7 +90,8 @@ class Probed(Net):
 
 def _loader(n: int = 64, batch: int = 16, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(torch.randn(n, 8, generator=g), torch.randint(0, 4, (n,), generator=g)), batch_size=batch)
+    return DataLoader(TensorDataset(torch.randn(n, 8, generator=g), torch.randint(0, 4, (n,), generator=g)),
+                      batch_size=batch)
 
 
 def _trainer(tmp_path: Path, **kw) -> pl.Trainer:
@@ -282,7 +283,7 @@ def test_case08_conversion_keeps_the_module_settings_and_parameters(tmp_path, ma
     act = model.net[1]
     assert isinstance(act, EAFOActivation)
     assert repr(act.base) == repr(original)
-    for (name, a), b in zip(act.base.named_parameters(), original.parameters()):
+    for (name, a), b in zip(act.base.named_parameters(), original.parameters(), strict=False):
         assert torch.equal(a, b), name
     x = torch.linspace(-5.0, 5.0, 1001)
     with torch.no_grad():
@@ -321,7 +322,8 @@ def _classifier(act: str = "relu") -> ImageClassifier:
 
 def _images(n: int = 16) -> DataLoader:
     g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)), batch_size=8)
+    return DataLoader(TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)),
+                      batch_size=8)
 
 
 def test_case10_a_converted_checkpoint_loads_back_into_the_model_its_hyperparameters_build(tmp_path):
@@ -335,7 +337,7 @@ def test_case10_a_converted_checkpoint_loads_back_into_the_model_its_hyperparame
     loaded = ImageClassifier.load_from_checkpoint(path)
     act = loaded.net.blocks[0].mlp.act
     assert isinstance(act, EAFOActivation) and isinstance(act.base, nn.ReLU)
-    for (name, a), b in zip(loaded.state_dict().items(), model.state_dict().values()):
+    for (name, a), b in zip(loaded.state_dict().items(), model.state_dict().values(), strict=False):
         assert torch.equal(a, b), name
     x = torch.randn(2, 3, 8, 8)
     model.eval(), loaded.eval()
@@ -405,8 +407,10 @@ def test_case12_grids_the_numerics_cannot_handle_are_refused_at_construction(lo,
     [
         (lambda: KDE(-1.0, 1.0, 64), torch.ones(1000)),  # all exactly at hi
         (lambda: KDE(-1.0, 1.0, 64), -torch.ones(1000)),  # all exactly at lo
-        (lambda: KDE(-1.0, 1.0, 64, bandwidth=1e300), 0.3 * torch.randn(1000, generator=torch.Generator().manual_seed(0))),
-        (lambda: KDE(-1.0, 1.0, 64, bandwidth=0.5), 0.3 * torch.randn(1000, generator=torch.Generator().manual_seed(0))),
+        (lambda: KDE(-1.0, 1.0, 64, bandwidth=1e300),
+         0.3 * torch.randn(1000, generator=torch.Generator().manual_seed(0))),
+        (lambda: KDE(-1.0, 1.0, 64, bandwidth=0.5),
+         0.3 * torch.randn(1000, generator=torch.Generator().manual_seed(0))),
     ],
     ids=["at-hi", "at-lo", "bandwidth-1e300", "bandwidth-0.5"],
 )

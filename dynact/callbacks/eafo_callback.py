@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Literal, Optional, Union
 
-import torch
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -248,7 +248,9 @@ class EAFOCallback(Callback):
 
     # ------------------------------------------------------------------ schedule
     @override
-    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
+    ) -> None:
         # Fires once per optimizer step (never per micro-batch under gradient accumulation).
         self._pending = True
 
@@ -302,7 +304,9 @@ class EAFOCallback(Callback):
         return {} if self.core is None else self.core.state_dict()
 
     @override
-    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
+    ) -> None:
         # A checkpoint saved before conversion: the converted layers loaded its base weights (see
         # dynact.conversion.to_eafo) and keep their initial corrections, but their eps
         # parameters are new to its optimizer states. Match those in on_fit_start, once the
@@ -327,7 +331,7 @@ class EAFOCallback(Callback):
         if self._resumed is None:
             return
         states = self._resumed["optimizer_states"]
-        for i, (optimizer, saved) in enumerate(zip(trainer.optimizers, states)):
+        for i, (optimizer, saved) in enumerate(zip(trainer.optimizers, states, strict=False)):
             states[i] = _insert_new_params(optimizer, saved, self._new_params)
         self._resumed, self._new_params = None, []
 
@@ -343,7 +347,9 @@ class EAFOCallback(Callback):
             self.core.load_state_dict(state_dict)
 
 
-def _insert_new_params(optimizer: torch.optim.Optimizer, saved: dict[str, Any], new: list[nn.Parameter]) -> dict[str, Any]:
+def _insert_new_params(
+    optimizer: torch.optim.Optimizer, saved: dict[str, Any], new: list[nn.Parameter]
+) -> dict[str, Any]:
     """An optimizer state saved without the parameters ``new``, re-indexed for ``optimizer``,
     which has them (with no state, as fresh parameters have). Left as it is when its groups do
     not match ``optimizer``'s without ``new`` (then the optimizer's own error says so)."""
@@ -354,7 +360,7 @@ def _insert_new_params(optimizer: torch.optim.Optimizer, saved: dict[str, Any], 
     state: dict[int, Any] = {}
     out_groups = []
     index = 0
-    for group, saved_group in zip(groups, saved["param_groups"]):
+    for group, saved_group in zip(groups, saved["param_groups"], strict=False):
         if sum(id(p) not in new_ids for p in group["params"]) != len(saved_group["params"]):
             return saved
         old = iter(saved_group["params"])

@@ -13,8 +13,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from dynact.compare import plots, records as rec_files, runs, stats
-from dynact.compare.records import OutputError, RESULTS_FILE, TIMING_FILE, write_text
+from dynact.compare import plots, runs, stats
+from dynact.compare import records as rec_files
+from dynact.compare.records import RESULTS_FILE, TIMING_FILE, OutputError, write_text
 from dynact.compare.report import fmt, pct, write_report
 from dynact.compare.settings import SweepSettings, build_parser, settings_from_args, split_overrides
 
@@ -31,12 +32,15 @@ class SweepWriteError(Exception):
 def _summary_line(rec: dict[str, Any]) -> str:
     where = f"{rec['arm']} seed {rec['seed']}"
     if rec["status"] != "ok":
-        return f"{where}: FAILED ({rec.get('error')}); traceback in {rec_files.RECORDS}/{rec['arm']}-seed{rec['seed']}.json"
+        return (f"{where}: FAILED ({rec.get('error')}); "
+                f"traceback in {rec_files.RECORDS}/{rec['arm']}-seed{rec['seed']}.json")
     return (f"{where}: top-1 {pct(rec['top1_final'])}%, NLL {fmt(rec['nll_final'])}, "
             f"{rec['steps']} steps, {rec['wall_time_s']:.1f} s")
 
 
-def run_sweep(settings: SweepSettings, resume: bool = False, progress: bool = True, command: str = "") -> dict[str, Any]:
+def run_sweep(
+    settings: SweepSettings, resume: bool = False, progress: bool = True, command: str = ""
+) -> dict[str, Any]:
     """Run every (arm, seed) not finished yet, then write ``results.json``, the plots and the report.
 
     Runs are handed out seed by seed (every arm of seed 0, then seed 1, ...), so an interrupted
@@ -208,7 +212,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     """``dynact compare``: validate everything, run the sweep, write the report; return the exit code.
 
     Bad input or an unusable ``--out`` exits with code 2 before any training; a failed write
-    or a worker process that died mid-sweep stops it with code 3 (finished runs kept, a partial report written when possible);
+    or a worker process that died mid-sweep stops it with code 3 (finished runs kept, a partial report
+    written when possible);
     Ctrl-C keeps the finished runs and returns 130; a sweep with failed runs returns 1.
     """
     args_in = list(sys.argv[1:] if argv is None else argv)

@@ -125,7 +125,8 @@ def sweep_lock(out: Path) -> Iterator[None]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
-        raise ValueError(f"--out {str(out)!r} is not a writable folder ({err.strerror or err}); choose another --out") from None
+        raise ValueError(f"--out {str(out)!r} is not a writable folder ({err.strerror or err}); "
+                         "choose another --out") from None
     try:
         try:
             _lock(fd)

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-
 #: ``task -> defaults``. ``config`` names a file in the repository's ``examples/configs``;
 #: otherwise the data module's and ``ImageClassifier``'s own defaults are the paper's recipe and
 #: ``model`` adds the task's geometry. ``epochs`` and ``seeds``: the sweep's default size;
@@ -288,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
                    help=f"comma-separated activations from: {', '.join(activation_names())}; {DYNAMIC_ARM} is the "
                    f"dynamic one, the rest are static (default: {','.join(DEFAULT_ARMS)})")
-    p.add_argument("--control", default=CONTROL, help="arm the others are compared with, paired by seed (default: relu)")
+    p.add_argument("--control", default=CONTROL,
+                   help="arm the others are compared with, paired by seed (default: relu)")
     p.add_argument("--seeds", type=int, default=None,
                    help="seeds per arm: 0 .. N-1; at each seed every arm shares initial weights, data order and "
                    f"split (default: the task's; digits {TASKS['digits']['seeds']}, paper tasks 3)")
@@ -321,7 +321,8 @@ def settings_from_args(args: argparse.Namespace, overrides: dict[str, dict[str, 
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     control = args.control.strip().lower()
     if control not in arms:
-        raise ValueError(f"--control {control!r} is not among --arms ({', '.join(arms)}); add it or pick one of the arms")
+        raise ValueError(f"--control {control!r} is not among --arms ({', '.join(arms)}); "
+                         "add it or pick one of the arms")
     task = TASKS[args.task]
     if args.config is not None or "config" in task:
         config_path = Path(args.config).expanduser() if args.config else _find_config(task["config"])
@@ -330,7 +331,8 @@ def settings_from_args(args: argparse.Namespace, overrides: dict[str, dict[str, 
         base = load_config(config_path)
         config = str(config_path.resolve())
     else:
-        base = {"data_class": task["data"], "data_kwargs": {}, "model_kwargs": dict(task["model"]), "trainer_kwargs": {}}
+        base = {"data_class": task["data"], "data_kwargs": {}, "model_kwargs": dict(task["model"]),
+                "trainer_kwargs": {}}
         config = None
     model_kwargs = _merge(base["model_kwargs"], overrides["model"])
     model = (args.model or model_kwargs.get("arch") or "vit_tiny").strip().lower()

@@ -36,7 +36,8 @@ def paired(arm_runs: dict[int, dict], control_runs: dict[int, dict], key: str) -
     seeds = sorted(s for s in set(arm_runs) & set(control_runs)
                    if arm_runs[s].get(key) is not None and control_runs[s].get(key) is not None)
     diffs = [arm_runs[s][key] - control_runs[s][key] for s in seeds]
-    out: dict[str, Any] = {"n": len(seeds), "seeds": seeds, "diffs": diffs, "mean": None, "ci95": None, "half_width": None}
+    out: dict[str, Any] = {"n": len(seeds), "seeds": seeds, "diffs": diffs,
+                           "mean": None, "ci95": None, "half_width": None}
     if not diffs:
         return out
     out["mean"] = float(np.mean(diffs))
@@ -96,7 +97,7 @@ def summarize(records: list[dict[str, Any]], arms: Sequence[str], control: str =
         runs = [ok[arm][s] for s in sorted(ok[arm])]
         changes = [c for c in map(plateau_change, runs) if c is not None]
 
-        def stat(key: str) -> list:
+        def stat(key: str, runs: list = runs) -> list:
             return list(mean_std([r[key] for r in runs if r.get(key) is not None]))
 
         summary[arm] = {

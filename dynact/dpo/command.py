@@ -49,13 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
         "arms by evaluation reward margin, accuracy and loss (the paper's Table 4). The default (--data offline) "
         "is a 2-minute smoke check on CPU with a tiny random GPT-2; it says nothing about the paper's claim.",
     )
-    p.add_argument("--data", default="offline", help=f"{', '.join(DATASETS)} or a .jsonl file of prompt/chosen/rejected")
+    p.add_argument("--data", default="offline",
+                   help=f"{', '.join(DATASETS)} or a .jsonl file of prompt/chosen/rejected")
     p.add_argument("--model", default=None, help="tiny (random, built in code) or a causal LM name or folder "
                    "(gpt2); default: tiny offline, gpt2 otherwise")
     p.add_argument("--arms", default="gelu,crrelu,eafo", help="activations: gelu (GPT-2's own, the control), eafo "
                    "(dynamic, GELU base), or any registry name swapped in (crrelu, relu, silu, ...); "
                    "default: gelu,crrelu,eafo")
-    p.add_argument("--betas", type=_floats, default=list(PAPER_BETAS), help="DPO penalties, comma-separated, each > 0 (default: the paper's 0.1,1,2,5)")
+    p.add_argument("--betas", type=_floats, default=list(PAPER_BETAS),
+                   help="DPO penalties, comma-separated, each > 0 (default: the paper's 0.1,1,2,5)")
     p.add_argument("--seeds", type=_seeds, default=[0, 1], help="seeds per arm and beta: 0 .. N-1 (default: 2)")
     p.add_argument("--batch-size", type=int, default=None, help="total batch, split over the processes (paper: 32)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (paper: 5e-7, the DPO reference's)")
@@ -66,10 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate-prompts", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the last --max-prompt-length tokens of longer prompts (default: on for hh/shp; "
                    "otherwise a longer prompt is an error)")
-    p.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps (default: offline 16, else one epoch)")
-    p.add_argument("--dpo-steps", type=int, default=None, help="DPO optimizer steps (default: offline 8, else one epoch)")
+    p.add_argument("--sft-steps", type=int, default=None,
+                   help="SFT optimizer steps (default: offline 16, else one epoch)")
+    p.add_argument("--dpo-steps", type=int, default=None,
+                   help="DPO optimizer steps (default: offline 8, else one epoch)")
     p.add_argument("--eval-every", type=int, default=None, help="DPO steps between evaluations")
-    p.add_argument("--eval-rows", type=int, default=None, help="evaluation pairs used (offline 64, hub sets 256 as in the DPO reference)")
+    p.add_argument("--eval-rows", type=int, default=None,
+                   help="evaluation pairs used (offline 64, hub sets 256 as in the DPO reference)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many rows of each split")
     p.add_argument("--every-n-steps", type=int, default=None, help="optimizer steps between activation updates "
                    "and measurements (offline 4, else 100)")

@@ -216,7 +216,8 @@ def write_report(out: str | os.PathLike, results: dict[str, Any]) -> Path:
         "",
         "## Runs",
         "",
-        "| activation | β | seed | eval margin | eval accuracy | eval loss | accepted EAFO updates | wall time, s | status |",
+        "| activation | β | seed | eval margin | eval accuracy | eval loss | accepted EAFO updates "
+        "| wall time, s | status |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results["runs"]:
@@ -246,10 +247,10 @@ def _plot_metrics(results: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     settings, summary = results["settings"], results["summary"]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.6))
-    for ax, (key, label) in zip(axes, METRICS.items()):
+    for ax, (key, label) in zip(axes, METRICS.items(), strict=False):
         for i, arm in enumerate(settings["arms"]):
             cells = [summary[f"{arm}@{b:g}"] for b in settings["betas"]]
-            xs = [b for b, c in zip(settings["betas"], cells) if c[f"{key}_mean"] is not None]
+            xs = [b for b, c in zip(settings["betas"], cells, strict=False) if c[f"{key}_mean"] is not None]
             ys = [c[f"{key}_mean"] for c in cells if c[f"{key}_mean"] is not None]
             es = [c[f"{key}_std"] for c in cells if c[f"{key}_mean"] is not None]
             if xs:
@@ -270,7 +271,7 @@ def _plot_layers(results: dict[str, Any], path: Path) -> None:
     settings, summary = results["settings"], results["summary"]
     figures = ("entropy_scale_free", "log_slope", "std")
     fig, axes = plt.subplots(1, len(figures), figsize=(4.2 * len(figures), 3.6))
-    for ax, figure in zip(axes, figures):
+    for ax, figure in zip(axes, figures, strict=False):
         for i, arm in enumerate(settings["arms"]):
             pooled: dict[str, list[float]] = {}
             for beta in settings["betas"]:
@@ -279,10 +280,10 @@ def _plot_layers(results: dict[str, Any], path: Path) -> None:
                         pooled.setdefault(layer, []).append(figs[figure])
             layers = sorted(pooled, key=_layer_order)
             if layers:
-                ax.plot(range(len(layers)), [sum(pooled[l]) / len(pooled[l]) for l in layers], marker="o", ms=4,
-                        color=f"C{i}", label=_name(arm))
-                ax.set_xticks(range(len(layers)), [l.replace("transformer.h.", "h.").replace(".mlp.act", "")
-                                                   for l in layers], fontsize=7)
+                ax.plot(range(len(layers)), [sum(pooled[name]) / len(pooled[name]) for name in layers], marker="o",
+                        ms=4, color=f"C{i}", label=_name(arm))
+                ax.set_xticks(range(len(layers)), [name.replace("transformer.h.", "h.").replace(".mlp.act", "")
+                                                   for name in layers], fontsize=7)
         ax.set_title(figure)
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)

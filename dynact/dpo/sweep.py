@@ -62,7 +62,8 @@ def prepare_out(settings: DPOSettings, resume: bool) -> dict[tuple[str, float, i
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as err:
-        raise ValueError(f"--out {str(out)!r} is not a writable folder ({err.strerror or err}); choose another") from None
+        raise ValueError(f"--out {str(out)!r} is not a writable folder ({err.strerror or err}); "
+                         "choose another") from None
     saved_path = out / _SETTINGS_FILE
     saved = json.loads(saved_path.read_text()) if saved_path.is_file() else None
     records = load_records(out)
