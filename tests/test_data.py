@@ -16,8 +16,8 @@ from torchvision.datasets import CIFAR10
 from dynact.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
-    CIFAR100DataModule,
     CIFAR10DataModule,
+    CIFAR100DataModule,
     DigitsDataModule,
     ImageNetDataModule,
 )

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dynact.compare.records import BY_ARM_RUN, OutputError, PNG_ACC, PNG_DELTA, PNG_LAYERS
+from dynact.compare.records import BY_ARM_RUN, PNG_ACC, PNG_DELTA, PNG_LAYERS, OutputError
 from dynact.compare.report import name
 from dynact.compare.stats import layer_order
 
@@ -164,7 +164,7 @@ def write_tensorboard(results: dict[str, Any], out: Path) -> None:
                         writer.add_scalar(f"{tag}/{arm}", float(v), global_step=k + 1)
                 for layer in layers:
                     for measure in _PLOTTED:
-                        for epoch, value in zip(*_series(runs, layer, measure)):
+                        for epoch, value in zip(*_series(runs, layer, measure), strict=False):
                             writer.add_scalar(f"{measure}/{layer}/{arm}", value, global_step=epoch)
             layout = {"accuracy (mean over seeds)": {
                 "validation top-1": ["Multiline", [r"^top1/"]],

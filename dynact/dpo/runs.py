@@ -31,8 +31,16 @@ from typing import Any, Iterator, Optional
 import torch
 
 from dynact.dpo import data as pref_data
-from dynact.dpo.models import DYNAMIC_ARM, TINY_MODEL, arm_plan, build_policy, count_parameters, frozen_copy, \
-    gelu_types, train_tokenizer
+from dynact.dpo.models import (
+    DYNAMIC_ARM,
+    TINY_MODEL,
+    arm_plan,
+    build_policy,
+    count_parameters,
+    frozen_copy,
+    gelu_types,
+    train_tokenizer,
+)
 from dynact.dpo.settings import DPOSettings
 
 __all__ = ["Prepared", "prepare", "run_dpo", "run_sft", "sft_path"]

@@ -22,11 +22,11 @@ from collections import OrderedDict
 from typing import Any, Callable, Optional
 
 import torch
-from torch import nn
 from timm.layers import trunc_normal_
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.tnt import TNT
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from dynact.activations import ActSpec, resolve_activation, swap_activations
 
