@@ -296,9 +296,18 @@ class FusedCRReLU(torch.autograd.Function):
         return crrelu_forward(x, eps.detach())
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # noqa: D102
         x, eps = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True (second derivatives, e.g. dynact.eafo.derivatives): the same
+            # formulas in differentiable tensor ops; the kernel's result would have no graph.
+            gauss = torch.exp(-0.5 * x * x)
+            gx = geps = None
+            if ctx.needs_input_grad[0]:
+                gx = grad * ((x > 0).to(x.dtype) + eps.to(x.dtype) * (1 - x * x) * gauss)
+            if ctx.needs_input_grad[1]:
+                geps = (grad * x * gauss).sum().to(eps.dtype).reshape(eps.shape)
+            return gx, geps
         gx, geps = crrelu_backward(grad, x, eps.detach(), ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if geps is not None:
             geps = geps.to(eps.dtype).reshape(eps.shape)

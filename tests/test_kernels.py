@@ -104,6 +104,19 @@ def test_fused_half_precision_matches_reference(name, dtype):
 
 
 @needs_compiler
+def test_second_derivatives_through_the_fused_crrelu_are_the_analytic_ones():
+    # dynact.eafo differentiates activations twice (create_graph); the fused backward must then
+    # build a graph: d2/dx2 [eps x exp(-x^2/2)] = eps (x^3 - 3x) exp(-x^2/2) away from 0.
+    assert _kernels.available(torch.zeros(1, dtype=torch.float64))
+    act = CRReLU(0.3).double()
+    x = torch.linspace(-3, 3, 61, dtype=torch.float64).add(0.01).requires_grad_()
+    (d1,) = torch.autograd.grad(act(x).sum(), x, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), x)
+    want = 0.3 * (x**3 - 3 * x) * torch.exp(-0.5 * x * x)
+    assert torch.allclose(d2, want.detach(), atol=1e-9)
+    assert torch.autograd.gradgradcheck(lambda t: act(t), (x.detach()[:8].clone().requires_grad_(),))
+
+
 @pytest.mark.parametrize("name", ["crrelu", "eafo_relu"])
 def test_nan_inf_and_noncontiguous_inputs(name):
     act = _modules()[name]
