@@ -31,7 +31,7 @@ __all__ = [
 
 
 def crrelu(x: torch.Tensor, eps: Union[torch.Tensor, float]) -> torch.Tensor:
-    """Functional CRReLU: ``relu(x) + eps * x * exp(-x**2 / 2)`` (eafo-math.md section 3).
+    """Functional CRReLU: ``relu(x) + eps * x * exp(-x**2 / 2)`` (``docs/math.md``, "CRReLU as one step").
 
     Works for any float dtype; the Gaussian factor is computed in the input's dtype, which
     keeps float16/bfloat16 graphs free of casts (``exp(-x**2/2)`` never overflows). Written as
@@ -75,7 +75,8 @@ class _CRReLUFunction(torch.autograd.Function):
 class CRReLU(nn.Module):
     """Correction Regularized ReLU: ``relu(x) + eps * x * exp(-x**2/2)``.
 
-    One EAFO step away from ReLU under a standard normal input (eafo-math.md section 3):
+    One EAFO step away from ReLU under a standard normal input (``docs/math.md``, "CRReLU as one
+    step"):
     the step with size ``eta`` gives ``eps = -eta / sqrt(2*pi)``, so a *negative* ``eps``
     lowers the output entropy to first order. The published initialisation is ``+0.01``;
     with ``learnable=True`` training chooses the sign.

@@ -47,7 +47,7 @@ def assert_same_density(a: Density, b: Density) -> None:
 ESTIMATORS = [Histogram, KDE]
 
 
-# ------------------------------------------------------------------ accuracy (eafo-math.md check 5)
+# ------------------------------------------------------------------ accuracy of p and p'
 def test_kde_integrated_squared_error_on_1e5_normal_below_1e4():
     kde = KDE(-6.0, 6.0, 512)
     kde.update(randn(100_000, seed=0))
@@ -68,7 +68,7 @@ def test_dp_on_1e6_normal_within_0015_of_true_derivative(cls):
     inner = d.grid.abs() <= 4
     err = (d.dp - normal_dpdf(d.grid))[inner].abs().max()
     assert float(err) < 0.015
-    # The derivative got its own, wider smoothing (eafo-math.md check 5).
+    # The derivative got its own, wider smoothing (docs/math.md, "Densities").
     assert est.last_bandwidths[1] > est.last_bandwidths[0]
 
 

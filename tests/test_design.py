@@ -1,6 +1,6 @@
 """`dynact design`: the README's examples, method g per base, the WAFBC's bounds and the figure.
 
-Oracles: scipy's normal quantiles and analytic activations, section 2's table of docs/math.md.
+Oracles: scipy's normal quantiles and analytic activations, the reference table of docs/math.md.
 """
 
 import json
@@ -56,7 +56,7 @@ def test_every_readme_design_example_runs(tmp_path, capsys, argv):
 
 # ---------------------------------------------------------------- method g through the command
 @pytest.mark.parametrize("base,h_before,h_after", [
-    ("softplus", 0.6129, 0.5990),  # section 2's table, N(0,1), eta 0.05
+    ("softplus", 0.6129, 0.5990),  # the reference table of docs/math.md, N(0,1), eta 0.05
     ("tanh", 0.6698, 0.6655),
 ])
 def test_design_method_g_reproduces_the_table(tmp_path, capsys, base, h_before, h_after):

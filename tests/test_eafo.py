@@ -19,7 +19,7 @@ SQRT_2PI = math.sqrt(2 * math.pi)
 
 @pytest.fixture(scope="module")
 def normal():
-    # x in [-8, 8], step 0.005 (section 7 asks for a step <= 0.05).
+    # x in [-8, 8], step 0.005 (a step <= 0.05 keeps the quadrature error small).
     return Density.from_pdf(stats.norm.pdf, -8.0, 8.0, 3200)
 
 
@@ -28,7 +28,7 @@ def _identity(x):
 
 
 def _entropy_by_formula(values: torch.Tensor, density: Density) -> float:
-    """H[Y] = H[X] + E[log f'(X)] for a smooth increasing f given on the grid (section 1),
+    """H[Y] = H[X] + E[log f'(X)] for a smooth increasing f given on the grid (docs/math.md, "Output entropy"),
     by quadrature of a numerical derivative: independent of the push-forward code."""
     x, y = density.grid.numpy(), values.numpy()
     slope = np.gradient(y, x)
@@ -38,7 +38,7 @@ def _entropy_by_formula(values: torch.Tensor, density: Density) -> float:
 
 
 def _entropy_by_sampling(f, n: int = 1_000_000, bins: int = 2000, seed: int = 0) -> float:
-    """Histogram entropy of f(X) for X ~ N(0,1) samples (the Monte-Carlo column of section 2)."""
+    """Histogram entropy of f(X) for X ~ N(0,1) samples (the sampling check of docs/math.md's reference table)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g, dtype=torch.float64)
     y = f(x).numpy()
@@ -48,7 +48,7 @@ def _entropy_by_sampling(f, n: int = 1_000_000, bins: int = 2000, seed: int = 0)
     return float(-(prob * np.log(prob)).sum() + np.log(width))
 
 
-# ---------------------------------------------------------------- check 1
+# ---------------------------------------------------------------- the correction of ReLU
 def test_relu_correction_is_derivative_of_normal_density(normal):
     c = eafo.correction(F.relu, normal)
     x = normal.grid
@@ -77,7 +77,7 @@ def test_correction_works_for_modules_and_leaves_them_untouched(normal):
     assert calls == []  # evaluating an activation never fires its (training) hooks
 
 
-# ---------------------------------------------------------------- check 3 and section 2's table
+# ---------------------------------------------------------------- one step lowers the entropy (reference table)
 TABLE = [
     # f, H before, eta, H after (x-space), H after (g-space)
     ("softplus", F.softplus, 0.6129, 0.05, 0.5990, 0.5990),
@@ -147,7 +147,7 @@ def test_identity_entropy_is_normal_entropy(normal):
 
 
 def test_entropy_scales_with_log_of_gain(normal):
-    # H[aY] = H[Y] + log a (section 1).
+    # H[aY] = H[Y] + log a (docs/math.md, "Output entropy").
     base = eafo.output_entropy(torch.tanh, normal, delta=0.001)
     scaled = eafo.output_entropy(lambda x: 3 * torch.tanh(x), normal, delta=0.001)
     assert scaled - base == pytest.approx(math.log(3), abs=2e-3)
@@ -256,7 +256,7 @@ def test_crrelu_sign_decides_the_entropy_direction(normal):
     assert torch.allclose(step, CRReLU(-eta / SQRT_2PI)(normal.grid), atol=1e-9)
 
 
-# ---------------------------------------------------------------- check 4 (WAFBC)
+# ---------------------------------------------------------------- the WAFBC
 def test_wafbc_is_the_scaled_cdf(normal):
     w = eafo.wafbc(normal, -1.0, 3.0)
     expected = -1.0 + 4.0 * torch.as_tensor(stats.norm.cdf(normal.grid.numpy()))
@@ -337,7 +337,7 @@ def test_results_live_on_the_density_device_and_never_nan(normal):
         assert math.isfinite(eafo.output_entropy(f, normal))
 
 
-# ---------------------------------------------------------------- method g (section 2a): which activations and how well
+# ---------------------------------------------------------------- method g: which activations and how well
 def _first_order_entropy_change(d1, d2, eta: float) -> float:
     """Section 2b's dH = -eta * int f' ((p/f')')^2 dx for p = N(0,1), by scipy quadrature of
     the analytic derivatives: an oracle independent of grids, interpolation and push-forward."""
@@ -353,7 +353,8 @@ def _sig(x):
 
 
 G_CASES = [
-    # name, f, f' and f'' (numpy), H before (section 2's table; sigmoid: section 4), H after at eta 0.05
+    # name, f, f' and f'' (numpy), H before (docs/math.md's reference table; sigmoid: its WAFBC
+    # section), H after at eta 0.05
     ("softplus", F.softplus, _sig, lambda x: _sig(x) * (1 - _sig(x)), 0.6129, 0.5990),
     ("tanh", torch.tanh, lambda x: np.cosh(x) ** -2, lambda x: -2 * np.tanh(x) * np.cosh(x) ** -2, 0.6698, 0.6655),
     ("identity", _identity, np.ones_like, np.zeros_like, 1.4189, 1.4118),
@@ -436,7 +437,7 @@ def test_g_step_of_elu_agrees_with_x_step_away_from_the_jump_of_its_curvature(no
     assert (g - x).abs().max() < 0.03  # at 0 both rise steeply by about eta * p(0)
     assert bool((torch.diff(g) > 0).all())
     after = _entropy_by_sampling(eafo.Tabulated(normal.grid, g))
-    assert after == pytest.approx(1.0095, abs=5e-3)  # section 2's table, x-space column
+    assert after == pytest.approx(1.0095, abs=5e-3)  # the reference table, x-space column
 
 
 def test_g_step_on_a_wide_grid_moves_only_the_bulk_of_the_density():

@@ -9,7 +9,7 @@ from torch import nn
 from dynact.activations import activation_names, make_activation
 from dynact.models import create_model, deit_tiny, model_names, tnt_small, vit_tiny
 
-# architecture.md / the paper's Appendix E: (fixed activation, one learnable scalar per MLP).
+# The paper's parameter counts: (fixed activation, one learnable scalar per MLP).
 PAPER_COUNTS = {
     ("vit_tiny", "cifar10"): (5_399_818, 5_399_830),
     ("vit_tiny", "cifar100"): (5_417_188, 5_417_200),

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 from dynact.compare.records import RECORD_VERSION, clear_run_files
 from dynact.compare.settings import DYNAMIC_ARM, SweepSettings, import_class
 
-#: Per-layer measures kept from ``EAFOCallback.metrics`` (eafo-math.md section 1).
+#: Per-layer measures kept from ``EAFOCallback.metrics`` (``docs/math.md``, "Per-layer measures").
 MEASURES = ("dead", "entropy", "entropy_scale_free", "log_slope", "std", "eps", "outside")
 
 

@@ -319,7 +319,7 @@ class Histogram(_BinnedEstimator):
     """Streaming histogram density on ``bins`` uniform bins over ``[lo, hi]``.
 
     ``p_k = n_k / (N h)`` with ``N`` all finite values seen (so ``sum(p) h = 1 - outside``),
-    eafo-math.md section 6. Differences of raw counts are noise (check 5), so ``dp`` is
+    (``docs/math.md``, "Densities"). Differences of raw counts are noise, so ``dp`` is
     the derivative of the histogram smoothed exactly like :class:`KDE`'s ``dp`` (same
     kernel, same width rule, see there); differentiating the kernel instead of
     differencing the smoothed ``p`` avoids an O(h^2) error.
@@ -372,7 +372,7 @@ class KDE(_BinnedEstimator):
     Values are linearly binned onto the bin centres (plus one node beyond each end, so
     that values in the outer half bins keep their mass); ``p`` is the node counts
     convolved with a Gaussian of width ``bw``, ``dp`` with a kernel derivative of width
-    ``dp_bw`` (FFT, O(bins log bins)); eafo-math.md section 6. Cost: O(N) per ``update``,
+    ``dp_bw`` (FFT, O(bins log bins)); ``docs/math.md``, "Densities". Cost: O(N) per ``update``,
     O(B log B) per ``compute``, instead of the O(N B) of a direct kernel sum.
 
     Bandwidths (``N`` finite values, ``std`` their standard deviation with values beyond
@@ -382,8 +382,8 @@ class KDE(_BinnedEstimator):
     - ``"scott"``: ``(4/3)^(1/5) std N^(-1/5)`` (normal reference, ``1.06 std N^(-1/5)``);
     - a float: that width in x units.
 
-    ``dp`` needs a wider kernel than ``p`` (its noise grows like ``1/(N bw^3)``, eafo-math.md
-    check 5). It uses the derivative of the fourth-order Gaussian kernel
+    ``dp`` needs a wider kernel than ``p`` (its noise grows like ``1/(N bw^3)``). It uses the
+    derivative of the fourth-order Gaussian kernel
     ``(3 - z^2)/2 phi(z)``, whose bias is O(bw^4) instead of O(bw^2): on 1e6 N(0,1) values
     that halves the worst error of ``dp`` (0.008 against 0.015 for the plain Gaussian at
     its best width). Its width, by default, is the larger of ``bw`` and a direct plug-in

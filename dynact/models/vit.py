@@ -1,8 +1,8 @@
 """The paper's three vision transformers, built from timm's models with any activation.
 
 Each builder returns a plain timm model whose MLP activations come from the dynact registry
-(:func:`dynact.activations.resolve_activation`). The defaults reproduce the parameter counts in
-architecture.md exactly:
+(:func:`dynact.activations.resolve_activation`). The defaults reproduce the paper's parameter counts
+exactly:
 
 ============  ======================  =======================  ==========================
 model         CIFAR-10 (32 px, p 4)   CIFAR-100                ImageNet-1K (224 px, p 16)

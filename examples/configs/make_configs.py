@@ -2,7 +2,7 @@
 
 Table 1 is CIFAR-10, Table 2 CIFAR-100 (ViT-Tiny, DeiT-Tiny, TNT-Small), Table 3 ImageNet-1K
 (ViT-Tiny, DeiT-Tiny); each compares GELU, ELU, PReLU, CELU, SiLU, Mish and CRReLU. Settings
-follow the paper's Appendix E (see architecture.md, "Paper settings").
+follow the paper's Appendix E (the README's "The paper's experiments" lists them).
 
     python examples/configs/make_configs.py           # (re)write the YAML files next to this script
     python examples/configs/make_configs.py --check   # exit 1 if any file differs from what it would write
