@@ -257,7 +257,9 @@ def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]
     ``nn.ModuleDict``, timm blocks), because it re-assigns attributes on each parent. Modules
     inside an activation (the ``base`` of an ``EAFOActivation``) are left alone.
     Each replacement is built separately (no shared parameters) and moved to the device and
-    dtype of the module it replaces.
+    dtype of the module it replaces. A ``new`` that wraps a base (``"eafo"``: its
+    ``wraps_base`` attribute is true) is built around the module it replaces, unless ``base=``
+    is given: ``swap_activations(gpt2, "gelu_new", "eafo")`` keeps GPT-2's GELU as the base.
 
     Args:
         model: the model to edit in place.
@@ -283,7 +285,12 @@ def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]
     for name, mod in find_activations(model, types):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        fresh = factory(**kwargs)
+        if getattr(factory, "wraps_base", False) and "base" not in kwargs:
+            if getattr(mod, "inplace", None) is True:  # the wrapper reads the input after the base
+                mod.inplace = False
+            fresh = factory(base=mod, **kwargs)
+        else:
+            fresh = factory(**kwargs)
         ref = next(iter(list(mod.parameters()) + list(mod.buffers())), None)
         if ref is not None:
             fresh = fresh.to(device=ref.device)

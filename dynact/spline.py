@@ -104,6 +104,9 @@ class EAFOActivation(nn.Module):
         torch.Size([4, 8])
     """
 
+    #: :func:`dynact.swap_activations` builds it around the module it replaces.
+    wraps_base = True
+
     def __init__(
         self,
         base: ActSpec = "relu",

@@ -200,3 +200,20 @@ def test_to_eafo_keeps_the_module_and_loads_state_saved_before_or_after_conversi
     fresh.load_state_dict(converted.state_dict())  # saved after conversion
     assert isinstance(fresh[1], EAFOActivation) and torch.equal(fresh[1].s, converted[1].s)
     assert float(fresh[1].base.weight.detach()) == pytest.approx(0.7)
+
+
+def test_swap_to_eafo_wraps_the_module_it_replaces():
+    # The dynamic activation starts as the activation it replaces plus the initial correction:
+    # a GELU(tanh) stays a GELU(tanh) underneath, an in-place SiLU becomes out of place.
+    from dynact.spline import EAFOActivation
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.GELU(approximate="tanh"), nn.Linear(4, 4), nn.SiLU(inplace=True))
+    assert swap_activations(net, (nn.GELU, nn.SiLU), "eafo", eps=0.0) == ["1", "3"]
+    assert isinstance(net[1], EAFOActivation) and net[1].base.approximate == "tanh"
+    assert isinstance(net[3].base, nn.SiLU) and net[3].base.inplace is False
+    x = torch.randn(64, 4)
+    with torch.no_grad():
+        assert torch.equal(net[1](x), nn.functional.gelu(x, approximate="tanh"))  # eps = 0
+    other = nn.Sequential(nn.Linear(4, 4), nn.GELU())
+    swap_activations(other, nn.GELU, "eafo", base="relu")  # an explicit base wins
+    assert isinstance(other[1].base, nn.ReLU)

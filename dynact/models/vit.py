@@ -64,6 +64,10 @@ def _with_activation(
     kwargs = dict(act_kwargs or {})
     if factory is None or (factory is nn.GELU and not kwargs):
         return model
+    # ``act`` names the activation to build, not a wrapper around timm's GELU: "eafo" is the
+    # registry's EAFOActivation (ReLU base) unless act_kwargs give a base.
+    if getattr(factory, "wraps_base", False):
+        kwargs.setdefault("base", "relu")
     replaced = swap_activations(model, nn.GELU, factory, **kwargs)
     # Every GELU in these timm models is an MLP activation; a different count means timm
     # changed its layout and the paper's counts no longer hold.
