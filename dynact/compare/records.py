@@ -17,11 +17,11 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from dynact.compare.settings import SweepSettings
+from dynact.reporting import OutputError, write_text  # noqa: F401 (the sweep's writers: records.write_text)
 
 RECORDS = "runs"
 SETTINGS_FILE = "sweep.json"
@@ -52,41 +52,6 @@ _REQUIRED = {"arm": str, "seed": int, "status": str, "settings": dict}
 _REQUIRED_OK = {"top1_final": float, "top1_best": float, "nll_final": float, "epochs": list, "steps": int,
                 "layers": dict}
 
-
-class OutputError(Exception):
-    """A file of the sweep could not be written (disk full, read-only, permissions)."""
-
-    def __init__(self, path: Path, err: OSError) -> None:
-        self.path, self.err = path, err
-        super().__init__(f"cannot write {path}: {err.strerror or err}")
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` so that ``path`` is either the old file or the whole new one, never half.
-
-    Raises:
-        OutputError: the disk is full, read-only, or the folder not writable.
-    """
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; others may read results
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise OutputError(path, err) from err
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def foreign_files(out: Path, limit: int = 6) -> list[str]:

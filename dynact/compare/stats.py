@@ -6,21 +6,12 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from dynact.compare.settings import CONTROL
+from dynact.reporting import mean_std, paired_interval
 
 #: Per-layer measures summarised in the report (means over seeds, per layer and over layers).
 LAYER_SUMMARY = ("dead", "entropy_scale_free", "entropy", "log_slope", "eps")
 #: Epochs over which a run's top-1 change tells whether it is on its plateau.
 PLATEAU_EPOCHS = 5
-
-
-def mean_std(values: Sequence[float]) -> tuple[Optional[float], Optional[float]]:
-    """Mean and sample standard deviation (``ddof=1``; 0 for one value; None for none)."""
-    import numpy as np
-
-    if not len(values):
-        return None, None
-    arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
 def paired(arm_runs: dict[int, dict], control_runs: dict[int, dict], key: str) -> dict[str, Any]:
@@ -30,27 +21,10 @@ def paired(arm_runs: dict[int, dict], control_runs: dict[int, dict], key: str) -
     (``mean +- t_{0.975, n-1} * sd / sqrt(n)``); None for ``n < 2``; ``[mean, mean]`` when every
     difference is the same.
     """
-    import numpy as np
-    from scipy import stats
-
     seeds = sorted(s for s in set(arm_runs) & set(control_runs)
                    if arm_runs[s].get(key) is not None and control_runs[s].get(key) is not None)
     diffs = [arm_runs[s][key] - control_runs[s][key] for s in seeds]
-    out: dict[str, Any] = {"n": len(seeds), "seeds": seeds, "diffs": diffs,
-                           "mean": None, "ci95": None, "half_width": None}
-    if not diffs:
-        return out
-    out["mean"] = float(np.mean(diffs))
-    if len(diffs) < 2:
-        return out
-    if float(np.ptp(diffs)) == 0.0:
-        low = high = out["mean"]
-    else:
-        ci = stats.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
-        low, high = float(ci.low), float(ci.high)
-    out["ci95"] = [low, high]
-    out["half_width"] = (high - low) / 2
-    return out
+    return {"seeds": seeds, "diffs": diffs, **paired_interval(diffs)}
 
 
 def plateau_change(rec: dict[str, Any]) -> Optional[float]:

@@ -9,20 +9,19 @@ per-layer entropy figures of every arm, and two plots (``metrics_vs_beta.png``,
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import platform
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from dynact.dpo.models import CONTROL_ARM
 from dynact.dpo.settings import DPOSettings
+from dynact.reporting import mean_std, paired_interval, write_text
 
-__all__ = ["METRICS", "atomic_write", "paired", "summarize", "write_report", "write_results"]
+__all__ = ["METRICS", "summarize", "write_report", "write_results"]
 
 #: Record key -> label, in Table 4's order.
 METRICS = {"eval_margin": "eval reward margin", "eval_accuracy": "eval accuracy", "eval_loss": "eval loss"}
@@ -31,48 +30,6 @@ LAYER_FIGURES = ("dead", "entropy", "entropy_scale_free", "log_slope", "std")
 _DISPLAY = {"gelu": "GELU", "crrelu": "CRReLU", "eafo": "EAFO (dynamic, GELU base)", "relu": "ReLU"}
 _PNG_METRICS = "metrics_vs_beta.png"
 _PNG_LAYERS = "layers.png"
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` so that ``path`` is either the old file or the whole new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _mean_std(values: Sequence[float]) -> tuple[Optional[float], Optional[float]]:
-    if not values:
-        return None, None
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std
-
-
-def paired(diffs: Sequence[float]) -> dict[str, Any]:
-    """Mean of paired differences with its Student-t 95% interval (``None`` for fewer than 2).
-
-    ``mean ± t_{0.975, n-1} * sd / sqrt(n)``, ``sd`` the sample standard deviation. (The same
-    statistic as ``dynact compare``'s; kept here so that the two commands can change apart.)
-    """
-    from scipy import stats
-
-    n = len(diffs)
-    if n == 0:
-        return {"n": 0, "mean": None, "ci95": None}
-    mean, sd = _mean_std(diffs)
-    if n == 1:
-        return {"n": 1, "mean": mean, "ci95": None}
-    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    return {"n": n, "mean": mean, "ci95": [mean - half, mean + half]}
 
 
 def summarize(runs: list[dict[str, Any]], arms: Sequence[str], betas: Sequence[float],
@@ -87,13 +44,13 @@ def summarize(runs: list[dict[str, Any]], arms: Sequence[str], betas: Sequence[f
             mine = {s: r for (a, b, s), r in ok.items() if a == arm and b == beta}
             cell: dict[str, Any] = {"arm": arm, "beta": beta, "n": len(mine), "seeds": sorted(mine)}
             for key in METRICS:
-                cell[f"{key}_mean"], cell[f"{key}_std"] = _mean_std([mine[s][key] for s in sorted(mine)])
+                cell[f"{key}_mean"], cell[f"{key}_std"] = mean_std([mine[s][key] for s in sorted(mine)])
             if arm == control:
                 cell["delta"] = None
             else:
                 base = {s: r for (a, b, s), r in ok.items() if a == control and b == beta}
                 shared = sorted(set(mine) & set(base))
-                cell["delta"] = {key: paired([mine[s][key] - base[s][key] for s in shared]) for key in METRICS}
+                cell["delta"] = {key: paired_interval([mine[s][key] - base[s][key] for s in shared]) for key in METRICS}
             layers: dict[str, dict[str, list[float]]] = {}
             for s in sorted(mine):
                 for layer, figures in mine[s].get("layers", {}).items():
@@ -159,7 +116,7 @@ def _layer_table(results: dict[str, Any]) -> list[str]:
                 for k, v in figs.items():
                     pooled.setdefault(layer, {}).setdefault(k, []).append(v)
         for layer in sorted(pooled, key=_layer_order):
-            cells = [_fmt(_mean_std(pooled[layer].get(k, []))[0], 3) for k in LAYER_FIGURES]
+            cells = [_fmt(mean_std(pooled[layer].get(k, []))[0], 3) for k in LAYER_FIGURES]
             rows.append(f"| {_name(arm)} | {layer} | " + " | ".join(cells) + " |")
     return rows
 
@@ -230,7 +187,7 @@ def write_report(out: str | os.PathLike, results: dict[str, Any]) -> Path:
               "and one per SFT). Per-run records: `runs/`. "
               f"Command: `{results['command']}`.", ""]
     path = out / "report.md"
-    atomic_write(path, "\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path
 
 
@@ -340,6 +297,6 @@ def write_results(settings: DPOSettings, command: str, ok: dict, all_records: di
     }
     _plot_metrics(results, out / _PNG_METRICS)
     _plot_layers(results, out / _PNG_LAYERS)
-    atomic_write(out / "results.json", json.dumps(results, indent=2))
+    write_text(out / "results.json", json.dumps(results, indent=2))
     write_report(out, results)
     return results

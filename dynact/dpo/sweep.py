@@ -21,8 +21,8 @@ import torch
 
 from dynact.dpo import report as dpo_report
 from dynact.dpo import runs
-from dynact.dpo.report import atomic_write
 from dynact.dpo.settings import DPOSettings
+from dynact.reporting import write_text
 
 __all__ = ["is_main_process", "load_records", "record_path", "run_sweep"]
 
@@ -78,13 +78,13 @@ def prepare_out(settings: DPOSettings, resume: bool) -> dict[tuple[str, float, i
             raise ValueError(f"--resume: the sweep in {str(out)!r} has other settings ({details}); resume it with "
                              "the same options (arms, betas and seeds may grow) or choose a new --out")
     else:
-        atomic_write(saved_path, json.dumps(current, indent=2))
+        write_text(saved_path, json.dumps(current, indent=2))
     return {key: rec for key, rec in records.items() if rec.get("status") == "ok"}
 
 
 def _save(out: Path, rec: dict[str, Any]) -> None:
     if is_main_process():
-        atomic_write(record_path(out, rec["arm"], rec["beta"], rec["seed"]), json.dumps(rec))
+        write_text(record_path(out, rec["arm"], rec["beta"], rec["seed"]), json.dumps(rec))
 
 
 def _failed(arm: str, beta: float, seed: int, err: BaseException) -> dict[str, Any]:
