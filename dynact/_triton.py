@@ -150,17 +150,23 @@ def eafo_forward(x, y0, pairs, a, b, eps):
     return out
 
 
-def eafo_backward(grad, x, relu, pairs, a, b, eps, need_x, need_eps):
+def _backward(kernel, grad, x, need_x, need_eps, *args, **meta):
+    """Launch a backward kernel: ``grad_x`` (if asked) and per-block partial sums of the ``eps``
+    gradient (if asked), summed in a fixed order so the result is deterministic."""
     n = x.numel()
     grad = grad.to(x.dtype)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
     part = torch.zeros(max(_blocks(n), 1), device=x.device, dtype=torch.float32) if need_eps else None
     if n:
         with torch.cuda.device(x.device):
-            _eafo_bwd_kernel[(_blocks(n),)](grad, x, x if gx is None else gx, x if part is None else part, n,
-                                            pairs, a, b, eps, float(pairs.shape[0] - 2), RELU=relu,
-                                            GX=need_x, GE=need_eps, BLOCK=_BLOCK)
+            kernel[(_blocks(n),)](grad, x, x if gx is None else gx, x if part is None else part, n, *args,
+                                  GX=need_x, GE=need_eps, BLOCK=_BLOCK, **meta)
     return gx, (None if part is None else part.sum())
+
+
+def eafo_backward(grad, x, relu, pairs, a, b, eps, need_x, need_eps):
+    return _backward(_eafo_bwd_kernel, grad, x, need_x, need_eps, pairs, a, b, eps, float(pairs.shape[0] - 2),
+                     RELU=relu)
 
 
 def crrelu_forward(x, eps):
@@ -173,12 +179,4 @@ def crrelu_forward(x, eps):
 
 
 def crrelu_backward(grad, x, eps, need_x, need_eps):
-    n = x.numel()
-    grad = grad.to(x.dtype)
-    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-    part = torch.zeros(max(_blocks(n), 1), device=x.device, dtype=torch.float32) if need_eps else None
-    if n:
-        with torch.cuda.device(x.device):
-            _crrelu_bwd_kernel[(_blocks(n),)](grad, x, x if gx is None else gx, x if part is None else part, n, eps,
-                                              GX=need_x, GE=need_eps, BLOCK=_BLOCK)
-    return gx, (None if part is None else part.sum())
+    return _backward(_crrelu_bwd_kernel, grad, x, need_x, need_eps, eps)

@@ -26,6 +26,12 @@ from dynact.density import Density
 
 __all__ = ["design", "main"]
 
+_DESCRIPTION = (
+    "Apply one EAFO step to a base activation under an input density; plot the base, "
+    "the stepped activation, their difference and the worst activation (WAFBC) for that density, "
+    "and report the output entropies before and after."
+)
+
 #: Probabilities of the input quantiles that bound the density's bulk: the WAFBC takes its
 #: bounds from the base's output range there, and the plot shows it.
 BULK = (0.001, 0.999)
@@ -72,12 +78,7 @@ def _density_spec(spec: str, lo: float, hi: float, bins: int) -> Density:
 def _parser() -> argparse.ArgumentParser:
     from dynact.activations import activation_names
 
-    p = argparse.ArgumentParser(
-        prog="dynact design",
-        description="Apply one EAFO step to a base activation under an input density; plot the base, "
-        "the stepped activation, their difference and the worst activation (WAFBC) for that density, "
-        "and report the output entropies before and after.",
-    )
+    p = argparse.ArgumentParser(prog="dynact design", description=_DESCRIPTION)
     p.add_argument("--base", default="relu",
                    help=f"base activation ({', '.join(n for n in activation_names() if n != 'eafo')})")
     p.add_argument("--density", default="normal",

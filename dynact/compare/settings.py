@@ -266,22 +266,26 @@ def _arm_list(text: str) -> list[str]:
     return arms
 
 
+_DESCRIPTION = (
+    "Train every arm (activation) with every seed through the same model, data and "
+    "schedule; write TensorBoard runs, results.json, report.md (a table like the paper's, with "
+    "paired differences against the control and 95% confidence intervals) and plots."
+)
+_EPILOG = (
+    "Overrides, as in 'dynact train': --trainer.KEY VALUE (any lightning Trainer argument, "
+    "e.g. --trainer.accelerator gpu --trainer.precision bf16-mixed --trainer.limit_train_batches 0.1), "
+    "--model.KEY VALUE (ImageClassifier, e.g. --model.lr 1e-3 --model.model_kwargs.depth 6), "
+    "--data.KEY VALUE (the data module, e.g. --data.root /data --data.batch_size 128) and "
+    "--callback.KEY VALUE (EAFOCallback, e.g. --callback.estimator hist --callback.curves_every 0). "
+    "Values parse as JSON when they can (numbers, true/false/null, lists), else as strings."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dynact.activations import activation_names
     from dynact.models import model_names
 
-    p = argparse.ArgumentParser(
-        prog="dynact compare",
-        description="Train every arm (activation) with every seed through the same model, data and "
-        "schedule; write TensorBoard runs, results.json, report.md (a table like the paper's, with "
-        "paired differences against the control and 95% confidence intervals) and plots.",
-        epilog="Overrides, as in 'dynact train': --trainer.KEY VALUE (any lightning Trainer argument, "
-        "e.g. --trainer.accelerator gpu --trainer.precision bf16-mixed --trainer.limit_train_batches 0.1), "
-        "--model.KEY VALUE (ImageClassifier, e.g. --model.lr 1e-3 --model.model_kwargs.depth 6), "
-        "--data.KEY VALUE (the data module, e.g. --data.root /data --data.batch_size 128) and "
-        "--callback.KEY VALUE (EAFOCallback, e.g. --callback.estimator hist --callback.curves_every 0). "
-        "Values parse as JSON when they can (numbers, true/false/null, lists), else as strings.",
-    )
+    p = argparse.ArgumentParser(prog="dynact compare", description=_DESCRIPTION, epilog=_EPILOG)
     p.add_argument("--task", default="digits", choices=list(TASKS), help="data set (default: digits, offline)")
     p.add_argument("--model", default=None, help=f"architecture: {', '.join(model_names())} (default: the task's)")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS),

@@ -22,6 +22,12 @@ from dynact.dpo.settings import PAPER_BETAS, DPOSettings
 
 __all__ = ["main", "build_parser"]
 
+_DESCRIPTION = (
+    "Fine-tune GPT-2 with SFT then DPO for each activation (arm), beta and seed, and compare the "
+    "arms by evaluation reward margin, accuracy and loss (the paper's Table 4). The default (--data offline) "
+    "is a 2-minute smoke check on CPU with a tiny random GPT-2; it says nothing about the paper's claim."
+)
+
 _EXIT_INTERRUPTED = 130
 
 
@@ -43,12 +49,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dynact dpo",
-        description="Fine-tune GPT-2 with SFT then DPO for each activation (arm), beta and seed, and compare the "
-        "arms by evaluation reward margin, accuracy and loss (the paper's Table 4). The default (--data offline) "
-        "is a 2-minute smoke check on CPU with a tiny random GPT-2; it says nothing about the paper's claim.",
-    )
+    p = argparse.ArgumentParser(prog="dynact dpo", description=_DESCRIPTION)
     p.add_argument("--data", default="offline",
                    help=f"{', '.join(DATASETS)} or a .jsonl file of prompt/chosen/rejected")
     p.add_argument("--model", default=None, help="tiny (random, built in code) or a causal LM name or folder "

@@ -213,14 +213,8 @@ def _plot_metrics(results: dict[str, Any], path: Path) -> None:
             if xs:
                 ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=3, color=f"C{i}", label=_name(arm))
         ax.set_xscale("log")
-        ax.set_xlabel("β")
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("after DPO: mean ± std over seeds", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _label(ax, label, "β")
+    _finish(plt, fig, axes, "after DPO: mean ± std over seeds", path)
 
 
 def _plot_layers(results: dict[str, Any], path: Path) -> None:
@@ -241,11 +235,20 @@ def _plot_layers(results: dict[str, Any], path: Path) -> None:
                         ms=4, color=f"C{i}", label=_name(arm))
                 ax.set_xticks(range(len(layers)), [name.replace("transformer.h.", "h.").replace(".mlp.act", "")
                                                    for name in layers], fontsize=7)
-        ax.set_title(figure)
-        ax.set_xlabel("layer")
-        ax.grid(alpha=0.3)
+        _label(ax, figure, "layer")
+    _finish(plt, fig, axes, "per-layer figures at the end of DPO (mean over β and seeds)", path)
+
+
+def _label(ax, title: str, xlabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+
+
+def _finish(plt, fig, axes, title: str, path: Path) -> None:
+    """Legend on the first panel, the figure's title, and the PNG written."""
     axes[0].legend(fontsize=8)
-    fig.suptitle("per-layer figures at the end of DPO (mean over β and seeds)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
