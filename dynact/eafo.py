@@ -426,10 +426,9 @@ def _mixed_parts(
     width = (fe[1:] - fe[:-1]).abs()
     flat = width <= flat_tol * step
     # Atoms: one per run of adjacent flat cells.
-    run_id = torch.cumsum(torch.cat([flat[:1], flat[1:] & ~flat[:-1]]).long(), 0) - 1
-    atoms = torch.zeros(int(flat.sum() > 0) and int(run_id[flat].max()) + 1, dtype=mass.dtype, device=mass.device)
-    if atoms.numel():
-        atoms.index_add_(0, run_id[flat], mass[flat])
+    starts = torch.cat([flat[:1], flat[1:] & ~flat[:-1]])
+    run_id = torch.cumsum(starts.long(), 0) - 1
+    atoms = mass.new_zeros(int(starts.sum())).index_add_(0, run_id[flat], mass[flat])
     # Continuous part: q is piecewise constant between the sorted cell ends; integrate
     # -q log q exactly on each piece (the same sorted-knot construction as _pushforward).
     wide = ~flat & (mass > 0)
