@@ -260,6 +260,10 @@ def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]
     dtype of the module it replaces. A ``new`` that wraps a base (``"eafo"``: its
     ``wraps_base`` attribute is true) is built around the module it replaces, unless ``base=``
     is given: ``swap_activations(gpt2, "gelu_new", "eafo")`` keeps GPT-2's GELU as the base.
+    The swap is recorded (:func:`dynact.conversion.mark`, :func:`~dynact.conversion.record`), so a
+    ``state_dict`` or a Hugging Face folder saved afterwards can be loaded back with the same
+    modules (:func:`dynact.conversion.convert_like_state_dict`,
+    ``dynact.integrations.transformers.from_pretrained``).
 
     Args:
         model: the model to edit in place.
@@ -274,6 +278,8 @@ def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]
         >>> swap_activations(net, nn.GELU, "crrelu")
         ['1']
     """
+    from dynact.conversion import mark, record  # conversion builds on this module
+
     types = _as_types(old)
     factory = resolve_activation(new)
     if factory is None:
@@ -294,8 +300,10 @@ def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]
         ref = next(iter(list(mod.parameters()) + list(mod.buffers())), None)
         if ref is not None:
             fresh = fresh.to(device=ref.device)
-        setattr(parent, child, fresh)
+        setattr(parent, child, mark(fresh))
         replaced.append(name)
+    if replaced:
+        record(model)  # a Hugging Face model's config says what was swapped (dynact.conversion)
     return replaced
 
 

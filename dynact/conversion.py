@@ -1,18 +1,41 @@
-"""Turning a model's activation modules into dynamic ones, and loading checkpoints across that.
+"""Turning a model's activation modules into dynamic ones, and rebuilding them when it is reloaded.
 
-:func:`to_eafo` wraps one module; :func:`convert_like_state_dict` converts the modules that a
-saved state holds as converted, so that checkpoints load whichever way they were saved.
+:func:`to_eafo` wraps one module. Every conversion or swap made by dynact leaves a *record* of
+the new activation (its class, registry name, constructor settings, knots, base), so that a
+freshly built model can be given the same modules before the saved weights are loaded:
+
+- in a ``state_dict``: the record rides in its ``_metadata`` (PyTorch's per-module metadata,
+  kept by ``torch.save``/``torch.load`` and in Lightning checkpoints);
+- in a Hugging Face model: the record of the whole model is ``model.config.dynact`` (plain
+  JSON), which ``save_pretrained`` writes into ``config.json``.
+
+:func:`convert_like` is the one implementation that reads a record back;
+:func:`convert_like_state_dict` (plain ``state_dict`` and Lightning checkpoints) and
+``dynact.integrations.transformers.from_pretrained`` both call it. State saved without a
+record (by an older dynact) is recognised from its keys: ``<layer>.s`` is an
+``EAFOActivation`` around the module the fresh model has there, a lone ``<layer>.eps`` a
+``CRReLU``.
 """
 
 from __future__ import annotations
 
+import inspect
+import sys
+from typing import Any, Iterable, Mapping, Optional
+
 import torch
 from torch import nn
 
-from dynact.activations import find_activations
+from dynact.activations import CRReLU, activation_types, find_activations, resolve_activation
 from dynact.spline import EAFOActivation
 
-__all__ = ["to_eafo", "convert_like_state_dict"]
+__all__ = ["to_eafo", "convert_like", "convert_like_state_dict", "describe", "describe_activation", "record"]
+
+#: Key of a module's record in ``state_dict._metadata`` and of the model's in ``config``.
+RECORD_KEY = "dynact"
+#: Version of the record's layout (``config.dynact["format"]``).
+RECORD_FORMAT = 1
+_SCALARS = (bool, int, float, str, type(None))
 
 
 def to_eafo(module: nn.Module, **kwargs) -> nn.Module:
@@ -27,7 +50,7 @@ def to_eafo(module: nn.Module, **kwargs) -> nn.Module:
 
     A converted activation also loads the state of the module it replaced (a checkpoint saved
     before conversion): the base takes its parameters and the correction keeps its current
-    (initial) values.
+    (initial) values. Its ``state_dict`` carries its record (see :func:`convert_like_state_dict`).
 
     Args:
         module: the activation module to wrap (not an ``EAFOActivation``).
@@ -50,7 +73,7 @@ def to_eafo(module: nn.Module, **kwargs) -> nn.Module:
             t = getattr(act, name)
             t.data = t.data.to(ref.device)
     act.register_load_state_dict_pre_hook(_accept_replaced_state)
-    return act
+    return mark(act)
 
 
 def _accept_replaced_state(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
@@ -65,28 +88,243 @@ def _accept_replaced_state(module, state_dict, prefix, local_metadata, strict, m
         state_dict.setdefault(prefix + name, getattr(module, name).detach().clone())
 
 
-def convert_like_state_dict(model: nn.Module, state_dict: dict, prefix: str = "") -> list[str]:
-    """Convert the activation modules of ``model`` that ``state_dict`` holds as converted ones.
+# ----------------------------------------------------------------------------- records
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
-    A checkpoint of a model whose activations were converted (by ``EAFOCallback`` or
-    :func:`to_eafo`) has ``<layer>.s``, ``<layer>.lo``, ``<layer>.hi`` and ``<layer>.eps``
-    where the freshly built model has a plain activation. This converts each such layer
-    (keeping the module as the base, see :func:`to_eafo`, with the saved grid and knot count),
-    so that ``model.load_state_dict(state_dict)`` then loads. Call it from a
-    ``LightningModule.on_load_checkpoint`` (``ImageClassifier`` does), with ``prefix`` the
-    model's key prefix inside ``state_dict`` if it has one.
+
+def _settings(module: nn.Module) -> dict[str, Any]:
+    """The constructor arguments that ``module`` keeps as plain attributes of the same name
+    (``ELU.alpha``, ``GELU.approximate``, ``CRReLU.learnable``, ``EAFOActivation.knots``).
+    Tensors are left out: they are in the ``state_dict``."""
+    out: dict[str, Any] = {}
+    try:
+        params = inspect.signature(type(module).__init__).parameters.values()
+    except (TypeError, ValueError):
+        return out
+    for p in params:
+        if p.name in ("self", "base", "device", "dtype") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        try:
+            value = getattr(module, p.name)
+        except AttributeError:
+            continue
+        if isinstance(value, _SCALARS) and not (isinstance(value, float) and value != value):
+            out[p.name] = value
+    return out
+
+
+def describe_activation(module: nn.Module) -> dict[str, Any]:
+    """The record of one activation module: JSON data that :func:`convert_like` rebuilds it from.
+
+    ``{"class": <import path>, "name": <registry name or None>, "kwargs": {...}}``, plus
+    ``"base"`` (the base's record) for a module that wraps one (:class:`~dynact.EAFOActivation`).
+    """
+    entry: dict[str, Any] = {
+        "class": _class_path(type(module)),
+        "name": activation_types().get(type(module)),
+        "kwargs": _settings(module),
+    }
+    base = getattr(module, "base", None)
+    if getattr(type(module), "wraps_base", False) and isinstance(base, nn.Module):
+        entry["base"] = describe_activation(base)
+    return entry
+
+
+def _record_hook(module, state_dict, prefix, local_metadata) -> None:
+    local_metadata[RECORD_KEY] = describe_activation(module)
+
+
+def mark(module: nn.Module) -> nn.Module:
+    """Mark ``module`` as put in by dynact: its ``state_dict`` then carries its record, and
+    :func:`describe` lists it. Called by :func:`to_eafo` and :func:`dynact.swap_activations`."""
+    if not getattr(module, "_dynact_marked", False):
+        module.register_state_dict_post_hook(_record_hook)
+        module._dynact_marked = True
+    return module
+
+
+def describe(model: nn.Module) -> dict[str, dict]:
+    """Records of the activations dynact put into ``model``, by qualified name.
+
+    Lists every marked module (converted or swapped in by dynact) and every
+    ``EAFOActivation``/``CRReLU``, outermost only (the base of an ``EAFOActivation`` is part
+    of its record).
+    """
+    out: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(n + ".") for n in out):
+            continue
+        if getattr(module, "_dynact_marked", False) or isinstance(module, (EAFOActivation, CRReLU)):
+            out[name] = describe_activation(module)
+    return out
+
+
+def _is_hf_config(config: Any) -> bool:
+    hf = sys.modules.get("transformers")
+    return hf is not None and isinstance(config, getattr(hf, "PretrainedConfig", ()))
+
+
+def record(model: nn.Module) -> None:
+    """Write :func:`describe` into the ``config`` of every Hugging Face model in ``model``
+    (``config.dynact = {"format": 1, "modules": {...}}``, names relative to that model), so
+    that ``save_pretrained`` stores it in ``config.json``. A config shared by a model and its
+    submodels (GPT-2's ``transformer``) records the outermost. A model without dynact's
+    activations loses a stale ``config.dynact``. Does nothing for other models."""
+    seen: set[int] = set()
+    for sub in model.modules():  # outermost first: a config shared with submodels is the outer model's
+        config = getattr(sub, "config", None)
+        if not _is_hf_config(config) or id(config) in seen:
+            continue
+        seen.add(id(config))
+        modules = describe(sub)
+        if modules:
+            setattr(config, RECORD_KEY, {"format": RECORD_FORMAT, "modules": modules})
+        elif hasattr(config, RECORD_KEY):
+            delattr(config, RECORD_KEY)
+
+
+# ----------------------------------------------------------------------------- rebuilding
+def _resolve(entry: Mapping) -> Any:
+    """The registry factory that builds ``entry``'s module."""
+    path, name = entry.get("class"), entry.get("name")
+    if name:
+        try:
+            factory = resolve_activation(name)
+        except ValueError:
+            factory = None
+        if factory is not None and (not isinstance(factory, type) or path in (None, _class_path(factory))):
+            return factory
+    for cls in activation_types():
+        if _class_path(cls) == path:
+            return cls
+    raise ValueError(
+        f"the saved activation {path or name!r} is not in dynact's registry; register its class before "
+        f"loading, e.g. dynact.activations.register_activation({(name or 'my_act')!r}, MyActivation)"
+    )
+
+
+def _matches(module: nn.Module, entry: Mapping) -> bool:
+    """Whether ``module`` already is what ``entry`` describes (class, settings and base)."""
+    if _class_path(type(module)) != entry.get("class"):
+        return False
+    settings = _settings(module)
+    if any(settings.get(k, v) != v for k, v in dict(entry.get("kwargs") or {}).items() if k != "inplace"):
+        return False
+    if "base" in entry:
+        return isinstance(getattr(module, "base", None), nn.Module) and _matches(module.base, entry["base"])
+    return True
+
+
+def _build(entry: Mapping, old: Optional[nn.Module]) -> nn.Module:
+    """A module as ``entry`` describes it; ``old`` (the fresh model's module at that place) is
+    reused as the base when it is the recorded base, so its settings and parameters stay."""
+    factory = _resolve(entry)
+    kwargs = dict(entry.get("kwargs") or {})
+    if "base" not in entry:
+        return mark(factory(**kwargs))
+    base_entry = entry["base"]
+    base = old if old is not None and _matches(old, base_entry) else _build(base_entry, None)
+    if factory is EAFOActivation:
+        kwargs.pop("inplace", None)
+        return to_eafo(base, **kwargs)
+    if getattr(base, "inplace", None) is True:
+        base.inplace = False
+    return mark(factory(base=base, **kwargs))
+
+
+def _inferred(module: nn.Module, key: str, state: Mapping[str, Any]) -> Optional[dict]:
+    """A record from the keys of a state saved without one (older dynact): ``<key>s`` is an
+    EAFOActivation around ``module``, a lone ``<key>eps`` a CRReLU."""
+    if isinstance(module, EAFOActivation):
+        return None
+    s = state.get(key + "s")
+    if s is not None:
+        # The knot count from the saved tensor or its shape; a bare name leaves the default.
+        knots = s.numel() if isinstance(s, torch.Tensor) else None if isinstance(s, bool) else torch.Size(s).numel()
+        return {"class": _class_path(EAFOActivation), "name": "eafo",
+                "kwargs": {} if knots is None else {"knots": int(knots)}, "base": describe_activation(module)}
+    own = {k for k, _ in module.named_parameters()} | {k for k, _ in module.named_buffers()}
+    if key + "eps" in state and "eps" not in own and not isinstance(module, CRReLU):
+        return {"class": _class_path(CRReLU), "name": "crrelu", "kwargs": {}}
+    return None
+
+
+def convert_like(
+    model: nn.Module,
+    records: Optional[Mapping[str, Mapping]] = None,
+    keys: Optional[Mapping[str, Any] | Iterable[str]] = None,
+) -> list[str]:
+    """Give ``model`` (freshly built) the activation modules that ``records`` describe.
+
+    The one implementation behind :func:`convert_like_state_dict` and
+    ``dynact.integrations.transformers.from_pretrained``. Each record (see
+    :func:`describe_activation`) replaces the module of that name, unless it already is the
+    recorded one; an ``EAFOActivation`` keeps the fresh module as its base when that is the
+    recorded base (:func:`to_eafo`). Activations without a record are converted when
+    ``keys`` (the saved names, or a mapping of names to tensors or shapes) say so:
+    ``<layer>.s`` -> ``EAFOActivation``, a lone ``<layer>.eps`` -> ``CRReLU``. Only the
+    modules change; load the weights afterwards.
+
+    Returns:
+        The qualified names of the replaced modules.
+    """
+    done: list[str] = []
+    for name, entry in dict(records or {}).items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(
+                f"convert_like: the saved model has a dynact activation at {name!r} but this model has no "
+                "such module; build the same architecture as the one that was saved"
+            ) from err
+        if not _matches(old, entry):
+            new = _build(entry, old)
+            model.set_submodule(name, _on_device(new, old))
+            done.append(name)
+    if keys is not None:
+        state = keys if isinstance(keys, Mapping) else dict.fromkeys(keys, True)
+        for name, module in find_activations(model):
+            if records and name in records:
+                continue
+            entry = _inferred(module, name + ".", state)
+            if entry is not None:
+                model.set_submodule(name, _on_device(_build(entry, module), module))
+                done.append(name)
+    if done:
+        record(model)
+    return done
+
+
+def _on_device(new: nn.Module, old: nn.Module) -> nn.Module:
+    ref = next(iter(list(old.parameters()) + list(old.buffers())), None)
+    return new.to(device=ref.device) if ref is not None and ref.device.type != "meta" else new
+
+
+def convert_like_state_dict(model: nn.Module, state_dict: Mapping, prefix: str = "") -> list[str]:
+    """Convert the activation modules of ``model`` to what ``state_dict`` was saved with.
+
+    ``state_dict`` (or a Lightning checkpoint's ``checkpoint["state_dict"]``) from a model
+    whose activations dynact converted or swapped (an ``EAFOActivation`` with any base, a
+    ``CRReLU``, any registry activation put in by :func:`dynact.swap_activations`) carries each
+    one's record in its ``_metadata``; this rebuilds those modules in the freshly built
+    ``model`` (see :func:`convert_like`), so that ``model.load_state_dict(state_dict)`` then
+    loads. States saved without records are recognised from their keys (``<layer>.s``,
+    ``<layer>.eps``). Call it from a ``LightningModule.on_load_checkpoint``
+    (``ImageClassifier`` does), with ``prefix`` the model's key prefix inside ``state_dict``
+    if it has one.
 
     Returns:
         The qualified names of the converted layers.
     """
-    done: list[str] = []
-    for name, module in find_activations(model):
-        key = f"{prefix}{name}."
-        s = state_dict.get(key + "s")
-        if s is None or not isinstance(s, torch.Tensor) or type(module).__name__ == "EAFOActivation":
-            continue
-        lo, hi = state_dict.get(key + "lo"), state_dict.get(key + "hi")
-        grid = {} if lo is None or hi is None else {"lo": float(lo), "hi": float(hi)}
-        model.set_submodule(name, to_eafo(module, knots=int(s.numel()), **grid))
-        done.append(name)
-    return done
+    meta = getattr(state_dict, "_metadata", None) or {}
+    records: dict[str, Mapping] = {}
+    for path, local in meta.items():
+        entry = local.get(RECORD_KEY) if isinstance(local, Mapping) else None
+        full = path + "."
+        if entry is not None and full.startswith(prefix) and path != prefix.rstrip("."):
+            records[full[len(prefix):-1]] = entry
+    # Records of modules nested in recorded ones (a swapped module inside a swapped one) are theirs.
+    records = {n: e for n, e in records.items() if not any(n.startswith(o + ".") for o in records)}
+    keys = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return convert_like(model, records, keys)

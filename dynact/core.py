@@ -34,7 +34,7 @@ from torch.utils.hooks import RemovableHandle
 
 from dynact import activations, eafo
 from dynact.activations import find_activations
-from dynact.conversion import to_eafo
+from dynact.conversion import record, to_eafo
 from dynact.density import Density, sum_states
 from dynact.distributed import is_distributed, single_thread
 from dynact.options import ESTIMATORS, RANK_SEED_STRIDE, validate_options
@@ -374,6 +374,8 @@ class ActivationOptimizer:
             if any(isinstance(module, k) for k in self.convert):
                 model.set_submodule(name, to_eafo(module))
                 converted.append(name)
+        if converted:
+            record(model)  # a Hugging Face model's config says what was converted (dynact.conversion)
         return converted
 
     # ------------------------------------------------------------------ collection

@@ -16,8 +16,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from dynact.activations import register_transformers_activations
 from dynact.core import ActivationOptimizer
+from dynact.integrations._pretrained import from_pretrained, write_record
 
-__all__ = ["EAFOTrainerCallback", "STATE_FILE"]
+__all__ = ["EAFOTrainerCallback", "STATE_FILE", "from_pretrained"]
 
 #: File the callback writes into each ``checkpoint-<step>`` folder of the ``Trainer``.
 STATE_FILE = "dynact_activation_optimizer.pt"
@@ -146,6 +147,7 @@ class EAFOTrainerCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
             torch.save(self.optimizer.state_dict(), os.path.join(folder, STATE_FILE))
+            write_record(self._model, folder)  # config.json says which activations to rebuild
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self._pending:  # updates after the last log still reach the history
