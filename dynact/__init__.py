@@ -8,6 +8,7 @@ Public names (see the README):
   :class:`~dynact.density.Density`
 - ``dynact.eafo``: ``correction``, ``step``, ``output_stats``, ``output_entropy``, ``wafbc``
 - :class:`ActivationOptimizer` (``dynact.core``): the framework-free training plugin
+- :func:`bake` (``dynact.bake``): trained dynamic activations frozen into plain PyTorch for export
 - its front doors: :class:`EAFOCallback` (Lightning, ``dynact.callbacks``) and
   ``dynact.integrations.transformers.EAFOTrainerCallback`` (Hugging Face), loaded on first use
   so that the core can be imported without Lightning or transformers.
@@ -19,6 +20,7 @@ from importlib import import_module
 
 from dynact import density, eafo
 from dynact.activations import CRReLU, activation_names, make_activation, swap_activations
+from dynact.bake import bake
 from dynact.core import ActivationOptimizer
 from dynact.density import Density
 from dynact.spline import EAFOActivation
@@ -32,6 +34,7 @@ __all__ = [
     "EAFOActivation",
     "EAFOCallback",
     "activation_names",
+    "bake",
     "density",
     "eafo",
     "make_activation",
