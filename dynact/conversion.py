@@ -260,7 +260,8 @@ def convert_like(
     The one implementation behind :func:`convert_like_state_dict` and
     ``dynact.integrations.transformers.from_pretrained``. Each record (see
     :func:`describe_activation`) replaces the module of that name, unless it already is the
-    recorded one; an ``EAFOActivation`` keeps the fresh module as its base when that is the
+    recorded one (or an ``EAFOActivation`` around it: a state saved before conversion loads
+    into it); an ``EAFOActivation`` keeps the fresh module as its base when that is the
     recorded base (:func:`to_eafo`). Activations without a record are converted when
     ``keys`` (the saved names, or a mapping of names to tensors or shapes) say so:
     ``<layer>.s`` -> ``EAFOActivation``, a lone ``<layer>.eps`` -> ``CRReLU``. Only the
@@ -278,10 +279,13 @@ def convert_like(
                 f"convert_like: the saved model has a dynact activation at {name!r} but this model has no "
                 "such module; build the same architecture as the one that was saved"
             ) from err
-        if not _matches(old, entry):
-            new = _build(entry, old)
-            model.set_submodule(name, _on_device(new, old))
-            done.append(name)
+        if _matches(old, entry) or (
+            # saved before conversion: the converted module loads its base's state (see to_eafo)
+            isinstance(old, EAFOActivation) and "base" not in entry and _matches(old.base, entry)
+        ):
+            continue
+        model.set_submodule(name, _on_device(_build(entry, old), old))
+        done.append(name)
     if keys is not None:
         state = keys if isinstance(keys, Mapping) else dict.fromkeys(keys, True)
         for name, module in find_activations(model):

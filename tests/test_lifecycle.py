@@ -288,3 +288,16 @@ def test_convert_like_state_dict_with_a_lightning_checkpoint(tmp_path):
     loaded = Module.load_from_checkpoint(tmp_path / "m.ckpt")
     _check_same(loaded.net, module.net)
     assert float(loaded.net[1].eps) == pytest.approx(float(module.net[1].eps))  # the trained eps
+
+
+def test_a_state_saved_before_conversion_keeps_the_converted_module():
+    saved = nn.Sequential(nn.Linear(4, 4), nn.GELU())
+    dynact.swap_activations(saved, nn.GELU, "relu")  # recorded: a ReLU
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU())
+    dynact.swap_activations(model, nn.GELU, "relu")
+    model[1] = to_eafo(model[1])  # converted since: the ReLU is its base
+    state = saved.state_dict()
+    assert convert_like_state_dict(model, state) == []
+    assert isinstance(model[1], EAFOActivation) and type(model[1].base) is nn.ReLU
+    model.load_state_dict(state)
+    assert torch.equal(model[0].weight, saved[0].weight)
