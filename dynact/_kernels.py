@@ -261,6 +261,40 @@ def crrelu_backward(grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, need
     return gx, geps
 
 
+# ----------------------------------------------------------------------------- the formulas in tensor ops
+# The kernels' arithmetic in differentiable tensor ops: the backward under create_graph=True
+# (a kernel's result has no graph) and the custom ops' fallback.
+
+#: ``x*x`` is capped here before ``exp(-x*x/2)``: beyond it the Gaussian is exactly 0 in every
+#: dtype (``exp(-5000)``), and the cap keeps ``(1 - x*x) * exp(-x*x/2)`` at 0 where ``x*x``
+#: overflows (``|x| >= 256`` in float16, ``1.8e19`` in float32/bfloat16) instead of
+#: ``-inf * 0 = NaN``. The C++ and Triton kernels cap it the same way.
+X2_CAP = 1e4
+
+
+def gauss(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x2, exp(-x2/2))`` with ``x2 = min(x*x, X2_CAP)``: finite for finite ``x``, NaN stays NaN."""
+    x2 = (x * x).clamp_max(X2_CAP)
+    return x2, torch.exp(-0.5 * x2)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def crrelu_grads(grad, x, eps, need_x: bool = True, need_eps: bool = True):
+    """CRReLU's backward ``(grad_x, grad_eps)`` in differentiable tensor ops; ``grad_eps`` has
+    ``eps``'s shape and is summed in float32 or wider."""
+    x2, g = gauss(x)
+    gx = geps = None
+    if need_x:
+        gx = grad * ((x > 0).to(x.dtype) + eps.reshape(()).to(x.dtype) * (1 - x2) * g)
+    if need_eps:
+        geps = (grad * x * g).sum(dtype=_acc(x.dtype)).to(eps.dtype).reshape(eps.shape)
+    return gx, geps
+
+
+
 # ----------------------------------------------------------------------------- autograd
 class FusedSpline(torch.autograd.Function):
     """``base(x) + eps * s(x)`` in one pass per direction; ``y0 = None`` means a ReLU base
@@ -301,13 +335,7 @@ class FusedCRReLU(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True (second derivatives, e.g. dynact.eafo.derivatives): the same
             # formulas in differentiable tensor ops; the kernel's result would have no graph.
-            gauss = torch.exp(-0.5 * x * x)
-            gx = geps = None
-            if ctx.needs_input_grad[0]:
-                gx = grad * ((x > 0).to(x.dtype) + eps.to(x.dtype) * (1 - x * x) * gauss)
-            if ctx.needs_input_grad[1]:
-                geps = (grad * x * gauss).sum().to(eps.dtype).reshape(eps.shape)
-            return gx, geps
+            return crrelu_grads(grad, x, eps, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         gx, geps = crrelu_backward(grad, x, eps.detach(), ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if geps is not None:
             geps = geps.to(eps.dtype).reshape(eps.shape)
@@ -386,7 +414,7 @@ _spline_forward_op.register_autograd(_spline_grads, setup_context=_spline_setup)
 def _crrelu_forward_op(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     if MODE == "auto" and _load() is not None:
         return crrelu_forward(x, eps)
-    return torch.relu(x) + eps.to(x.dtype) * x * torch.exp(-0.5 * x * x)
+    return torch.relu(x) + eps.to(x.dtype) * x * gauss(x)[1]
 
 
 @_crrelu_forward_op.register_fake
@@ -399,9 +427,7 @@ def _crrelu_backward_op(grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor) 
     if MODE == "auto" and _load() is not None:
         gx, geps = crrelu_backward(grad, x, eps, True, True)
         return gx, geps.to(eps.dtype)
-    gauss = torch.exp(-0.5 * x * x)
-    gx = grad * ((1 - x * x) * gauss * eps.to(x.dtype) + (x > 0))
-    return gx.to(x.dtype), (grad * x * gauss).sum(dtype=torch.float32).to(eps.dtype)
+    return crrelu_grads(grad, x, eps)
 
 
 @_crrelu_backward_op.register_fake

@@ -117,6 +117,38 @@ def test_second_derivatives_through_the_fused_crrelu_are_the_analytic_ones():
     assert torch.autograd.gradgradcheck(lambda t: act(t), (x.detach()[:8].clone().requires_grad_(),))
 
 
+@pytest.mark.parametrize("mode", ["reference", "auto", "ops"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_crrelu_gradients_stay_finite_where_x_squared_overflows(mode, dtype):
+    # x*x overflows from |x| = 256 in float16 and 1.8e19 in bfloat16; the Gaussian factor is 0
+    # there, so the slope is ReLU's: 1 or 0, never (1 - inf) * 0 = NaN (the reference path's
+    # old answer). Oracle: the closed forms in float64, which do not overflow at these values.
+    big = [256.0, -256.0, 300.0, -1000.0, 6e4] if dtype == torch.float16 else [2e19, -2e19, 1e30, -3e38, 3e38]
+    x = torch.tensor(big + [-3.0, -0.7, 0.4, 1.3, 5.0], dtype=dtype)
+    xd = x.double()
+    g = torch.exp(-0.5 * xd * xd)
+    want_y = torch.relu(xd) + 0.3 * xd * g
+    want_slope = (xd > 0).double() + 0.3 * (1 - xd * xd) * g
+    want_curv = 0.3 * (xd**3 - 3 * xd) * g
+    want_eps = (xd * g).sum()
+    ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
+    act = CRReLU(0.3)
+    _kernels.MODE = mode
+    xg = x.clone().requires_grad_(True)
+    y = act(xg)
+    y.sum().backward()  # first order: the kernels where fused, the hand-written backward in "reference"
+    torch.testing.assert_close(y.double(), want_y, rtol=2 * ulp, atol=0)
+    torch.testing.assert_close(xg.grad.double(), want_slope, rtol=2 * ulp, atol=ulp)
+    torch.testing.assert_close(act.eps.grad.double(), want_eps, rtol=4 * ulp, atol=ulp)
+    assert xg.grad[:5].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+    # Second order (create_graph=True): the differentiable formulas.
+    xg = x.clone().requires_grad_(True)
+    (d1,) = torch.autograd.grad(act(xg).sum(), xg, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), xg)
+    torch.testing.assert_close(d1.double(), want_slope, rtol=2 * ulp, atol=ulp)
+    torch.testing.assert_close(d2.double(), want_curv, rtol=8 * ulp, atol=4 * ulp)
+
+
 @pytest.mark.parametrize("name", ["crrelu", "eafo_relu"])
 def test_nan_inf_and_noncontiguous_inputs(name):
     act = _modules()[name]
