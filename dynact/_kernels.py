@@ -294,30 +294,54 @@ def crrelu_grads(grad, x, eps, need_x: bool = True, need_eps: bool = True):
     return gx, geps
 
 
+def _spline_parts(x, pairs, a, b):
+    """``(s(x), slope_j)`` in the compute dtype ``pairs.dtype``; differentiable in ``x``
+    (``ds/dx = a * slope_j``)."""
+    last = pairs.shape[0] - 2
+    u = torch.addcmul(b, x.to(pairs.dtype), a).clamp(0.0, float(last))
+    j = u.to(torch.int32).clamp(0, last).long()
+    slope = pairs[j, 1]
+    return torch.addcmul(pairs[j, 0], u - j, slope), slope
+
+
+def spline_grads(grad, x, relu: bool, pairs, a, b, eps, need_x: bool = True, need_eps: bool = True):
+    """The spline's backward ``(grad_x, grad_eps)`` in differentiable tensor ops (``grad_x``
+    includes ReLU's derivative if ``relu``; ``grad_eps`` has ``eps``'s shape)."""
+    s, slope = _spline_parts(x, pairs, a, b)
+    g = grad.to(pairs.dtype)
+    gx = geps = None
+    if need_x:
+        gx = g * slope * (a * eps.reshape(()).to(pairs.dtype))
+        gx = (gx + g * (x > 0) if relu else gx).to(x.dtype)
+    if need_eps:
+        geps = (g * s).sum().to(eps.dtype).reshape(eps.shape)
+    return gx, geps
+
 
 # ----------------------------------------------------------------------------- autograd
 class FusedSpline(torch.autograd.Function):
     """``base(x) + eps * s(x)`` in one pass per direction; ``y0 = None`` means a ReLU base
     computed inside the kernel (and its derivative in the backward). Saves only ``x`` and the
-    small tables."""
+    small tables. Under ``create_graph=True`` the backward runs :func:`spline_grads`, so second
+    derivatives (through ``x``, ``eps`` and the incoming gradient) are those of the reference path."""
 
     @staticmethod
     def forward(ctx, x, eps, y0, pairs, a, b):  # noqa: D102
-        eps = eps.detach()
         ctx.relu = y0 is None
         ctx.save_for_backward(x, eps, pairs, a, b)
-        return eafo_forward(x, y0, pairs, a, b, eps)
+        return eafo_forward(x, y0, pairs, a, b, eps.detach())
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # noqa: D102
         x, eps, pairs, a, b = ctx.saved_tensors
         need_x, need_eps, need_y0 = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         gx = geps = None
-        if need_x or need_eps:
-            gx, geps = eafo_backward(grad, x, ctx.relu, pairs, a, b, eps, need_x, need_eps)
-        if geps is not None:
-            geps = geps.to(eps.dtype).reshape(eps.shape)
+        if torch.is_grad_enabled():  # create_graph=True: the kernel's result would have no graph
+            gx, geps = spline_grads(grad, x, ctx.relu, pairs, a, b, eps, need_x, need_eps)
+        elif need_x or need_eps:
+            gx, geps = eafo_backward(grad, x, ctx.relu, pairs, a, b, eps.detach(), need_x, need_eps)
+            if geps is not None:
+                geps = geps.to(eps.dtype).reshape(eps.shape)
         return gx, geps, (grad if need_y0 else None), None, None, None
 
 
@@ -349,25 +373,14 @@ class FusedCRReLU(torch.autograd.Function):
 # compiles everything around them). The choice is made when tracing, before anything is
 # built: if the library then cannot be built, the ops compute the same formulas with tensor
 # ops (after the one warning).
-def _spline_reference(x, y0, pairs, a, b, eps):
-    """``(y, s(x), slope_j)`` by tensor ops, in the compute dtype (the library's fallback)."""
-    cdt = pairs.dtype
-    xc = x.to(cdt)
-    last = pairs.shape[0] - 2
-    u = torch.addcmul(b, xc, a).clamp(0.0, float(last))
-    j = u.to(torch.int32).clamp(0, last).long()
-    value, slope = pairs[j, 0], pairs[j, 1]
-    s = torch.addcmul(value, u - j, slope)
-    base = torch.relu(xc) if y0 is None else y0.to(cdt)
-    return torch.addcmul(base, s, eps.to(cdt)), s, slope
-
-
 @torch.library.custom_op("dynact::spline_forward", mutates_args=(), device_types="cpu")
 def _spline_forward_op(x: torch.Tensor, y0: Optional[torch.Tensor], pairs: torch.Tensor, a: torch.Tensor,
                        b: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     if MODE == "auto" and _load() is not None:
         return eafo_forward(x, y0, pairs, a, b, eps)
-    return _spline_reference(x, y0, pairs, a, b, eps)[0].to(x.dtype)
+    s, _ = _spline_parts(x, pairs, a, b)
+    base = torch.relu(x.to(pairs.dtype)) if y0 is None else y0.to(pairs.dtype)
+    return torch.addcmul(base, s, eps.to(pairs.dtype)).to(x.dtype)
 
 
 @_spline_forward_op.register_fake
@@ -381,13 +394,7 @@ def _spline_backward_op(grad: torch.Tensor, x: torch.Tensor, relu: bool, pairs: 
     if MODE == "auto" and _load() is not None:
         gx, geps = eafo_backward(grad, x, relu, pairs, a, b, eps, True, True)
         return gx, geps.to(eps.dtype)
-    cdt = pairs.dtype
-    _, s, slope = _spline_reference(x, None, pairs, a, b, eps)
-    g = grad.to(cdt)
-    gx = g * slope * (a * eps.to(cdt))
-    if relu:
-        gx = gx + g * (x > 0)
-    return gx.to(x.dtype), (g * s).sum().to(eps.dtype)
+    return spline_grads(grad, x, relu, pairs, a, b, eps)
 
 
 @_spline_backward_op.register_fake

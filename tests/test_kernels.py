@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dynact import _kernels
+from dynact._spline_ref import _spline_ops
 from dynact.activations import CRReLU
 from dynact.spline import EAFOActivation
 
@@ -115,6 +116,62 @@ def test_second_derivatives_through_the_fused_crrelu_are_the_analytic_ones():
     want = 0.3 * (x**3 - 3 * x) * torch.exp(-0.5 * x * x)
     assert torch.allclose(d2, want.detach(), atol=1e-9)
     assert torch.autograd.gradgradcheck(lambda t: act(t), (x.detach()[:8].clone().requires_grad_(),))
+
+
+def _off_knots(act: EAFOActivation) -> torch.Tensor:
+    """float64 points midway between knots (finite differences never cross a kink), and beyond the grid."""
+    knots = act.knot_positions()
+    mid = ((knots[:-1] + knots[1:]) / 2)[::5]
+    return torch.cat([mid, torch.tensor([float(act.lo) - 1.5, float(act.hi) + 2.0], dtype=torch.float64)])
+
+
+def _gelu_second(x: torch.Tensor) -> torch.Tensor:
+    # gelu(x) = x Phi(x): gelu'' = 2 phi(x) + x phi'(x) = (2 - x^2) phi(x)
+    return (2 - x * x) * torch.exp(-0.5 * x * x) / (2 * torch.pi) ** 0.5
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["eafo_relu", "eafo_gelu"])
+def test_second_derivatives_through_the_fused_spline(name):
+    # The fused backward used to be once_differentiable: under create_graph=True its gradient
+    # had no graph, so the spline's x-eps cross derivative and the base's curvature were dropped.
+    act = _modules()[name].double()
+    x0 = _off_knots(act)
+
+    def second_order(mode):
+        _kernels.MODE = mode
+        x = x0.clone().requires_grad_(True)
+        y = act(x)
+        gx, geps = torch.autograd.grad(y.sum(), (x, act.eps), create_graph=True)
+        assert gx.grad_fn is not None and geps.grad_fn is not None
+        # d2y/dx2 (diagonal; with a ReLU base nothing in grad_x depends on x differentiably)
+        d2 = torch.autograd.grad(gx.sum(), x, retain_graph=True, allow_unused=True, materialize_grads=True)[0]
+        cross = torch.autograd.grad(geps, x, retain_graph=True)[0]  # d/dx of dy/deps = s'(x)
+        eps_x = torch.autograd.grad(gx.sum(), act.eps)[0]  # d/deps of sum(dy/dx) = sum(s'(x))
+        return type(y.grad_fn).__name__, d2, cross, eps_x
+
+    fn, d2, cross, eps_x = second_order("auto")
+    assert fn == "FusedSplineBackward"
+    ref = second_order("reference")
+    for got, want in zip((d2, cross, eps_x), ref[1:], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # Independent oracles: central differences of the reference spline for s'(x); the base's
+    # own second derivative for d2 (the spline is piecewise linear: 0 between knots).
+    h = 1e-6
+    s = lambda t: _spline_ops(t, act.s, act.lo, act.hi)  # noqa: E731
+    fd = (s(x0 + h) - s(x0 - h)) / (2 * h)
+    torch.testing.assert_close(cross, fd, rtol=1e-6, atol=1e-6)
+    assert cross.abs().max() > 0.5 and cross[-2:].abs().max() == 0  # a real slope inside, flat beyond
+    torch.testing.assert_close(eps_x, fd.sum().reshape(eps_x.shape), rtol=1e-6, atol=1e-6)
+    want_d2 = _gelu_second(x0) if name == "eafo_gelu" else torch.zeros_like(x0)
+    torch.testing.assert_close(d2, want_d2, rtol=1e-9, atol=1e-9)
+    # gradgradcheck: every second derivative (x, eps and the incoming gradient) against
+    # finite differences, through the fused path.
+    _kernels.MODE = "auto"
+    f = lambda t, e: torch.func.functional_call(act, {"eps": e}, (t,))  # noqa: E731
+    xs, e = x0[:12].clone().requires_grad_(True), act.eps.detach().clone().requires_grad_(True)
+    assert type(f(xs, e).grad_fn).__name__ == "FusedSplineBackward"
+    assert torch.autograd.gradgradcheck(f, (xs, e))
 
 
 @pytest.mark.parametrize("mode", ["reference", "auto", "ops"])
