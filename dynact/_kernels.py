@@ -18,6 +18,9 @@ Where a fast path cannot be built (no compiler, build error, no Triton) the refe
 instead (the autograd functions of :mod:`dynact.activations` and :mod:`dynact.spline`) and one
 warning says why. ``DYNACT_KERNELS=reference`` turns the fused kernels off.
 
+Under ``torch.jit.trace`` the modules run plain tensor ops (:func:`plain_ops_needed`): the
+traced module then holds only standard ops and can be saved and run without dynact.
+
 Under ``torch.compile``: on CPU the graph calls the C++ kernels as ``torch.library`` custom ops
 (``dynact::spline_forward``, ``dynact::crrelu_forward``; opaque to the compiler, no graph
 break); on CUDA the activations are plain tensor ops, which Inductor fuses with their
@@ -364,6 +367,14 @@ class FusedCRReLU(torch.autograd.Function):
         if geps is not None:
             geps = geps.to(eps.dtype).reshape(eps.shape)
         return gx, geps
+
+
+def plain_ops_needed() -> bool:
+    """Whether an eager call must run plain tensor ops instead of an autograd Function.
+
+    True under ``torch.jit.trace``: a Python Function cannot be saved in a TorchScript module.
+    """
+    return torch.jit.is_tracing()
 
 
 # ----------------------------------------------------------------------------- under torch.compile (CPU)

@@ -87,9 +87,10 @@ def _spline_ops(x: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, hi: torch.Te
     Returns the compute dtype (float32 for half inputs, else the input's dtype).
     """
     value, slope, a, b = _tables(s, lo, hi, _compute_dtype(x.dtype))
+    # (clamp_max takes a tensor: under torch.jit.trace ``last`` is one, recorded in the trace)
     last = slope.shape[0] - 1
-    u = (x.to(a.dtype) * a + b).clamp(0.0, float(last))
-    j = u.detach().long().clamp(0, last)
+    u = (x.to(a.dtype) * a + b).clamp_min(0.0).clamp_max(last)
+    j = u.detach().long().clamp_min(0).clamp_max(last)
     return value[j] + (u - j) * slope[j]
 
 

@@ -111,16 +111,18 @@ class CRReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Eager: the fused kernels of dynact._kernels (one pass per direction) or, where they
-        # cannot be built, the hand-written backward below. Compiled: the same kernels as a
-        # custom op on CPU, plain ops (fused by Inductor) elsewhere.
+        # cannot be built, the hand-written backward above. Compiled: the same kernels as a
+        # custom op on CPU, plain ops (fused by Inductor) elsewhere. Traced: plain ops.
         if torch.compiler.is_compiling() or _kernels.MODE == "ops":
             if _kernels.MODE != "ops" and _kernels.compiled_on_cpu(x):
                 return _kernels.crrelu_op(x, self.eps)  # on CPU the C++ kernel beats Inductor's loop
-            return crrelu(x, self.eps.to(x.dtype))
+            return crrelu(x, self.eps.reshape(()).to(x.dtype))
+        if _kernels.plain_ops_needed():
+            return crrelu(x, self.eps.reshape(()).to(x.dtype))
         if _kernels.available(x):
             return _kernels.FusedCRReLU.apply(x, self.eps)
         if not (x.requires_grad or self.eps.requires_grad):
-            return crrelu(x, self.eps.to(x.dtype))
+            return crrelu(x, self.eps.reshape(()).to(x.dtype))
         return _CRReLUFunction.apply(x, self.eps)
 
     def extra_repr(self) -> str:

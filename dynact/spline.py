@@ -172,19 +172,25 @@ class EAFOActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() or _kernels.MODE == "ops":
-            cdt = _compute_dtype(x.dtype)
             if _kernels.MODE != "ops" and _kernels.compiled_on_cpu(x):
                 # On CPU the C++ kernels beat Inductor's loop: call them as opaque custom ops.
-                value, slope, a, b = _tables(self.s, self.lo, self.hi, cdt)
+                value, slope, a, b = _tables(self.s, self.lo, self.hi, _compute_dtype(x.dtype))
                 y0 = None if self._relu_in_kernel() else self.base(x)
                 return _kernels.spline_op(x, self.eps, y0, _kernels.pack(value, slope), a, b)
-            y0 = self.base(x)
-            return (y0.to(cdt) + self.eps.to(cdt) * _spline_ops(x, self.s, self.lo, self.hi)).to(x.dtype)
+            return self._plain(x)
+        if _kernels.plain_ops_needed():  # torch.jit.trace
+            return self._plain(x)
         value, slope, a, b, pairs = self._eager_tables(_compute_dtype(x.dtype))
         if _kernels.available(x):
             y0 = None if self._relu_in_kernel() else self.base(x)
             return _kernels.FusedSpline.apply(x, self.eps, y0, pairs, a, b)
         return _SplineTerm.apply(x, self.base(x), self.eps, value, slope, a, b)
+
+    def _plain(self, x: torch.Tensor) -> torch.Tensor:
+        # Plain differentiable tensor ops: fused by Inductor, and traceable.
+        cdt = _compute_dtype(x.dtype)
+        s = _spline_ops(x, self.s, self.lo, self.hi)
+        return (self.base(x).to(cdt) + self.eps.reshape(()).to(cdt) * s).to(x.dtype)
 
     def _relu_in_kernel(self) -> bool:
         # A plain ReLU base runs inside the fused kernel (with its derivative); any other base
