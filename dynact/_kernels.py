@@ -18,8 +18,9 @@ Where a fast path cannot be built (no compiler, build error, no Triton) the refe
 instead (the autograd functions of :mod:`dynact.activations` and :mod:`dynact.spline`) and one
 warning says why. ``DYNACT_KERNELS=reference`` turns the fused kernels off.
 
-Under ``torch.jit.trace`` the modules run plain tensor ops (:func:`plain_ops_needed`): the
-traced module then holds only standard ops and can be saved and run without dynact.
+Under ``torch.jit.trace``, a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ``jvp``) or
+``torch.autograd.forward_ad`` the modules run plain tensor ops (:func:`plain_ops_needed`): a
+traced module then holds only standard ops, and the transforms differentiate and batch them.
 
 Under ``torch.compile``: on CPU the graph calls the C++ kernels as ``torch.library`` custom ops
 (``dynact::spline_forward``, ``dynact::crrelu_forward``; opaque to the compiler, no graph
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 __all__: list[str] = []
 
@@ -203,7 +205,7 @@ def eafo_forward(x: torch.Tensor, y0: Optional[torch.Tensor], pairs: torch.Tenso
     """``base(x) + eps * s(x)``: ReLU as the base if ``y0`` is None, else ``y0 + eps * s(x)``.
 
     ``pairs`` (see :func:`pack`), ``a``, ``b``: the spline's tables in the compute dtype (float32
-    for half inputs); ``eps`` 0-d. Scalars stay tensors so that CUDA never synchronises.
+    for half inputs); ``eps`` one element. Scalars stay tensors so that CUDA never synchronises.
     """
     x = x.contiguous()
     if x.device.type == "cuda":
@@ -220,8 +222,8 @@ def eafo_forward(x: torch.Tensor, y0: Optional[torch.Tensor], pairs: torch.Tenso
 
 def eafo_backward(grad: torch.Tensor, x: torch.Tensor, relu: bool, pairs: torch.Tensor, a: torch.Tensor,
                   b: torch.Tensor, eps: torch.Tensor, need_x: bool, need_eps: bool):
-    """``(grad_x, grad_eps)``: ``grad_x`` includes ReLU's derivative if ``relu``; ``grad_eps`` 0-d,
-    float64 on CPU, float32 on CUDA."""
+    """``(grad_x, grad_eps)``: ``grad_x`` includes ReLU's derivative if ``relu``; ``grad_eps`` 0-d
+    (callers reshape it to ``eps``'s shape), float64 on CPU, float32 on CUDA."""
     grad, x = grad.contiguous(), x.contiguous()
     if x.device.type == "cuda":
         from dynact import _triton
@@ -266,7 +268,7 @@ def crrelu_backward(grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, need
 
 # ----------------------------------------------------------------------------- the formulas in tensor ops
 # The kernels' arithmetic in differentiable tensor ops: the backward under create_graph=True
-# (a kernel's result has no graph) and the custom ops' fallback.
+# (a kernel's result has no graph), the custom ops' fallback, and their second derivatives.
 
 #: ``x*x`` is capped here before ``exp(-x*x/2)``: beyond it the Gaussian is exactly 0 in every
 #: dtype (``exp(-5000)``), and the cap keeps ``(1 - x*x) * exp(-x*x/2)`` at 0 where ``x*x``
@@ -372,9 +374,13 @@ class FusedCRReLU(torch.autograd.Function):
 def plain_ops_needed() -> bool:
     """Whether an eager call must run plain tensor ops instead of an autograd Function.
 
-    True under ``torch.jit.trace``: a Python Function cannot be saved in a TorchScript module.
+    True under ``torch.jit.trace`` (a Python Function cannot be saved in a TorchScript module),
+    a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ``jvp``: the kernels read raw
+    memory, which batched or wrapped tensors do not have) and ``torch.autograd.forward_ad``
+    (the Functions have no forward-mode formula). Costs a few attribute reads per call.
     """
-    return torch.jit.is_tracing()
+    return (torch._C._are_functorch_transforms_active() or torch.jit.is_tracing()
+            or _forward_ad._current_level >= 0)
 
 
 # ----------------------------------------------------------------------------- under torch.compile (CPU)
@@ -383,15 +389,20 @@ def plain_ops_needed() -> bool:
 # CPU the compiled graph calls the kernels as opaque custom ops (no graph break; Inductor
 # compiles everything around them). The choice is made when tracing, before anything is
 # built: if the library then cannot be built, the ops compute the same formulas with tensor
-# ops (after the one warning).
+# ops (after the one warning). The backward ops are differentiable too (second derivatives
+# under create_graph=True), with the formulas of the section above.
+def _fused_cpu() -> bool:
+    return MODE == "auto" and _load() is not None
+
+
 @torch.library.custom_op("dynact::spline_forward", mutates_args=(), device_types="cpu")
 def _spline_forward_op(x: torch.Tensor, y0: Optional[torch.Tensor], pairs: torch.Tensor, a: torch.Tensor,
                        b: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    if MODE == "auto" and _load() is not None:
+    if _fused_cpu():
         return eafo_forward(x, y0, pairs, a, b, eps)
     s, _ = _spline_parts(x, pairs, a, b)
     base = torch.relu(x.to(pairs.dtype)) if y0 is None else y0.to(pairs.dtype)
-    return torch.addcmul(base, s, eps.to(pairs.dtype)).to(x.dtype)
+    return torch.addcmul(base, s, eps.reshape(()).to(pairs.dtype)).to(x.dtype)
 
 
 @_spline_forward_op.register_fake
@@ -402,15 +413,15 @@ def _(x, y0, pairs, a, b, eps):
 @torch.library.custom_op("dynact::spline_backward", mutates_args=(), device_types="cpu")
 def _spline_backward_op(grad: torch.Tensor, x: torch.Tensor, relu: bool, pairs: torch.Tensor, a: torch.Tensor,
                         b: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if MODE == "auto" and _load() is not None:
+    if _fused_cpu():
         gx, geps = eafo_backward(grad, x, relu, pairs, a, b, eps, True, True)
-        return gx, geps.to(eps.dtype)
+        return gx, geps.to(eps.dtype).reshape(eps.shape)
     return spline_grads(grad, x, relu, pairs, a, b, eps)
 
 
 @_spline_backward_op.register_fake
 def _(grad, x, relu, pairs, a, b, eps):
-    return x.new_empty(x.shape), eps.new_empty(())
+    return x.new_empty(x.shape), eps.new_empty(eps.shape)
 
 
 def _spline_setup(ctx, inputs, output):
@@ -421,18 +432,49 @@ def _spline_setup(ctx, inputs, output):
 
 def _spline_grads(ctx, grad):
     x, pairs, a, b, eps = ctx.saved_tensors
-    gx, geps = _spline_backward_op(grad, x, ctx.relu, pairs, a, b, eps.detach())
-    return gx, (None if ctx.relu else grad), None, None, None, geps.reshape(eps.shape)
+    gx, geps = _spline_backward_op(grad, x, ctx.relu, pairs, a, b, eps)
+    return gx, (None if ctx.relu else grad), None, None, None, geps
 
 
 _spline_forward_op.register_autograd(_spline_grads, setup_context=_spline_setup)
 
 
+def _materialize(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _spline_backward_setup(ctx, inputs, output):
+    grad, x, relu, pairs, a, b, eps = inputs
+    ctx.relu = relu
+    ctx.save_for_backward(grad, x, pairs, a, b, eps)
+
+
+def _spline_backward_grads(ctx, ggx, ggeps):
+    # gx = grad * (eps * ds/dx + relu * 1[x > 0]) with ds/dx = a * slope_j piecewise constant;
+    # geps = sum(grad * s(x)).
+    grad, x, pairs, a, b, eps = ctx.saved_tensors
+    ggx, ggeps = _materialize(ggx, grad), _materialize(ggeps, eps)
+    cdt = pairs.dtype
+    s, slope = _spline_parts(x, pairs, a, b)
+    ds = slope * a
+    g, ggx = grad.to(cdt), ggx.to(cdt)
+    ggeps = ggeps.reshape(()).to(cdt)
+    d_grad = ggx * (eps.reshape(()).to(cdt) * ds) + ggeps * s
+    if ctx.relu:
+        d_grad = d_grad + ggx * (x > 0)
+    d_x = (ggeps * g * ds).to(x.dtype)
+    d_eps = (ggx * g * ds).sum().to(eps.dtype).reshape(eps.shape)
+    return d_grad.to(grad.dtype), d_x, None, None, None, None, d_eps
+
+
+_spline_backward_op.register_autograd(_spline_backward_grads, setup_context=_spline_backward_setup)
+
+
 @torch.library.custom_op("dynact::crrelu_forward", mutates_args=(), device_types="cpu")
 def _crrelu_forward_op(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    if MODE == "auto" and _load() is not None:
+    if _fused_cpu():
         return crrelu_forward(x, eps)
-    return torch.relu(x) + eps.to(x.dtype) * x * gauss(x)[1]
+    return torch.relu(x) + eps.reshape(()).to(x.dtype) * x * gauss(x)[1]
 
 
 @_crrelu_forward_op.register_fake
@@ -442,15 +484,15 @@ def _(x, eps):
 
 @torch.library.custom_op("dynact::crrelu_backward", mutates_args=(), device_types="cpu")
 def _crrelu_backward_op(grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if MODE == "auto" and _load() is not None:
+    if _fused_cpu():
         gx, geps = crrelu_backward(grad, x, eps, True, True)
-        return gx, geps.to(eps.dtype)
+        return gx, geps.to(eps.dtype).reshape(eps.shape)
     return crrelu_grads(grad, x, eps)
 
 
 @_crrelu_backward_op.register_fake
 def _(grad, x, eps):
-    return x.new_empty(x.shape), eps.new_empty(())
+    return x.new_empty(x.shape), eps.new_empty(eps.shape)
 
 
 def _crrelu_setup(ctx, inputs, output):
@@ -459,11 +501,30 @@ def _crrelu_setup(ctx, inputs, output):
 
 def _crrelu_grads(ctx, grad):
     x, eps = ctx.saved_tensors
-    gx, geps = _crrelu_backward_op(grad, x, eps.detach())
-    return gx, geps.reshape(eps.shape)
+    return _crrelu_backward_op(grad, x, eps)
 
 
 _crrelu_forward_op.register_autograd(_crrelu_grads, setup_context=_crrelu_setup)
+
+
+def _crrelu_backward_grads(ctx, ggx, ggeps):
+    # gx = grad * (1[x > 0] + eps (1 - x^2) G), geps = sum(grad x G), G = exp(-x^2/2);
+    # d/dx [(1 - x^2) G] = x (x^2 - 3) G and d/dx [x G] = (1 - x^2) G.
+    grad, x, eps = ctx.saved_tensors
+    ggx, ggeps = _materialize(ggx, grad), _materialize(ggeps, eps)
+    x2, g = gauss(x)
+    e, ggeps = eps.reshape(()).to(x.dtype), ggeps.reshape(()).to(x.dtype)
+    d_grad = ggx * ((x > 0).to(x.dtype) + e * (1 - x2) * g) + ggeps * x * g
+    d_x = grad * (ggx * e * (x2 - 3) * g * x + ggeps * (1 - x2) * g)
+    d_eps = (ggx * grad * (1 - x2) * g).sum(dtype=_acc(x.dtype)).to(eps.dtype).reshape(eps.shape)
+    return d_grad, d_x, d_eps
+
+
+def _crrelu_backward_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+_crrelu_backward_op.register_autograd(_crrelu_backward_grads, setup_context=_crrelu_backward_setup)
 
 
 def compiled_on_cpu(x: torch.Tensor) -> bool:

@@ -112,7 +112,8 @@ class CRReLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Eager: the fused kernels of dynact._kernels (one pass per direction) or, where they
         # cannot be built, the hand-written backward above. Compiled: the same kernels as a
-        # custom op on CPU, plain ops (fused by Inductor) elsewhere. Traced: plain ops.
+        # custom op on CPU, plain ops (fused by Inductor) elsewhere. Traced, under torch.func
+        # transforms or forward-mode AD: plain ops.
         if torch.compiler.is_compiling() or _kernels.MODE == "ops":
             if _kernels.MODE != "ops" and _kernels.compiled_on_cpu(x):
                 return _kernels.crrelu_op(x, self.eps)  # on CPU the C++ kernel beats Inductor's loop

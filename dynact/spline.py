@@ -178,7 +178,7 @@ class EAFOActivation(nn.Module):
                 y0 = None if self._relu_in_kernel() else self.base(x)
                 return _kernels.spline_op(x, self.eps, y0, _kernels.pack(value, slope), a, b)
             return self._plain(x)
-        if _kernels.plain_ops_needed():  # torch.jit.trace
+        if _kernels.plain_ops_needed():  # torch.jit.trace, torch.func transforms, forward-mode AD
             return self._plain(x)
         value, slope, a, b, pairs = self._eager_tables(_compute_dtype(x.dtype))
         if _kernels.available(x):
@@ -187,7 +187,7 @@ class EAFOActivation(nn.Module):
         return _SplineTerm.apply(x, self.base(x), self.eps, value, slope, a, b)
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
-        # Plain differentiable tensor ops: fused by Inductor, and traceable.
+        # Plain differentiable tensor ops: fused by Inductor, traceable, and transformable.
         cdt = _compute_dtype(x.dtype)
         s = _spline_ops(x, self.s, self.lo, self.hi)
         return (self.base(x).to(cdt) + self.eps.reshape(()).to(cdt) * s).to(x.dtype)

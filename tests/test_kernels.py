@@ -347,21 +347,6 @@ def test_compiled_cpu_graph_calls_the_kernels_as_single_ops():
     assert "gelu" in graphs[0]  # a base other than ReLU stays in the graph, for the compiler
 
 
-@needs_compiler
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_custom_ops_pass_opcheck(dtype):
-    # Fake (meta) implementations, autograd registration and schema agree with the real ops.
-    act = _modules()["eafo_relu"]
-    cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    value, slope, a, b, pairs = act._eager_tables(cdt)
-    x = _inputs(300).to(dtype).requires_grad_(True)
-    eps = act.eps.detach().to(cdt).clone().requires_grad_(True)
-    torch.library.opcheck(torch.ops.dynact.spline_forward.default, (x, None, pairs, a, b, eps))
-    y0 = torch.randn(300).to(dtype).requires_grad_(True)
-    torch.library.opcheck(torch.ops.dynact.spline_forward.default, (x, y0, pairs, a, b, eps))
-    torch.library.opcheck(torch.ops.dynact.crrelu_forward.default, (x, eps))
-
-
 # --------------------------------------------------------------------------- building and fallback
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
