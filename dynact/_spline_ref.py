@@ -63,7 +63,7 @@ class _SplineTerm(torch.autograd.Function):
         last = slope.shape[0] - 1
         j, frac = _segment(x, a, b, last)
         v = _gather(value, j).addcmul_(frac, _gather(slope, j))
-        out = torch.addcmul(y0, v, eps.to(v.dtype))
+        out = torch.addcmul(y0, v, eps.reshape(()).to(v.dtype))  # eps: 0-d or (1,)
         ctx.save_for_backward(x, eps, value, slope, a, b)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
@@ -73,7 +73,7 @@ class _SplineTerm(torch.autograd.Function):
         j, frac = _segment(x, a, b, slope.shape[0] - 1)
         grad_x = grad_eps = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad * _gather(slope * (a * eps.to(a.dtype)), j)).to(x.dtype)
+            grad_x = (grad * _gather(slope * (a * eps.reshape(()).to(a.dtype)), j)).to(x.dtype)
         if ctx.needs_input_grad[2]:
             v = _gather(value, j).addcmul_(frac, _gather(slope, j))
             grad_eps = (grad * v).sum().to(eps.dtype).reshape(eps.shape)
