@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from dynact import _kernels, eafo
-from dynact._slopes import SlopeProblem, finite_arg
+from dynact._slopes import SlopeProblem, finite_arg, take_step
 from dynact._spline_ref import (
     _compute_dtype,
     _interp_clamped,
@@ -391,43 +391,27 @@ class EAFOActivation(nn.Module):
         old = self.s.detach().to(torch.float64)
         h0 = eafo.output_stats(self._view(old, base64), d)["entropy"]
         record = dict(mode="iterate", accepted=False, reason="", entropy_before=h0, entropy_after=h0,
-                      change=0.0, eta=eta, objective_before=math.nan, objective_after=math.nan)
-        eps = float(self.eps.detach())
+                      change=0.0, eta=eta, objective_before=math.nan, objective_after=math.nan,
+                      feasible_before=False)
+        eps = float(self.eps.detach().reshape(-1)[0])
         if not math.isfinite(eps) or abs(eps) < min_eps:
-            record["reason"] = f"eps too small or not finite (eps = {eps:.3g}, min_eps = {min_eps:.3g})"
+            record["reason"] = (f"eps too small or not finite (eps = {eps:.3g}, min_eps = {min_eps:.3g}): "
+                                "the spline cannot move the activation; set eps or refresh with mode='refresh'")
             return record
         problem = SlopeProblem(self, d, base64, float(min_ratio), float(max_ratio), float(min_slope))
         if not bool(problem.free.any()):
-            record["reason"] = "no knot cell where the base rises throughout: nothing to optimise"
+            record["reason"] = ("no knot cell where the base rises throughout: nothing to optimise; "
+                                "move the grid onto the data with place_grid")
             return record
-        u0 = problem.log_ratio(old).clamp(problem.lower.log(), problem.upper.log())
-        j0, grad = problem.objective(u0, with_grad=True)
-        record["objective_before"] = j0
-        if not (math.isfinite(j0) and bool(torch.isfinite(grad).all())):
-            record["reason"] = "non-finite objective"
-            return record
-        direction = (-eta * grad / problem.cell_mass).clamp(-max_log_change, max_log_change)
         limit = float(max_change) if max_change is not None else 0.05 * d.mean_std()[1]
-        scale = 1.0
-        for _ in range(backtrack + 1):
-            new = self._stored(problem.knot_values(problem.project(u0 + scale * direction)))
-            record["eta"] = eta * scale
-            change = abs(eps) * float((new - old).abs().max())
-            j1 = problem.objective_of(new)
-            record["objective_after"] = j1
-            if not bool(torch.isfinite(new).all()):
-                record["reason"] = "non-finite candidate"
-            elif change > limit:
-                record["reason"] = f"change {change:.3g} beyond the trust region {limit:.3g}"
-            elif not (math.isfinite(j1) and j1 < j0):
-                record["reason"] = f"objective did not drop ({j0:.6g} -> {j1:.6g})"
-            else:
-                self._write(new)
-                h1 = eafo.output_stats(self._view(new, base64), d)["entropy"]
-                record.update(accepted=True, reason="accepted", entropy_after=h1, change=change)
-                return record
-            scale *= 0.5
-        record["objective_after"] = j0
+        step = take_step(problem, old, eta, max_log_change, limit, backtrack)
+        record.update(reason=step["reason"], objective_before=step["objective_before"],
+                      objective_after=step["objective_after"], feasible_before=step["feasible_before"],
+                      eta=eta * step["scale"])
+        if step["accepted"]:
+            self._write(step["s"])
+            h1 = eafo.output_stats(self._view(step["s"], base64), d)["entropy"]
+            record.update(accepted=True, entropy_after=h1, change=step["change"])
         return record
 
     # ------------------------------------------------------------------ grid placement
