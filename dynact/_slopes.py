@@ -36,8 +36,8 @@ _RISE_TOL = eafo.FLAT_TOL
 #: Points per knot cell at which the base's slope is checked for the cell's minimum slope.
 _SUBPOINTS = 8
 #: Points per round, and rounds, of the search for where the base starts (or stops) rising
-#: inside a density cell: the point is then known to 32**-4 of a cell.
-_SEARCH_POINTS, _SEARCH_ROUNDS = 32, 4
+#: inside a density cell: the point is then known to 32**-5 of a cell.
+_SEARCH_POINTS, _SEARCH_ROUNDS = 32, 5
 #: Relative size of a float32 rounding of the knot values, with a safety factor: moves of the
 #: activation below it are rounding, not a step.
 _ROUNDING = 2.0**-20
@@ -53,7 +53,7 @@ def _slope(base64: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _rise_starts(base64: nn.Module, a: torch.Tensor, b: torch.Tensor, rises_at_b: torch.Tensor) -> torch.Tensor:
     """In each cell ``[a, b]`` whose base rises at one end only, where its rising part begins
-    (``rises_at_b``) or ends (otherwise), to ``32**-4`` of the cell, on the rising side."""
+    (``rises_at_b``) or ends (otherwise), to ``32**-5`` of the cell, on the rising side."""
     frac = torch.linspace(0.0, 1.0, _SEARCH_POINTS + 1, dtype=a.dtype, device=a.device)
     for _ in range(_SEARCH_ROUNDS):
         x = a[:, None] + (b - a)[:, None] * frac
@@ -220,6 +220,19 @@ class SlopeProblem:
         and of float64 sums on the scale of the layer."""
         return abs(self.eps) * _ROUNDING * float(s.abs().max()) + 1e-12 * self.scale
 
+    def feasible(self, s: torch.Tensor) -> bool:
+        """Whether ``s`` meets the slope bounds, up to what rounding the knot values could cause."""
+        delta = torch.diff(s.detach().double())
+        slack = abs(self.eps) * _ROUNDING * (s[:-1].abs() + s[1:].abs()) + 1e-12 * self.scale * self.h
+        phi = self.eps * delta
+        if bool((phi[self.raised] < -slack[self.raised]).any()):
+            return False
+        if bool((self.pinned_slope[self.pinned] * self.h + phi[self.pinned] <= 0).any()):
+            return False
+        w = self.delta_b[self.free]
+        rise, tol = w + phi[self.free], slack[self.free]
+        return bool(((rise >= self.lower * w - tol) & (rise <= self.upper * w + tol)).all())
+
     def describe(self, s: torch.Tensor) -> str:
         """What is infeasible about ``s``, in words: a fold where the base rises, or slopes beyond the bounds."""
         folds = self.folds(s)
@@ -300,14 +313,15 @@ def take_step(problem: SlopeProblem, old: torch.Tensor, eta: float, max_log_chan
         return out
     projected = problem.stored(projected)
     moved = abs(problem.eps) * float((projected - old).abs().max())
-    feasible = moved <= problem.rounding(old) or not bool(problem.free.any())
+    feasible = problem.feasible(old)
     out["feasible_before"] = feasible
     if feasible:
         start, moved = old, 0.0
+        problem.set_fixed(old)
     else:
         start = projected
-        if moved > limit:  # move as far onto the bounds as the trust region allows
-            t = limit / moved
+        if moved > limit:  # move as far onto the bounds as the trust region allows (rounding included)
+            t = max(0.0, limit - 4 * problem.rounding(projected)) / moved
             new = problem.stored(old + t * (projected - old))
             out.update(s=new, accepted=True, change=abs(problem.eps) * float((new - old).abs().max()),
                        objective_before=problem.objective_of(old), objective_after=problem.objective_of(new),
