@@ -344,13 +344,16 @@ class EAFOActivation(nn.Module):
     ) -> dict:
         """One step of a projected descent on the scale-free entropy (``docs/math.md``, "Iterating").
 
-        Objective, on the density's cells ``j`` where the *base* rises (mass ``m_j``, total ``m_R``)::
+        Objective, over the set ``R`` where the *base* rises (input mass ``m_R``)::
 
-            J(f) = sum_j m_j log f'_j  -  m_R log std(f(X))
+            J(f) = integral_R p log f'  -  m_R log std(f(X))
 
-        For an activation that is increasing where its base rises and flat elsewhere, ``J`` is
-        the scale-free mixed entropy (:func:`dynact.eafo.output_stats`) up to a constant; it
-        does not depend on the grid's resolution and is unchanged by ``f -> a f``.
+        evaluated on the density's cells with ``f`` linear in each; the cell holding a minimum of
+        the base (GELU, SiLU, Mish) or ReLU's kink counts only its rising part, so ``J`` does not
+        depend on the grid's resolution. The falling part of a base enters only ``std``. For an
+        activation that rises where its base rises and is flat elsewhere, ``J`` is the
+        scale-free mixed entropy (:func:`dynact.eafo.output_stats`) up to a constant, unchanged
+        by ``f -> a f``.
 
         Variables: on each knot cell where the base rises throughout, the ratio ``r`` of the
         activation's rise to the base's; other cells keep theirs (a flat part stays flat, so the
@@ -360,19 +363,25 @@ class EAFOActivation(nn.Module):
         - ``r >= min_ratio``, and the slope never drops below ``min_slope`` where the base's is
           above it (nor below the base's where the base's is below it): no plateau forms;
         - ``r <= max_ratio``;
+        - the correction does not fall on a knot cell holding a minimum of the base (it would
+          fold ``f`` beside the minimum);
         - ``s`` stays zero at both ends of the grid (the activation is continuous and equals its
           base outside ``[lo, hi]``).
 
-        A step moves ``log r`` by ``-eta`` times the gradient of ``J`` per unit of mass, each
-        component capped at ``max_log_change``, then projects onto the constraints by one
-        common rescaling of ``r`` (``J`` is nearly invariant to it) and clipping. The value
-        trust region ``max|df| <= max_change`` (default ``0.05 * std(density)``) and the
-        decrease of ``J`` are checked on the candidate; a failing candidate is halved up to
-        ``backtrack`` times. A refused step leaves the module untouched and ``reason`` says why.
-        ``eta`` may be negative (ascent, to check the guard).
+        A state outside these bounds (a fold where the base rises, say after a large ``eps``) is
+        first projected onto them: each update moves it at most ``max_change`` towards the
+        projection, and descends from there once it is reached. A descent step moves ``log r`` by
+        ``-eta`` times the gradient of ``J`` per unit of mass, each component capped at
+        ``max_log_change``, then projects back (one common factor on ``r`` and clipping). A step
+        that would change the activation by more than ``max_change`` (default
+        ``0.05 * std(density)``) is shrunk until it fits; one that does not lower ``J`` is halved
+        up to ``backtrack`` times. A refused step leaves the module untouched, and ``reason`` says
+        why and what to do. ``eta`` may be negative (ascent, to check the guard).
 
         Returns:
-            the :meth:`update` record, plus ``objective_before``/``objective_after`` (``J``).
+            the :meth:`update` record, plus ``objective_before``/``objective_after`` (``J`` at the
+            point the step starts from and at its result; NaN where the activation folds where
+            its base rises) and ``feasible_before`` (whether the state met the bounds already).
         """
         eta = finite_arg("eta", eta, nonzero=True)
         max_log_change = finite_arg("max_log_change", max_log_change, positive=True)
