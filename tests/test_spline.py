@@ -470,7 +470,7 @@ def _rising_parts(base: nn.Module, d: Density) -> tuple[torch.Tensor, torch.Tens
     """``(left, right, weight)``: the parts of the density's cells where the base rises (slope
     above 1e-8) and the share of each cell's mass they hold. A cell whose base rises at one end
     only (it holds a minimum or a kink) is cut where the slope crosses 1e-8 (scipy's brentq)."""
-    key = (type(base).__name__, id(d))
+    key = (repr(base), d.bins, float(d.edges[0]), float(d.edges[-1]))  # the parts depend on these only
     if key not in _PARTS:
         e = d.edges.double()
         up = (_base_slope(base, e) > 1e-8).tolist()
