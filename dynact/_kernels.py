@@ -18,6 +18,10 @@ Where a fast path cannot be built (no compiler, build error, no Triton) the refe
 instead (the autograd functions of :mod:`dynact.activations` and :mod:`dynact.spline`) and one
 warning says why. ``DYNACT_KERNELS=reference`` turns the fused kernels off.
 
+Under ``torch.jit.trace``, a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ``jvp``) or
+``torch.autograd.forward_ad`` the modules run plain tensor ops (:func:`plain_ops_needed`): a
+traced module then holds only standard ops, and the transforms differentiate and batch them.
+
 Under ``torch.compile``: on CPU the graph calls the C++ kernels as ``torch.library`` custom ops
 (``dynact::spline_forward``, ``dynact::crrelu_forward``; opaque to the compiler, no graph
 break); on CUDA the activations are plain tensor ops, which Inductor fuses with their
@@ -40,6 +44,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 __all__: list[str] = []
 
@@ -200,7 +205,7 @@ def eafo_forward(x: torch.Tensor, y0: Optional[torch.Tensor], pairs: torch.Tenso
     """``base(x) + eps * s(x)``: ReLU as the base if ``y0`` is None, else ``y0 + eps * s(x)``.
 
     ``pairs`` (see :func:`pack`), ``a``, ``b``: the spline's tables in the compute dtype (float32
-    for half inputs); ``eps`` 0-d. Scalars stay tensors so that CUDA never synchronises.
+    for half inputs); ``eps`` one element. Scalars stay tensors so that CUDA never synchronises.
     """
     x = x.contiguous()
     if x.device.type == "cuda":
@@ -217,8 +222,8 @@ def eafo_forward(x: torch.Tensor, y0: Optional[torch.Tensor], pairs: torch.Tenso
 
 def eafo_backward(grad: torch.Tensor, x: torch.Tensor, relu: bool, pairs: torch.Tensor, a: torch.Tensor,
                   b: torch.Tensor, eps: torch.Tensor, need_x: bool, need_eps: bool):
-    """``(grad_x, grad_eps)``: ``grad_x`` includes ReLU's derivative if ``relu``; ``grad_eps`` 0-d,
-    float64 on CPU, float32 on CUDA."""
+    """``(grad_x, grad_eps)``: ``grad_x`` includes ReLU's derivative if ``relu``; ``grad_eps`` 0-d
+    (callers reshape it to ``eps``'s shape), float64 on CPU, float32 on CUDA."""
     grad, x = grad.contiguous(), x.contiguous()
     if x.device.type == "cuda":
         from dynact import _triton
@@ -261,29 +266,87 @@ def crrelu_backward(grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, need
     return gx, geps
 
 
+# ----------------------------------------------------------------------------- the formulas in tensor ops
+# The kernels' arithmetic in differentiable tensor ops: the backward under create_graph=True
+# (a kernel's result has no graph), the custom ops' fallback, and their second derivatives.
+
+#: ``x*x`` is capped here before ``exp(-x*x/2)``: beyond it the Gaussian is exactly 0 in every
+#: dtype (``exp(-5000)``), and the cap keeps ``(1 - x*x) * exp(-x*x/2)`` at 0 where ``x*x``
+#: overflows (``|x| >= 256`` in float16, ``1.8e19`` in float32/bfloat16) instead of
+#: ``-inf * 0 = NaN``. The C++ and Triton kernels cap it the same way.
+X2_CAP = 1e4
+
+
+def gauss(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x2, exp(-x2/2))`` with ``x2 = min(x*x, X2_CAP)``: finite for finite ``x``, NaN stays NaN."""
+    x2 = (x * x).clamp_max(X2_CAP)
+    return x2, torch.exp(-0.5 * x2)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def crrelu_grads(grad, x, eps, need_x: bool = True, need_eps: bool = True):
+    """CRReLU's backward ``(grad_x, grad_eps)`` in differentiable tensor ops; ``grad_eps`` has
+    ``eps``'s shape and is summed in float32 or wider."""
+    x2, g = gauss(x)
+    gx = geps = None
+    if need_x:
+        gx = grad * ((x > 0).to(x.dtype) + eps.reshape(()).to(x.dtype) * (1 - x2) * g)
+    if need_eps:
+        geps = (grad * x * g).sum(dtype=_acc(x.dtype)).to(eps.dtype).reshape(eps.shape)
+    return gx, geps
+
+
+def _spline_parts(x, pairs, a, b):
+    """``(s(x), slope_j)`` in the compute dtype ``pairs.dtype``; differentiable in ``x``
+    (``ds/dx = a * slope_j``)."""
+    last = pairs.shape[0] - 2
+    u = torch.addcmul(b, x.to(pairs.dtype), a).clamp(0.0, float(last))
+    j = u.to(torch.int32).clamp(0, last).long()
+    slope = pairs[j, 1]
+    return torch.addcmul(pairs[j, 0], u - j, slope), slope
+
+
+def spline_grads(grad, x, relu: bool, pairs, a, b, eps, need_x: bool = True, need_eps: bool = True):
+    """The spline's backward ``(grad_x, grad_eps)`` in differentiable tensor ops (``grad_x``
+    includes ReLU's derivative if ``relu``; ``grad_eps`` has ``eps``'s shape)."""
+    s, slope = _spline_parts(x, pairs, a, b)
+    g = grad.to(pairs.dtype)
+    gx = geps = None
+    if need_x:
+        gx = g * slope * (a * eps.reshape(()).to(pairs.dtype))
+        gx = (gx + g * (x > 0) if relu else gx).to(x.dtype)
+    if need_eps:
+        geps = (g * s).sum().to(eps.dtype).reshape(eps.shape)
+    return gx, geps
+
+
 # ----------------------------------------------------------------------------- autograd
 class FusedSpline(torch.autograd.Function):
     """``base(x) + eps * s(x)`` in one pass per direction; ``y0 = None`` means a ReLU base
     computed inside the kernel (and its derivative in the backward). Saves only ``x`` and the
-    small tables."""
+    small tables. Under ``create_graph=True`` the backward runs :func:`spline_grads`, so second
+    derivatives (through ``x``, ``eps`` and the incoming gradient) are those of the reference path."""
 
     @staticmethod
     def forward(ctx, x, eps, y0, pairs, a, b):  # noqa: D102
-        eps = eps.detach()
         ctx.relu = y0 is None
         ctx.save_for_backward(x, eps, pairs, a, b)
-        return eafo_forward(x, y0, pairs, a, b, eps)
+        return eafo_forward(x, y0, pairs, a, b, eps.detach())
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # noqa: D102
         x, eps, pairs, a, b = ctx.saved_tensors
         need_x, need_eps, need_y0 = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         gx = geps = None
-        if need_x or need_eps:
-            gx, geps = eafo_backward(grad, x, ctx.relu, pairs, a, b, eps, need_x, need_eps)
-        if geps is not None:
-            geps = geps.to(eps.dtype).reshape(eps.shape)
+        if torch.is_grad_enabled():  # create_graph=True: the kernel's result would have no graph
+            gx, geps = spline_grads(grad, x, ctx.relu, pairs, a, b, eps, need_x, need_eps)
+        elif need_x or need_eps:
+            gx, geps = eafo_backward(grad, x, ctx.relu, pairs, a, b, eps.detach(), need_x, need_eps)
+            if geps is not None:
+                geps = geps.to(eps.dtype).reshape(eps.shape)
         return gx, geps, (grad if need_y0 else None), None, None, None
 
 
@@ -301,17 +364,23 @@ class FusedCRReLU(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True (second derivatives, e.g. dynact.eafo.derivatives): the same
             # formulas in differentiable tensor ops; the kernel's result would have no graph.
-            gauss = torch.exp(-0.5 * x * x)
-            gx = geps = None
-            if ctx.needs_input_grad[0]:
-                gx = grad * ((x > 0).to(x.dtype) + eps.to(x.dtype) * (1 - x * x) * gauss)
-            if ctx.needs_input_grad[1]:
-                geps = (grad * x * gauss).sum().to(eps.dtype).reshape(eps.shape)
-            return gx, geps
+            return crrelu_grads(grad, x, eps, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         gx, geps = crrelu_backward(grad, x, eps.detach(), ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if geps is not None:
             geps = geps.to(eps.dtype).reshape(eps.shape)
         return gx, geps
+
+
+def plain_ops_needed() -> bool:
+    """Whether an eager call must run plain tensor ops instead of an autograd Function.
+
+    True under ``torch.jit.trace`` (a Python Function cannot be saved in a TorchScript module),
+    a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ``jvp``: the kernels read raw
+    memory, which batched or wrapped tensors do not have) and ``torch.autograd.forward_ad``
+    (the Functions have no forward-mode formula). Costs a few attribute reads per call.
+    """
+    return (torch._C._are_functorch_transforms_active() or torch.jit.is_tracing()
+            or _forward_ad._current_level >= 0)
 
 
 # ----------------------------------------------------------------------------- under torch.compile (CPU)
@@ -320,26 +389,20 @@ class FusedCRReLU(torch.autograd.Function):
 # CPU the compiled graph calls the kernels as opaque custom ops (no graph break; Inductor
 # compiles everything around them). The choice is made when tracing, before anything is
 # built: if the library then cannot be built, the ops compute the same formulas with tensor
-# ops (after the one warning).
-def _spline_reference(x, y0, pairs, a, b, eps):
-    """``(y, s(x), slope_j)`` by tensor ops, in the compute dtype (the library's fallback)."""
-    cdt = pairs.dtype
-    xc = x.to(cdt)
-    last = pairs.shape[0] - 2
-    u = torch.addcmul(b, xc, a).clamp(0.0, float(last))
-    j = u.to(torch.int32).clamp(0, last).long()
-    value, slope = pairs[j, 0], pairs[j, 1]
-    s = torch.addcmul(value, u - j, slope)
-    base = torch.relu(xc) if y0 is None else y0.to(cdt)
-    return torch.addcmul(base, s, eps.to(cdt)), s, slope
+# ops (after the one warning). The backward ops are differentiable too (second derivatives
+# under create_graph=True), with the formulas of the section above.
+def _fused_cpu() -> bool:
+    return MODE == "auto" and _load() is not None
 
 
 @torch.library.custom_op("dynact::spline_forward", mutates_args=(), device_types="cpu")
 def _spline_forward_op(x: torch.Tensor, y0: Optional[torch.Tensor], pairs: torch.Tensor, a: torch.Tensor,
                        b: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    if MODE == "auto" and _load() is not None:
+    if _fused_cpu():
         return eafo_forward(x, y0, pairs, a, b, eps)
-    return _spline_reference(x, y0, pairs, a, b, eps)[0].to(x.dtype)
+    s, _ = _spline_parts(x, pairs, a, b)
+    base = torch.relu(x.to(pairs.dtype)) if y0 is None else y0.to(pairs.dtype)
+    return torch.addcmul(base, s, eps.reshape(()).to(pairs.dtype)).to(x.dtype)
 
 
 @_spline_forward_op.register_fake
@@ -350,21 +413,15 @@ def _(x, y0, pairs, a, b, eps):
 @torch.library.custom_op("dynact::spline_backward", mutates_args=(), device_types="cpu")
 def _spline_backward_op(grad: torch.Tensor, x: torch.Tensor, relu: bool, pairs: torch.Tensor, a: torch.Tensor,
                         b: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if MODE == "auto" and _load() is not None:
+    if _fused_cpu():
         gx, geps = eafo_backward(grad, x, relu, pairs, a, b, eps, True, True)
-        return gx, geps.to(eps.dtype)
-    cdt = pairs.dtype
-    _, s, slope = _spline_reference(x, None, pairs, a, b, eps)
-    g = grad.to(cdt)
-    gx = g * slope * (a * eps.to(cdt))
-    if relu:
-        gx = gx + g * (x > 0)
-    return gx.to(x.dtype), (g * s).sum().to(eps.dtype)
+        return gx, geps.to(eps.dtype).reshape(eps.shape)
+    return spline_grads(grad, x, relu, pairs, a, b, eps)
 
 
 @_spline_backward_op.register_fake
 def _(grad, x, relu, pairs, a, b, eps):
-    return x.new_empty(x.shape), eps.new_empty(())
+    return x.new_empty(x.shape), eps.new_empty(eps.shape)
 
 
 def _spline_setup(ctx, inputs, output):
@@ -375,18 +432,49 @@ def _spline_setup(ctx, inputs, output):
 
 def _spline_grads(ctx, grad):
     x, pairs, a, b, eps = ctx.saved_tensors
-    gx, geps = _spline_backward_op(grad, x, ctx.relu, pairs, a, b, eps.detach())
-    return gx, (None if ctx.relu else grad), None, None, None, geps.reshape(eps.shape)
+    gx, geps = _spline_backward_op(grad, x, ctx.relu, pairs, a, b, eps)
+    return gx, (None if ctx.relu else grad), None, None, None, geps
 
 
 _spline_forward_op.register_autograd(_spline_grads, setup_context=_spline_setup)
 
 
+def _materialize(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _spline_backward_setup(ctx, inputs, output):
+    grad, x, relu, pairs, a, b, eps = inputs
+    ctx.relu = relu
+    ctx.save_for_backward(grad, x, pairs, a, b, eps)
+
+
+def _spline_backward_grads(ctx, ggx, ggeps):
+    # gx = grad * (eps * ds/dx + relu * 1[x > 0]) with ds/dx = a * slope_j piecewise constant;
+    # geps = sum(grad * s(x)).
+    grad, x, pairs, a, b, eps = ctx.saved_tensors
+    ggx, ggeps = _materialize(ggx, grad), _materialize(ggeps, eps)
+    cdt = pairs.dtype
+    s, slope = _spline_parts(x, pairs, a, b)
+    ds = slope * a
+    g, ggx = grad.to(cdt), ggx.to(cdt)
+    ggeps = ggeps.reshape(()).to(cdt)
+    d_grad = ggx * (eps.reshape(()).to(cdt) * ds) + ggeps * s
+    if ctx.relu:
+        d_grad = d_grad + ggx * (x > 0)
+    d_x = (ggeps * g * ds).to(x.dtype)
+    d_eps = (ggx * g * ds).sum().to(eps.dtype).reshape(eps.shape)
+    return d_grad.to(grad.dtype), d_x, None, None, None, None, d_eps
+
+
+_spline_backward_op.register_autograd(_spline_backward_grads, setup_context=_spline_backward_setup)
+
+
 @torch.library.custom_op("dynact::crrelu_forward", mutates_args=(), device_types="cpu")
 def _crrelu_forward_op(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    if MODE == "auto" and _load() is not None:
+    if _fused_cpu():
         return crrelu_forward(x, eps)
-    return torch.relu(x) + eps.to(x.dtype) * x * torch.exp(-0.5 * x * x)
+    return torch.relu(x) + eps.reshape(()).to(x.dtype) * x * gauss(x)[1]
 
 
 @_crrelu_forward_op.register_fake
@@ -396,17 +484,15 @@ def _(x, eps):
 
 @torch.library.custom_op("dynact::crrelu_backward", mutates_args=(), device_types="cpu")
 def _crrelu_backward_op(grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if MODE == "auto" and _load() is not None:
+    if _fused_cpu():
         gx, geps = crrelu_backward(grad, x, eps, True, True)
-        return gx, geps.to(eps.dtype)
-    gauss = torch.exp(-0.5 * x * x)
-    gx = grad * ((1 - x * x) * gauss * eps.to(x.dtype) + (x > 0))
-    return gx.to(x.dtype), (grad * x * gauss).sum(dtype=torch.float32).to(eps.dtype)
+        return gx, geps.to(eps.dtype).reshape(eps.shape)
+    return crrelu_grads(grad, x, eps)
 
 
 @_crrelu_backward_op.register_fake
 def _(grad, x, eps):
-    return x.new_empty(x.shape), eps.new_empty(())
+    return x.new_empty(x.shape), eps.new_empty(eps.shape)
 
 
 def _crrelu_setup(ctx, inputs, output):
@@ -415,11 +501,30 @@ def _crrelu_setup(ctx, inputs, output):
 
 def _crrelu_grads(ctx, grad):
     x, eps = ctx.saved_tensors
-    gx, geps = _crrelu_backward_op(grad, x, eps.detach())
-    return gx, geps.reshape(eps.shape)
+    return _crrelu_backward_op(grad, x, eps)
 
 
 _crrelu_forward_op.register_autograd(_crrelu_grads, setup_context=_crrelu_setup)
+
+
+def _crrelu_backward_grads(ctx, ggx, ggeps):
+    # gx = grad * (1[x > 0] + eps (1 - x^2) G), geps = sum(grad x G), G = exp(-x^2/2);
+    # d/dx [(1 - x^2) G] = x (x^2 - 3) G and d/dx [x G] = (1 - x^2) G.
+    grad, x, eps = ctx.saved_tensors
+    ggx, ggeps = _materialize(ggx, grad), _materialize(ggeps, eps)
+    x2, g = gauss(x)
+    e, ggeps = eps.reshape(()).to(x.dtype), ggeps.reshape(()).to(x.dtype)
+    d_grad = ggx * ((x > 0).to(x.dtype) + e * (1 - x2) * g) + ggeps * x * g
+    d_x = grad * (ggx * e * (x2 - 3) * g * x + ggeps * (1 - x2) * g)
+    d_eps = (ggx * grad * (1 - x2) * g).sum(dtype=_acc(x.dtype)).to(eps.dtype).reshape(eps.shape)
+    return d_grad, d_x, d_eps
+
+
+def _crrelu_backward_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+_crrelu_backward_op.register_autograd(_crrelu_backward_grads, setup_context=_crrelu_backward_setup)
 
 
 def compiled_on_cpu(x: torch.Tensor) -> bool:

@@ -264,6 +264,7 @@ C crrelu_backward_run(const T* __restrict grad, const T* __restrict x, T* __rest
     C xv = Type<T>::load(x[i]);
     C g = Type<T>::load(grad[i]);
     C x2 = xv * xv;
+    x2 = x2 > C(1e4) ? C(1e4) : x2;  // the Gaussian is 0 beyond; keeps (1 - x2) * 0 from being -inf * 0 (NaN passes)
     C gauss = exp_nonpositive(x2 * C(-0.5));
     if (GE) terms[i - start] = g * xv * gauss;
     if (GX) {

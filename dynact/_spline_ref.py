@@ -63,7 +63,7 @@ class _SplineTerm(torch.autograd.Function):
         last = slope.shape[0] - 1
         j, frac = _segment(x, a, b, last)
         v = _gather(value, j).addcmul_(frac, _gather(slope, j))
-        out = torch.addcmul(y0, v, eps.to(v.dtype))
+        out = torch.addcmul(y0, v, eps.reshape(()).to(v.dtype))  # eps: 0-d or (1,)
         ctx.save_for_backward(x, eps, value, slope, a, b)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
@@ -73,7 +73,7 @@ class _SplineTerm(torch.autograd.Function):
         j, frac = _segment(x, a, b, slope.shape[0] - 1)
         grad_x = grad_eps = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad * _gather(slope * (a * eps.to(a.dtype)), j)).to(x.dtype)
+            grad_x = (grad * _gather(slope * (a * eps.reshape(()).to(a.dtype)), j)).to(x.dtype)
         if ctx.needs_input_grad[2]:
             v = _gather(value, j).addcmul_(frac, _gather(slope, j))
             grad_eps = (grad * v).sum().to(eps.dtype).reshape(eps.shape)
@@ -87,9 +87,10 @@ def _spline_ops(x: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, hi: torch.Te
     Returns the compute dtype (float32 for half inputs, else the input's dtype).
     """
     value, slope, a, b = _tables(s, lo, hi, _compute_dtype(x.dtype))
+    # (clamp_max takes a tensor: under torch.jit.trace ``last`` is one, recorded in the trace)
     last = slope.shape[0] - 1
-    u = (x.to(a.dtype) * a + b).clamp(0.0, float(last))
-    j = u.detach().long().clamp(0, last)
+    u = (x.to(a.dtype) * a + b).clamp_min(0.0).clamp_max(last)
+    j = u.detach().long().clamp_min(0).clamp_max(last)
     return value[j] + (u - j) * slope[j]
 
 

@@ -34,10 +34,12 @@ def crrelu(x: torch.Tensor, eps: Union[torch.Tensor, float]) -> torch.Tensor:
     """Functional CRReLU: ``relu(x) + eps * x * exp(-x**2 / 2)`` (``docs/math.md``, "CRReLU as one step").
 
     Works for any float dtype; the Gaussian factor is computed in the input's dtype, which
-    keeps float16/bfloat16 graphs free of casts (``exp(-x**2/2)`` never overflows). Written as
-    plain tensor ops, so ``torch.compile`` fuses it into one kernel per direction.
+    keeps float16/bfloat16 graphs free of casts (``x*x`` is capped where the Gaussian is 0, so
+    neither it nor its derivatives overflow: :func:`dynact._kernels.gauss`). Written as plain
+    tensor ops, so ``torch.compile`` fuses it into one kernel per direction, and ``torch.func``
+    transforms, forward-mode AD and ``torch.jit.trace`` see standard ops.
     """
-    return F.relu(x) + eps * x * torch.exp(-0.5 * x * x)
+    return F.relu(x) + eps * x * _kernels.gauss(x)[1]
 
 
 class _CRReLUFunction(torch.autograd.Function):
@@ -52,7 +54,7 @@ class _CRReLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, eps)
-        e = eps.to(x.dtype)
+        e = eps.reshape(()).to(x.dtype)
         corr = x * x
         corr.mul_(-0.5).exp_().mul_(x).mul_(e)  # eps * x * exp(-x^2/2)
         return torch.relu(x).add_(corr)
@@ -60,14 +62,18 @@ class _CRReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, eps = ctx.saved_tensors
-        gauss = (x * x).mul_(-0.5).exp_()
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops
+            return _kernels.crrelu_grads(grad, x, eps, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        # x*x capped where the Gaussian is 0 (see _kernels.X2_CAP): no -inf * 0 in float16.
+        x2 = (x * x).clamp_max_(_kernels.X2_CAP)
+        gauss = (x2 * -0.5).exp_()
         grad_eps = None
         if ctx.needs_input_grad[1]:
-            grad_eps = (grad * x * gauss).sum(dtype=torch.float32).to(eps.dtype)
+            grad_eps = (grad * x * gauss).sum(dtype=torch.float32).to(eps.dtype).reshape(eps.shape)
         grad_x = None
         if ctx.needs_input_grad[0]:
             # d/dx = 1[x > 0] + eps * (1 - x^2) * exp(-x^2/2)
-            slope = (x * x).neg_().add_(1).mul_(gauss).mul_(eps.to(x.dtype)).add_(x > 0)
+            slope = x2.neg_().add_(1).mul_(gauss).mul_(eps.reshape(()).to(x.dtype)).add_(x > 0)
             grad_x = slope.mul_(grad)
         return grad_x, grad_eps
 
@@ -105,16 +111,19 @@ class CRReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Eager: the fused kernels of dynact._kernels (one pass per direction) or, where they
-        # cannot be built, the hand-written backward below. Compiled: the same kernels as a
-        # custom op on CPU, plain ops (fused by Inductor) elsewhere.
+        # cannot be built, the hand-written backward above. Compiled: the same kernels as a
+        # custom op on CPU, plain ops (fused by Inductor) elsewhere. Traced, under torch.func
+        # transforms or forward-mode AD: plain ops.
         if torch.compiler.is_compiling() or _kernels.MODE == "ops":
             if _kernels.MODE != "ops" and _kernels.compiled_on_cpu(x):
                 return _kernels.crrelu_op(x, self.eps)  # on CPU the C++ kernel beats Inductor's loop
-            return crrelu(x, self.eps.to(x.dtype))
+            return crrelu(x, self.eps.reshape(()).to(x.dtype))
+        if _kernels.plain_ops_needed():
+            return crrelu(x, self.eps.reshape(()).to(x.dtype))
         if _kernels.available(x):
             return _kernels.FusedCRReLU.apply(x, self.eps)
         if not (x.requires_grad or self.eps.requires_grad):
-            return crrelu(x, self.eps.to(x.dtype))
+            return crrelu(x, self.eps.reshape(()).to(x.dtype))
         return _CRReLUFunction.apply(x, self.eps)
 
     def extra_repr(self) -> str:

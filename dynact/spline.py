@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from dynact import _kernels, eafo
-from dynact._slopes import SlopeProblem, finite_arg
+from dynact._slopes import SlopeProblem, finite_arg, take_step
 from dynact._spline_ref import (
     _compute_dtype,
     _interp_clamped,
@@ -172,19 +172,25 @@ class EAFOActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() or _kernels.MODE == "ops":
-            cdt = _compute_dtype(x.dtype)
             if _kernels.MODE != "ops" and _kernels.compiled_on_cpu(x):
                 # On CPU the C++ kernels beat Inductor's loop: call them as opaque custom ops.
-                value, slope, a, b = _tables(self.s, self.lo, self.hi, cdt)
+                value, slope, a, b = _tables(self.s, self.lo, self.hi, _compute_dtype(x.dtype))
                 y0 = None if self._relu_in_kernel() else self.base(x)
                 return _kernels.spline_op(x, self.eps, y0, _kernels.pack(value, slope), a, b)
-            y0 = self.base(x)
-            return (y0.to(cdt) + self.eps.to(cdt) * _spline_ops(x, self.s, self.lo, self.hi)).to(x.dtype)
+            return self._plain(x)
+        if _kernels.plain_ops_needed():  # torch.jit.trace, torch.func transforms, forward-mode AD
+            return self._plain(x)
         value, slope, a, b, pairs = self._eager_tables(_compute_dtype(x.dtype))
         if _kernels.available(x):
             y0 = None if self._relu_in_kernel() else self.base(x)
             return _kernels.FusedSpline.apply(x, self.eps, y0, pairs, a, b)
         return _SplineTerm.apply(x, self.base(x), self.eps, value, slope, a, b)
+
+    def _plain(self, x: torch.Tensor) -> torch.Tensor:
+        # Plain differentiable tensor ops: fused by Inductor, traceable, and transformable.
+        cdt = _compute_dtype(x.dtype)
+        s = _spline_ops(x, self.s, self.lo, self.hi)
+        return (self.base(x).to(cdt) + self.eps.reshape(()).to(cdt) * s).to(x.dtype)
 
     def _relu_in_kernel(self) -> bool:
         # A plain ReLU base runs inside the fused kernel (with its derivative); any other base
@@ -344,13 +350,16 @@ class EAFOActivation(nn.Module):
     ) -> dict:
         """One step of a projected descent on the scale-free entropy (``docs/math.md``, "Iterating").
 
-        Objective, on the density's cells ``j`` where the *base* rises (mass ``m_j``, total ``m_R``)::
+        Objective, over the set ``R`` where the *base* rises (input mass ``m_R``)::
 
-            J(f) = sum_j m_j log f'_j  -  m_R log std(f(X))
+            J(f) = integral_R p log f'  -  m_R log std(f(X))
 
-        For an activation that is increasing where its base rises and flat elsewhere, ``J`` is
-        the scale-free mixed entropy (:func:`dynact.eafo.output_stats`) up to a constant; it
-        does not depend on the grid's resolution and is unchanged by ``f -> a f``.
+        evaluated on the density's cells with ``f`` linear in each; the cell holding a minimum of
+        the base (GELU, SiLU, Mish) or ReLU's kink counts only its rising part, so ``J`` does not
+        depend on the grid's resolution. The falling part of a base enters only ``std``. For an
+        activation that rises where its base rises and is flat elsewhere, ``J`` is the
+        scale-free mixed entropy (:func:`dynact.eafo.output_stats`) up to a constant, unchanged
+        by ``f -> a f``.
 
         Variables: on each knot cell where the base rises throughout, the ratio ``r`` of the
         activation's rise to the base's; other cells keep theirs (a flat part stays flat, so the
@@ -360,19 +369,25 @@ class EAFOActivation(nn.Module):
         - ``r >= min_ratio``, and the slope never drops below ``min_slope`` where the base's is
           above it (nor below the base's where the base's is below it): no plateau forms;
         - ``r <= max_ratio``;
+        - the correction does not fall on a knot cell holding a minimum of the base (it would
+          fold ``f`` beside the minimum);
         - ``s`` stays zero at both ends of the grid (the activation is continuous and equals its
           base outside ``[lo, hi]``).
 
-        A step moves ``log r`` by ``-eta`` times the gradient of ``J`` per unit of mass, each
-        component capped at ``max_log_change``, then projects onto the constraints by one
-        common rescaling of ``r`` (``J`` is nearly invariant to it) and clipping. The value
-        trust region ``max|df| <= max_change`` (default ``0.05 * std(density)``) and the
-        decrease of ``J`` are checked on the candidate; a failing candidate is halved up to
-        ``backtrack`` times. A refused step leaves the module untouched and ``reason`` says why.
-        ``eta`` may be negative (ascent, to check the guard).
+        A state outside these bounds (a fold where the base rises, say after a large ``eps``) is
+        first projected onto them: each update moves it at most ``max_change`` towards the
+        projection, and descends from there once it is reached. A descent step moves ``log r`` by
+        ``-eta`` times the gradient of ``J`` per unit of mass, each component capped at
+        ``max_log_change``, then projects back (one common factor on ``r`` and clipping). A step
+        that would change the activation by more than ``max_change`` (default
+        ``0.05 * std(density)``) is shrunk until it fits; one that does not lower ``J`` is halved
+        up to ``backtrack`` times. A refused step leaves the module untouched, and ``reason`` says
+        why and what to do. ``eta`` may be negative (ascent, to check the guard).
 
         Returns:
-            the :meth:`update` record, plus ``objective_before``/``objective_after`` (``J``).
+            the :meth:`update` record, plus ``objective_before``/``objective_after`` (``J`` at the
+            point the step starts from and at its result; NaN where the activation folds where
+            its base rises) and ``feasible_before`` (whether the state met the bounds already).
         """
         eta = finite_arg("eta", eta, nonzero=True)
         max_log_change = finite_arg("max_log_change", max_log_change, positive=True)
@@ -391,43 +406,27 @@ class EAFOActivation(nn.Module):
         old = self.s.detach().to(torch.float64)
         h0 = eafo.output_stats(self._view(old, base64), d)["entropy"]
         record = dict(mode="iterate", accepted=False, reason="", entropy_before=h0, entropy_after=h0,
-                      change=0.0, eta=eta, objective_before=math.nan, objective_after=math.nan)
-        eps = float(self.eps.detach())
+                      change=0.0, eta=eta, objective_before=math.nan, objective_after=math.nan,
+                      feasible_before=False)
+        eps = float(self.eps.detach().reshape(-1)[0])
         if not math.isfinite(eps) or abs(eps) < min_eps:
-            record["reason"] = f"eps too small or not finite (eps = {eps:.3g}, min_eps = {min_eps:.3g})"
+            record["reason"] = (f"eps too small or not finite (eps = {eps:.3g}, min_eps = {min_eps:.3g}): "
+                                "the spline cannot move the activation; set eps or refresh with mode='refresh'")
             return record
         problem = SlopeProblem(self, d, base64, float(min_ratio), float(max_ratio), float(min_slope))
         if not bool(problem.free.any()):
-            record["reason"] = "no knot cell where the base rises throughout: nothing to optimise"
+            record["reason"] = ("no knot cell where the base rises throughout: nothing to optimise; "
+                                "move the grid onto the data with place_grid")
             return record
-        u0 = problem.log_ratio(old).clamp(problem.lower.log(), problem.upper.log())
-        j0, grad = problem.objective(u0, with_grad=True)
-        record["objective_before"] = j0
-        if not (math.isfinite(j0) and bool(torch.isfinite(grad).all())):
-            record["reason"] = "non-finite objective"
-            return record
-        direction = (-eta * grad / problem.cell_mass).clamp(-max_log_change, max_log_change)
         limit = float(max_change) if max_change is not None else 0.05 * d.mean_std()[1]
-        scale = 1.0
-        for _ in range(backtrack + 1):
-            new = self._stored(problem.knot_values(problem.project(u0 + scale * direction)))
-            record["eta"] = eta * scale
-            change = abs(eps) * float((new - old).abs().max())
-            j1 = problem.objective_of(new)
-            record["objective_after"] = j1
-            if not bool(torch.isfinite(new).all()):
-                record["reason"] = "non-finite candidate"
-            elif change > limit:
-                record["reason"] = f"change {change:.3g} beyond the trust region {limit:.3g}"
-            elif not (math.isfinite(j1) and j1 < j0):
-                record["reason"] = f"objective did not drop ({j0:.6g} -> {j1:.6g})"
-            else:
-                self._write(new)
-                h1 = eafo.output_stats(self._view(new, base64), d)["entropy"]
-                record.update(accepted=True, reason="accepted", entropy_after=h1, change=change)
-                return record
-            scale *= 0.5
-        record["objective_after"] = j0
+        step = take_step(problem, old, eta, max_log_change, limit, backtrack)
+        record.update(reason=step["reason"], objective_before=step["objective_before"],
+                      objective_after=step["objective_after"], feasible_before=step["feasible_before"],
+                      eta=eta * step["scale"])
+        if step["accepted"]:
+            self._write(step["s"])
+            h1 = eafo.output_stats(self._view(step["s"], base64), d)["entropy"]
+            record.update(accepted=True, entropy_after=h1, change=step["change"])
         return record
 
     # ------------------------------------------------------------------ grid placement

@@ -8,12 +8,16 @@ Every Trainer flag and YAML config works, as with any ``LightningCLI``::
 
 ``fit`` is implied when the first argument is not a subcommand (``fit``, ``validate``, ``test``,
 ``predict``). The data module is chosen by class name or path, e.g.
-``--data CIFAR10DataModule --data.root data``.
+``--data CIFAR10DataModule --data.root data``. ``--help`` opens with what dynact adds
+(:func:`dynact_help`), then Lightning's full list; a run ends with one line saying what it
+reached and wrote (:func:`dynact.summary.trainer_result_line`).
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
+import textwrap
 from typing import Optional
 
 import torch
@@ -22,11 +26,58 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 import dynact.data  # noqa: F401  (imported so that --data accepts short names, e.g. DigitsDataModule)
+from dynact.activations import activation_names
+from dynact.callbacks import EAFOCallback
 from dynact.models import ImageClassifier
+from dynact.summary import trainer_result_line
 
-__all__ = ["main", "build_cli"]
+__all__ = ["main", "build_cli", "dynact_help"]
 
 _SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _shown(value) -> str:
+    if isinstance(value, type):
+        return value.__name__
+    if isinstance(value, tuple):
+        return "(" + ", ".join(map(_shown, value)) + ("," if len(value) == 1 else "") + ")"
+    return repr(value)
+
+
+def dynact_help() -> str:
+    """The section ``dynact train --help`` opens with: what is trained, the callback's options
+    (read from its signature, defaults included), where the paper's configs are, an example."""
+    options = ", ".join(f"{name}={_shown(param.default)}" for name, param in
+                        inspect.signature(EAFOCallback.__init__).parameters.items() if name != "self")
+    wrap = textwrap.TextWrapper(width=100, initial_indent="    ", subsequent_indent="    ")
+    return "\n".join([
+        "dynact train: an image classifier (dynact.models.ImageClassifier: ViT-Tiny, DeiT-Tiny, TNT-S of the",
+        "paper, or a small ViT on digits) with the activation of your choice, trained by Lightning's CLI:",
+        "every Trainer flag and YAML key below works.",
+        "",
+        "  --model.act NAME    the blocks' MLP activation: " + " ".join(activation_names()),
+        "  EAFOCallback        per-layer entropies and dead mass, and the EAFO updates of --model.act eafo;",
+        "                      add it in a config's trainer.callbacks (examples/configs/digits_eafo.yaml) or with",
+        "                      --trainer.callbacks+=dynact.callbacks.EAFOCallback --trainer.callbacks.every_n_steps 50",
+        "                      Its options, with their defaults (help(dynact.EAFOCallback) explains each):",
+        *wrap.wrap(options),
+        "  configs             examples/configs/ in the repository: digits.yaml and digits_eafo.yaml (offline, CPU),",
+        "                      one per cell of the paper's Tables 1-3 ({vit_tiny,deit_tiny,tnt_small}_{cifar10,",
+        "                      cifar100}_{act}.yaml, {vit_tiny,deit_tiny}_imagenet_{act}.yaml, Appendix E's settings)",
+        "  example             dynact train --config examples/configs/digits_eafo.yaml --trainer.max_epochs 5",
+        "",
+        "The run ends with one line: final val top-1 and loss, the layers' figures, the TensorBoard run and",
+        "checkpoint written. Subcommands: fit (implied), validate, test, predict. Lightning's options follow.",
+        "",
+    ])
+
+
+class _Parser(LightningArgumentParser):
+    """Lightning's parser, whose help opens with :func:`dynact_help`."""
+
+    @override
+    def format_help(self) -> str:
+        return dynact_help() + "\n" + super().format_help()
 
 
 class _TrainCLI(LightningCLI):
@@ -75,12 +126,18 @@ def build_cli(argv: Optional[list[str]] = None, run: bool = True) -> LightningCL
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
+        parser_class=_Parser,
+        parser_kwargs={"prog": "dynact train"},
     )
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point of ``dynact train``: ``argv`` is everything after ``train``."""
-    build_cli(argv, run=True)
+    """Entry point of ``dynact train``: ``argv`` is everything after ``train``. Ends with the
+    run's result line (:func:`dynact.summary.trainer_result_line`) on the main process."""
+    cli = build_cli(argv, run=True)
+    if cli.trainer.is_global_zero:
+        # validate / test / predict write no checkpoint (the one they read is the user's own)
+        print(trainer_result_line(cli.trainer, checkpoint=cli.subcommand == "fit"), flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ optimizer steps and logs per-layer entropies to TensorBoard. About 20 s on a lap
 
     python examples/quickstart.py
     tensorboard --logdir runs
+
+It ends with one line: the final validation top-1 and loss, the layers' figures after the last
+update, and the TensorBoard run and checkpoint it wrote.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch.nn import functional as F
 
 from dynact import EAFOCallback
 from dynact.data import DigitsDataModule
+from dynact.summary import trainer_result_line
 
 
 class DigitsMLP(pl.LightningModule):
@@ -45,7 +49,9 @@ class DigitsMLP(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.log("val/acc", (self.net(x).argmax(1) == y).float().mean())
+        logits = self.net(x)
+        self.log("val/acc1", (logits.argmax(1) == y).float().mean())
+        self.log("val/loss", F.cross_entropy(logits, y))
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
@@ -65,10 +71,14 @@ def main() -> None:
         callbacks=[EAFOCallback(every_n_steps=args.every_n_steps)],
         logger=TensorBoardLogger(args.logdir, name="quickstart"),
         log_every_n_steps=10,
-        enable_checkpointing=False,
+        # validate (and checkpoint) at every activation update, across epochs: the default
+        # --max-steps is a multiple of --every-n-steps, so the last validation is of the final model
+        val_check_interval=args.every_n_steps,
+        check_val_every_n_epoch=None,
     )
     trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(batch_size=64))
     print(f"\nPer-layer entropies, histograms and curves:\n    tensorboard --logdir {args.logdir}")
+    print(trainer_result_line(trainer))
 
 
 if __name__ == "__main__":

@@ -283,3 +283,49 @@ def test_callback_without_model_converts_at_trainer_init_before_the_optimizer(tm
                                                                          "transformer.h.1.mlp.act"]
     trained = {id(p) for group in trainer.create_optimizer().param_groups for p in group["params"]}
     assert id(act.eps) in trained  # the new eps is trained
+
+
+def test_callback_figures_reach_report_to_tensorboard_with_callbacks_eafo_alone(tmp_path, monkeypatch):
+    """report_to's TensorBoardCallback is registered before the user's callbacks; the figures still reach it."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers.integrations import TensorBoardCallback
+    from transformers.trainer_callback import ProgressCallback
+
+    from dynact.integrations.transformers import EAFOTrainerCallback
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+    eafo = EAFOTrainerCallback(model, every_n_steps=2, window=2, convert=("gelu_new",))
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(1, 64, (16, 12), generator=g)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
+                             report_to="tensorboard", use_cpu=True, save_strategy="no", logging_steps=1,
+                             disable_tqdm=True, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[eafo])
+    order = [type(cb) for cb in trainer.callback_handler.callbacks]
+    assert order.index(EAFOTrainerCallback) < order.index(TensorBoardCallback)  # moved at init, not by the user
+    trainer.add_callback(ProgressCallback)  # a log reader added after init: passed at on_train_begin
+    trainer.train()
+    order = [type(cb) for cb in trainer.callback_handler.callbacks]
+    assert order.index(EAFOTrainerCallback) < min(order.index(TensorBoardCallback), order.index(ProgressCallback))
+    assert order.count(EAFOTrainerCallback) == 1
+
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert len(events) == 1, events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    layers = ["transformer.h.0.mlp.act", "transformer.h.1.mlp.act"]
+    for layer in layers:
+        for metric in ("entropy_scale_free", "dead", "eps", "accepted"):
+            assert f"train/{metric}/{layer}" in tags, sorted(tags)
+    # updates after optimizer steps 2 and 4, the same values as in the Trainer's history
+    tag = f"train/entropy_scale_free/{layers[1]}"
+    written = {e.step: e.value for e in acc.Scalars(tag)}
+    history = {r["step"]: r[f"entropy_scale_free/{layers[1]}"] for r in trainer.state.log_history
+               if f"entropy_scale_free/{layers[1]}" in r}
+    assert sorted(written) == sorted(history) == [2, 4]
+    for step, value in history.items():
+        assert written[step] == pytest.approx(value, rel=1e-6)
+    assert "train/loss" in tags  # the Trainer's own figures are still there

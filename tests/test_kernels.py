@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dynact import _kernels
+from dynact._spline_ref import _spline_ops
 from dynact.activations import CRReLU
 from dynact.spline import EAFOActivation
 
@@ -115,6 +116,94 @@ def test_second_derivatives_through_the_fused_crrelu_are_the_analytic_ones():
     want = 0.3 * (x**3 - 3 * x) * torch.exp(-0.5 * x * x)
     assert torch.allclose(d2, want.detach(), atol=1e-9)
     assert torch.autograd.gradgradcheck(lambda t: act(t), (x.detach()[:8].clone().requires_grad_(),))
+
+
+def _off_knots(act: EAFOActivation) -> torch.Tensor:
+    """float64 points midway between knots (finite differences never cross a kink), and beyond the grid."""
+    knots = act.knot_positions()
+    mid = ((knots[:-1] + knots[1:]) / 2)[::5]
+    return torch.cat([mid, torch.tensor([float(act.lo) - 1.5, float(act.hi) + 2.0], dtype=torch.float64)])
+
+
+def _gelu_second(x: torch.Tensor) -> torch.Tensor:
+    # gelu(x) = x Phi(x): gelu'' = 2 phi(x) + x phi'(x) = (2 - x^2) phi(x)
+    return (2 - x * x) * torch.exp(-0.5 * x * x) / (2 * torch.pi) ** 0.5
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["eafo_relu", "eafo_gelu"])
+def test_second_derivatives_through_the_fused_spline(name):
+    # The fused backward used to be once_differentiable: under create_graph=True its gradient
+    # had no graph, so the spline's x-eps cross derivative and the base's curvature were dropped.
+    act = _modules()[name].double()
+    x0 = _off_knots(act)
+
+    def second_order(mode):
+        _kernels.MODE = mode
+        x = x0.clone().requires_grad_(True)
+        y = act(x)
+        gx, geps = torch.autograd.grad(y.sum(), (x, act.eps), create_graph=True)
+        assert gx.grad_fn is not None and geps.grad_fn is not None
+        # d2y/dx2 (diagonal; with a ReLU base nothing in grad_x depends on x differentiably)
+        d2 = torch.autograd.grad(gx.sum(), x, retain_graph=True, allow_unused=True, materialize_grads=True)[0]
+        cross = torch.autograd.grad(geps, x, retain_graph=True)[0]  # d/dx of dy/deps = s'(x)
+        eps_x = torch.autograd.grad(gx.sum(), act.eps)[0]  # d/deps of sum(dy/dx) = sum(s'(x))
+        return type(y.grad_fn).__name__, d2, cross, eps_x
+
+    fn, d2, cross, eps_x = second_order("auto")
+    assert fn == "FusedSplineBackward"
+    ref = second_order("reference")
+    for got, want in zip((d2, cross, eps_x), ref[1:], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # Independent oracles: central differences of the reference spline for s'(x); the base's
+    # own second derivative for d2 (the spline is piecewise linear: 0 between knots).
+    h = 1e-6
+    s = lambda t: _spline_ops(t, act.s, act.lo, act.hi)  # noqa: E731
+    fd = (s(x0 + h) - s(x0 - h)) / (2 * h)
+    torch.testing.assert_close(cross, fd, rtol=1e-6, atol=1e-6)
+    assert cross.abs().max() > 0.5 and cross[-2:].abs().max() == 0  # a real slope inside, flat beyond
+    torch.testing.assert_close(eps_x, fd.sum().reshape(eps_x.shape), rtol=1e-6, atol=1e-6)
+    want_d2 = _gelu_second(x0) if name == "eafo_gelu" else torch.zeros_like(x0)
+    torch.testing.assert_close(d2, want_d2, rtol=1e-9, atol=1e-9)
+    # gradgradcheck: every second derivative (x, eps and the incoming gradient) against
+    # finite differences, through the fused path.
+    _kernels.MODE = "auto"
+    f = lambda t, e: torch.func.functional_call(act, {"eps": e}, (t,))  # noqa: E731
+    xs, e = x0[:12].clone().requires_grad_(True), act.eps.detach().clone().requires_grad_(True)
+    assert type(f(xs, e).grad_fn).__name__ == "FusedSplineBackward"
+    assert torch.autograd.gradgradcheck(f, (xs, e))
+
+
+@pytest.mark.parametrize("mode", ["reference", "auto", "ops"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_crrelu_gradients_stay_finite_where_x_squared_overflows(mode, dtype):
+    # x*x overflows from |x| = 256 in float16 and 1.8e19 in bfloat16; the Gaussian factor is 0
+    # there, so the slope is ReLU's: 1 or 0, never (1 - inf) * 0 = NaN (the reference path's
+    # old answer). Oracle: the closed forms in float64, which do not overflow at these values.
+    big = [256.0, -256.0, 300.0, -1000.0, 6e4] if dtype == torch.float16 else [2e19, -2e19, 1e30, -3e38, 3e38]
+    x = torch.tensor(big + [-3.0, -0.7, 0.4, 1.3, 5.0], dtype=dtype)
+    xd = x.double()
+    g = torch.exp(-0.5 * xd * xd)
+    want_y = torch.relu(xd) + 0.3 * xd * g
+    want_slope = (xd > 0).double() + 0.3 * (1 - xd * xd) * g
+    want_curv = 0.3 * (xd**3 - 3 * xd) * g
+    want_eps = (xd * g).sum()
+    ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
+    act = CRReLU(0.3)
+    _kernels.MODE = mode
+    xg = x.clone().requires_grad_(True)
+    y = act(xg)
+    y.sum().backward()  # first order: the kernels where fused, the hand-written backward in "reference"
+    torch.testing.assert_close(y.double(), want_y, rtol=2 * ulp, atol=0)
+    torch.testing.assert_close(xg.grad.double(), want_slope, rtol=2 * ulp, atol=ulp)
+    torch.testing.assert_close(act.eps.grad.double(), want_eps, rtol=4 * ulp, atol=ulp)
+    assert xg.grad[:5].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+    # Second order (create_graph=True): the differentiable formulas.
+    xg = x.clone().requires_grad_(True)
+    (d1,) = torch.autograd.grad(act(xg).sum(), xg, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), xg)
+    torch.testing.assert_close(d1.double(), want_slope, rtol=2 * ulp, atol=ulp)
+    torch.testing.assert_close(d2.double(), want_curv, rtol=8 * ulp, atol=4 * ulp)
 
 
 @pytest.mark.parametrize("name", ["crrelu", "eafo_relu"])
@@ -258,21 +347,6 @@ def test_compiled_cpu_graph_calls_the_kernels_as_single_ops():
     assert "gelu" in graphs[0]  # a base other than ReLU stays in the graph, for the compiler
 
 
-@needs_compiler
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_custom_ops_pass_opcheck(dtype):
-    # Fake (meta) implementations, autograd registration and schema agree with the real ops.
-    act = _modules()["eafo_relu"]
-    cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    value, slope, a, b, pairs = act._eager_tables(cdt)
-    x = _inputs(300).to(dtype).requires_grad_(True)
-    eps = act.eps.detach().to(cdt).clone().requires_grad_(True)
-    torch.library.opcheck(torch.ops.dynact.spline_forward.default, (x, None, pairs, a, b, eps))
-    y0 = torch.randn(300).to(dtype).requires_grad_(True)
-    torch.library.opcheck(torch.ops.dynact.spline_forward.default, (x, y0, pairs, a, b, eps))
-    torch.library.opcheck(torch.ops.dynact.crrelu_forward.default, (x, eps))
-
-
 # --------------------------------------------------------------------------- building and fallback
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
@@ -372,6 +446,8 @@ assert _kernels._load() is not None
 for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 2 ** -7), (torch.float16, 2 ** -10)):
     x = (3 * torch.randn(3000)).to(dtype)
     x[:4] = torch.tensor([7.0, 6.0, -7.0, -6.0])
+    if dtype != torch.float16:  # x*x overflows float32: CRReLU's slope must stay finite (ReLU's)
+        x[4:6] = torch.tensor([2e19, -3e19])
     g = torch.randn(3000).to(dtype)
     y0 = torch.nn.functional.gelu(x)
     pairs_of_results = [
@@ -388,6 +464,7 @@ for dtype, tol in ((torch.float32, 2e-6), (torch.bfloat16, 2 ** -7), (torch.floa
         k = _kernels.eafo_backward(g, x, relu, pairs, a, b, eps, True, True)
         pairs_of_results += [(t[0][off], k[0][off]), (t[1], k[1])]
     t, k = _triton.crrelu_backward(g, x, eps, True, True), _kernels.crrelu_backward(g, x, eps, True, True)
+    assert bool(torch.isfinite(t[0]).all()) and bool(torch.isfinite(k[0]).all())
     pairs_of_results += [(t[0], k[0]), (t[1], k[1])]
     for got, want in pairs_of_results:
         # (0-d results are eps gradients: float32 block sums of 3000 terms against double sums)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from scipy.optimize import brentq
 from torch import nn
 from torch.func import functional_call
 
@@ -455,21 +456,58 @@ def laplace() -> Density:
     return Density.from_pdf(stats.laplace(scale=1 / math.sqrt(2)).pdf, -10.0, 10.0, 2000)
 
 
+def _base_slope(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().double().clone().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(copy.deepcopy(base).double()(x).sum(), x)
+    return g
+
+
+_PARTS: dict = {}
+
+
+def _rising_parts(base: nn.Module, d: Density) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(left, right, weight)``: the parts of the density's cells where the base rises (slope
+    above 1e-8) and the share of each cell's mass they hold. A cell whose base rises at one end
+    only (it holds a minimum or a kink) is cut where the slope crosses 1e-8 (scipy's brentq)."""
+    key = (repr(base), d.bins, float(d.edges[0]), float(d.edges[-1]))  # the parts depend on these only
+    if key not in _PARTS:
+        e = d.edges.double()
+        up = (_base_slope(base, e) > 1e-8).tolist()
+        with torch.no_grad():
+            b = copy.deepcopy(base).double()(e)
+        left, right, weight = [], [], []
+        for j in range(d.bins):
+            a, c = float(e[j]), float(e[j + 1])
+            if up[j] != up[j + 1]:
+                x0 = brentq(lambda x: float(_base_slope(base, torch.tensor([x]))[0]) - 1e-8, a, c, xtol=1e-15)
+                a, c = (a, x0) if up[j] else (x0, c)
+            elif not (up[j] and float(b[j + 1] - b[j]) > 1e-8 * d.step):
+                continue
+            left.append(a), right.append(c), weight.append((c - a) / d.step)
+        _PARTS[key] = tuple(torch.tensor(v, dtype=torch.float64) for v in (left, right, weight))
+    return _PARTS[key]
+
+
 def _objective(act: EAFOActivation, d: Density) -> float:
-    """The stated objective, recomputed from the module's outputs on the density's edges:
-    sum over the cells where the base rises of m log slope, minus that mass times log std(Y)
-    (Y uniform within each cell)."""
+    """The stated objective, recomputed from the module's outputs: over the parts of the
+    density's cells where the base rises (whole cells, and the rising part of the cell that holds
+    a minimum or kink), the mass times log slope, minus that mass times log std(Y) (Y uniform
+    within each cell)."""
     x = d.edges
     with torch.no_grad():
         y = copy.deepcopy(act).double()(x)
-        b = copy.deepcopy(act.base).double()(x)
     m = (d.mass / d.mass.sum()).double()
-    rising = (torch.diff(b) > 1e-8 * d.step) & (m > 0)
-    slope = torch.diff(y) / d.step
+    left, right, weight = _rising_parts(act.base, d)
+    cell = torch.searchsorted(x, 0.5 * (left + right)) - 1
+    mr = m[cell] * weight
+    with torch.no_grad():
+        fl, fr = copy.deepcopy(act).double()(left), copy.deepcopy(act).double()(right)
+    slope = (fr - fl) / (right - left)
     a, c = y[:-1], y[1:]
     mean = float((m * (a + c)).sum() / 2)
     var = float((m * (a * a + a * c + c * c)).sum() / 3) - mean**2
-    return float((m[rising] * torch.log(slope[rising])).sum()) - 0.5 * float(m[rising].sum()) * math.log(var)
+    return float((mr * torch.log(slope)).sum()) - 0.5 * float(mr.sum()) * math.log(var)
 
 
 def _slopes(act: nn.Module, d: Density) -> torch.Tensor:

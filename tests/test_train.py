@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import math
+import re
+import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,6 +18,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dynact.data import DigitsDataModule
 from dynact.models import ImageClassifier
@@ -199,7 +205,25 @@ def test_checkpoint_reloads_model_and_eafo_buffers(tmp_path):
 # ----------------------------------------------------------------------------- dynact train
 
 
-def test_dynact_train_runs_the_digits_config(tmp_path):
+def _result_line(stdout: str) -> dict[str, str]:
+    """The run's last line, ``result: <figures> | <layers> | <paths>``, as {"figures", "layers", "paths"}."""
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("result: "), stdout[-2000:]
+    figures, layers, paths = last.removeprefix("result: ").split(" | ")
+    return {"figures": figures, "layers": layers, "paths": paths}
+
+
+def _figure(text: str, name: str) -> float:
+    return float(re.search(rf"(?:^|, ){re.escape(name)} (\S+?)(?:,|$)", text).group(1))
+
+
+def _last_scalar(run_dir: Path, tag: str) -> float:
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return acc.Scalars(tag)[-1].value
+
+
+def test_dynact_train_runs_the_digits_config_and_ends_with_the_result_line(tmp_path, capsys):
     main([
         "--config", str(CONFIGS / "digits.yaml"),
         "--trainer.max_epochs", "1",
@@ -214,10 +238,44 @@ def test_dynact_train_runs_the_digits_config(tmp_path):
     assert saved["model"]["act"] == "crrelu" and saved["model"]["model_kwargs"]["embed_dim"] == 16
     assert list(runs[0].glob("events.out.tfevents.*"))
     checkpoint = next(runs[0].glob("checkpoints/*.ckpt"))
+    # The last line: the figures TensorBoard holds, the CRReLU's eps the checkpoint holds, the paths written.
+    line = _result_line(capsys.readouterr().out)
+    assert line["paths"] == f"tensorboard {runs[0]}, checkpoint {checkpoint}"
+    for name in ("val/acc1", "val/loss"):
+        assert _figure(line["figures"], name) == pytest.approx(_last_scalar(runs[0], name), rel=1e-3)
+    eps = torch.load(checkpoint, weights_only=False)["state_dict"]["net.blocks.0.mlp.act.eps"].item()
+    assert line["layers"] == f"1 layer: eps {eps:.4g}"  # depth 1: one CRReLU, no measured figures
     # Subcommands other than fit pass through.
     main(["validate", "--config", str(CONFIGS / "digits.yaml"), "--trainer.default_root_dir", str(tmp_path),
           "--model.model_kwargs", '{"in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2}',
           "--ckpt_path", str(checkpoint), "--trainer.limit_val_batches", "1"])
+    line = _result_line(capsys.readouterr().out)
+    assert line["paths"] == f"tensorboard {tmp_path / 'lightning_logs' / 'version_1'}"  # read a checkpoint, wrote none
+    assert 0 <= _figure(line["figures"], "val/acc1") <= 1
+
+
+def test_dynact_train_help_opens_with_what_dynact_adds_then_lightnings_options():
+    from dynact.callbacks import EAFOCallback
+
+    done = subprocess.run([sys.executable, "-m", "dynact.cli", "train", "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("dynact train: an image classifier")
+    usage = next(i for i, line in enumerate(lines) if line.startswith("usage: dynact train"))
+    assert usage < 25  # the dynact section fits on the first screen
+    head = "\n".join(lines[:usage])
+    for option in inspect.signature(EAFOCallback.__init__).parameters:
+        if option != "self":
+            assert f"{option}=" in head, option  # every option of the callback, with its default
+    assert "every_n_steps=100" in head and "convert=(ReLU,)" in head
+    example = re.search(r"example +(dynact train --config (\S+).*)", head)
+    assert (REPO / example.group(2)).is_file()  # the example's config exists
+    assert "examples/configs/" in head and "crrelu" in head
+    rest = "\n".join(lines[usage:])
+    for flag in ("--config CONFIG", "--trainer.max_epochs", "--model.act", "--data CONFIG"):
+        assert flag in rest, flag  # then Lightning's full list
+    assert len(lines) > 300
 
 
 def test_torch_threads_option_sets_operator_threads():
@@ -319,3 +377,51 @@ def test_top1_is_the_fraction_of_images_not_the_mean_over_classes():
     assert metrics["val/acc1_macro"] == pytest.approx(1 / 3)
     logits = torch.arange(10, 0, -1, dtype=torch.float32).expand(6, 10)
     assert metrics["val/loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- the examples' last line
+def test_quickstart_ends_with_the_result_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", "--max-steps", "20", "--every-n-steps", "10",
+                                      "--logdir", str(tmp_path)])
+    runpy.run_path(str(REPO / "examples" / "quickstart.py"), run_name="__main__")
+    line = _result_line(capsys.readouterr().out)
+    [run] = (tmp_path / "quickstart").iterdir()
+    [checkpoint] = run.glob("checkpoints/*.ckpt")
+    assert line["paths"] == f"tensorboard {run}, checkpoint {checkpoint}"
+    assert _figure(line["figures"], "val/acc1") == pytest.approx(_last_scalar(run, "val/acc1"), rel=1e-3)
+    assert _figure(line["figures"], "val/loss") == pytest.approx(_last_scalar(run, "val/loss"), rel=1e-3)
+    # two ReLU layers made dynamic: the eps range of the line is that of the last update TensorBoard holds
+    assert line["layers"].startswith("2 layers: dead ")
+    eps = [_last_scalar(run, f"eps/{layer}") for layer in ("net.2", "net.4")]
+    low, high = re.search(r"eps (\S+)\.\.(\S+)$", line["layers"]).groups()
+    assert (float(low), float(high)) == pytest.approx((min(eps), max(eps)), rel=1e-3)
+
+
+def test_plain_pytorch_ends_with_the_result_line_and_its_checkpoint_restores_the_model(tmp_path, capsys):
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    from dynact.conversion import convert_like_state_dict
+
+    metrics = runpy.run_path(str(REPO / "examples" / "plain_pytorch.py"))["main"](steps=60, out=str(tmp_path))
+    line = _result_line(capsys.readouterr().out)
+    assert line["paths"] == f"checkpoint {tmp_path / 'checkpoint.pt'}"
+    assert line["layers"].startswith("2 layers: dead ")
+    low, high = re.search(r"eps (\S+)\.\.(\S+)$", line["layers"]).groups()
+    assert (float(low), float(high)) == pytest.approx((min(metrics["eps/1"], metrics["eps/3"]),
+                                                       max(metrics["eps/1"], metrics["eps/3"])), rel=1e-3)
+    # the held-out top-1 and loss, recomputed from the checkpoint on the same fifth of the images
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    convert_like_state_dict(model, saved["model"])
+    model.load_state_dict(saved["model"])
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target)
+    held_out = torch.randperm(len(x), generator=torch.Generator().manual_seed(0)) < len(x) // 5
+    with torch.no_grad():
+        logits = model(x[held_out])
+    assert held_out.sum() == 359
+    top1 = (logits.argmax(1) == y[held_out]).float().mean().item()
+    assert _figure(line["figures"], "val/acc1") == pytest.approx(top1, abs=1e-4)
+    assert _figure(line["figures"], "val/loss") == pytest.approx(F.cross_entropy(logits, y[held_out]).item(), rel=1e-3)

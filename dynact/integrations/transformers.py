@@ -45,9 +45,12 @@ class EAFOTrainerCallback(TrainerCallback):
     - ``on_log``: the numbers of updates made since the last log are added to the log
       (``"<metric>/<layer>"``: ``dead``, ``entropy``, ``entropy_scale_free``, ``log_slope``,
       ``std``, ``eps``, ``accepted``, ...), both to ``state.log_history`` and to the ``logs``
-      the callbacks after this one receive. Loggers registered before it (the ``Trainer``
-      adds ``report_to``'s first) do not see them; move TensorBoard after it with
-      ``trainer.add_callback(trainer.pop_callback(TensorBoardCallback))``.
+      the callbacks after this one receive. So that every logger gets them, at
+      ``on_init_end`` and again at ``on_train_begin`` the callback moves itself, in the
+      ``Trainer``'s callback list, before the first callback that reads logs (one that overrides
+      ``on_log``: ``report_to``'s TensorBoard, W&B, MLflow, ... callbacks, which the ``Trainer``
+      registers before the user's, the progress printer and the user's own loggers), so
+      ``callbacks=[eafo]`` is all it takes.
     - ``on_save``: the core's state (estimators, counters, generators) goes to
       ``checkpoint-<step>/`` :data:`STATE_FILE`; the spline buffers are in the model's
       weights. ``on_train_begin`` of a resumed run (``train(resume_from_checkpoint=...)``)
@@ -80,6 +83,7 @@ class EAFOTrainerCallback(TrainerCallback):
         self._model: Optional[nn.Module] = None
         self._pending: dict[str, float] = {}
         self._removed = False
+        self._warned_order = False
         if model is not None:
             self.attach(model)
 
@@ -102,9 +106,45 @@ class EAFOTrainerCallback(TrainerCallback):
         """The latest per-layer numbers (``"<metric>/<layer>"``); empty before the first update."""
         return dict(self.optimizer.metrics()) if self.optimizer is not None else {}
 
+    def _move_before_loggers(self) -> None:
+        """Stand before every callback that reads logs in the list of the ``CallbackHandler`` calling us.
+
+        A callback is given no handle on the ``Trainer``, but the caller of its events is the
+        ``CallbackHandler`` (``call_event``), whatever ``Trainer`` subclass built it. Moving an item
+        to an earlier index keeps the later ones in place, so the event loop in progress calls each
+        callback once.
+        """
+        import sys
+        import warnings
+
+        from transformers.trainer_callback import CallbackHandler
+
+        frame, callbacks = sys._getframe(2), None
+        for _ in range(4):  # call_event -> on_<event>: the handler is a frame or two up
+            if frame is None:
+                break
+            handler = frame.f_locals.get("self")
+            if isinstance(handler, CallbackHandler) and any(cb is self for cb in handler.callbacks):
+                callbacks = handler.callbacks
+                break
+            frame = frame.f_back
+        if callbacks is None:
+            if not self._warned_order:
+                self._warned_order = True
+                warnings.warn("EAFOTrainerCallback was not called by a transformers CallbackHandler, so it could "
+                              "not put itself before the loggers; those registered before it will not receive its "
+                              "figures (reorder trainer.callback_handler.callbacks to fix)", stacklevel=3)
+            return
+        readers = [i for i, cb in enumerate(callbacks)
+                   if cb is not self and type(cb).on_log is not TrainerCallback.on_log]
+        here = next(i for i, cb in enumerate(callbacks) if cb is self)
+        if readers and readers[0] < here:
+            callbacks.insert(readers[0], callbacks.pop(here))
+
     # ------------------------------------------------------------------ Trainer events
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     model: Optional[nn.Module] = None, **kwargs):
+        self._move_before_loggers()
         if self.optimizer is None:
             if model is None:
                 raise ValueError("EAFOTrainerCallback: the Trainer has no model yet; pass it to the callback")
@@ -112,6 +152,7 @@ class EAFOTrainerCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Optional[nn.Module] = None, **kwargs):
+        self._move_before_loggers()  # again: callbacks may have been added since __init__
         if self.optimizer is None:
             self.attach(_unwrap(model))
         self.optimizer.attach()  # hooks again if an earlier train() ended
