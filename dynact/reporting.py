@@ -22,29 +22,34 @@ def mean_std(values: Sequence[float]) -> tuple[Optional[float], Optional[float]]
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
-def paired_interval(diffs: Sequence[float]) -> dict[str, Any]:
-    """Mean of paired differences with scipy's one-sample Student-t 95% interval.
+def paired_interval(diffs: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Mean of paired differences with scipy's one-sample Student-t intervals.
 
-    ``mean +- t_{0.975, n-1} * sd / sqrt(n)``; ``ci95`` and ``half_width`` are None for ``n < 2``,
-    and the interval is ``[mean, mean]`` when every difference is the same.
+    ``ci95`` is the 95% interval ``mean +- t_{0.975, n-1} * sd / sqrt(n)``; ``ci`` the interval at
+    ``confidence`` (e.g. ``1 - 0.05 / k`` for a Bonferroni-adjusted interval that holds for ``k``
+    comparisons together) and ``half_width`` its half-width. Intervals are None for ``n < 2``, and
+    ``[mean, mean]`` when every difference is the same.
     """
     import numpy as np
     from scipy import stats
 
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     diffs = [float(d) for d in diffs]
-    out: dict[str, Any] = {"n": len(diffs), "mean": None, "ci95": None, "half_width": None}
+    out: dict[str, Any] = {"n": len(diffs), "mean": None, "ci95": None, "confidence": confidence, "ci": None,
+                           "half_width": None}
     if not diffs:
         return out
     out["mean"] = float(np.mean(diffs))
     if len(diffs) < 2:
         return out
-    if float(np.ptp(diffs)) == 0.0:
-        low = high = out["mean"]
-    else:
-        ci = stats.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
-        low, high = float(ci.low), float(ci.high)
-    out["ci95"] = [low, high]
-    out["half_width"] = (high - low) / 2
+    for key, level in (("ci95", 0.95), ("ci", confidence)):
+        if float(np.ptp(diffs)) == 0.0:
+            out[key] = [out["mean"], out["mean"]]
+        else:
+            ci = stats.ttest_1samp(diffs, 0.0).confidence_interval(level)
+            out[key] = [float(ci.low), float(ci.high)]
+    out["half_width"] = (out["ci"][1] - out["ci"][0]) / 2
     return out
 
 

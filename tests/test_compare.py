@@ -161,7 +161,7 @@ def test_report_table_matches_results_json(sweep):
     assert word in verdict and f"{100 * d['ci95'][0]:+.2f}" in verdict
     # the model as it is, the data, and the plots, real PNG files
     assert "vit_tiny (3 blocks, width 64, 4 heads, 4x4 patches)" in report
-    assert "2 epochs" in report and "seeds 0, 1" in report
+    assert "2 epochs" in report and "seeds 0-1" in report
     for png in PNGS:
         assert f"]({png})" in report
         data = (out / png).read_bytes()
@@ -404,6 +404,9 @@ def test_a_failing_run_is_recorded_and_redone_on_resume(tmp_path, monkeypatch, c
     (["--task", "mnist"], "invalid choice: 'mnist'"),
     (["--model", "resnet50"], "unknown model 'resnet50'"),
     (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--seeds", "16:8"], "a range A:B needs 0 <= A < B"),
+    (["--seeds", "3,5,3"], "3 given more than once"),
+    (["--seeds", "eight"], "is not a seed count, range or list"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--every-n-steps", "0"], "--every-n-steps"),
     (["--workers", "0"], "--workers must be at least 1"),
@@ -479,3 +482,104 @@ def test_arms_share_initial_weights_and_split_at_each_seed(tmp_path):
     relu1, split1 = build("relu", 1)
     assert not torch.equal(relu1["net.patch_embed.proj.weight"], relu["net.patch_embed.proj.weight"])
     assert not torch.equal(split1, split)
+
+
+# ----------------------------------------------------------------------------- every pair, seeds
+
+
+def test_seeds_take_a_count_a_range_or_a_list():
+    from dynact.compare.settings import parse_seeds
+
+    assert parse_seeds("8") == list(range(8))
+    assert parse_seeds("8:16") == list(range(8, 16))
+    assert parse_seeds("3,5,9") == [3, 5, 9]
+    assert parse_seeds(" 4 , 2 ") == [4, 2]
+    for bad in ("0", "5:5", "-1:3", "-2,3", "1.5", "", ","):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
+
+
+def test_plateau_is_claimed_only_when_every_run_is_under_the_bound():
+    from dynact.compare.stats import PLATEAU_BOUND, plateau_check
+
+    def run(arm, seed, curve):
+        return {"arm": arm, "seed": seed, "status": "ok", "epochs": [{"acc1": a} for a in curve]}
+
+    flat = [0.5, 0.95, 0.95, 0.951, 0.952, 0.953, 0.953]  # +0.3 points over the last 5 epochs
+    moving = [0.5, 0.93, 0.94, 0.95, 0.96, 0.95, 0.9411]  # +1.11 points: 0.9411 - 0.93
+    ok = plateau_check([run("relu", 0, flat), run("crrelu", 0, flat)])
+    assert ok["on_plateau"] and ok["checked"] == 2 and ok["over"] == []
+    assert ok["largest"][:2] == ["relu", 0] and ok["largest"][2] == pytest.approx(0.003)
+    failed = {"arm": "eafo", "seed": 1, "status": "failed"}
+    bad = plateau_check([run("relu", 0, flat), run("crrelu", 3, moving), failed])
+    assert not bad["on_plateau"] and bad["largest"][:2] == ["crrelu", 3]
+    assert bad["largest"][2] == pytest.approx(0.0111) and [o[:2] for o in bad["over"]] == [["crrelu", 3]]
+    assert PLATEAU_BOUND == bad["bound"] == 0.01
+    short = plateau_check([run("relu", 0, flat), run("eafo", 0, flat[:4])])  # one run too short to check
+    assert not short["on_plateau"] and short["short"] == 1
+
+
+def test_every_pair_is_reported_with_bonferroni_intervals_and_seed_ranges_resume(tmp_path, capsys):
+    # relu, crrelu and eafo on seeds 3 and 5, then resumed as the range 3:6: seed 4 is the only new seed.
+    out = tmp_path / "out"
+    tiny = [*TINY[:2], "--epochs", "6", *TINY[4:], "--arms", "relu,crrelu,eafo", "--out", str(out)]
+    assert compare.main([*tiny, "--seeds", "3,5"]) == 0
+    assert sorted(p.name for p in (out / "runs").glob("*.json")) == sorted(
+        f"{a}-seed{s}.json" for a in ("relu", "crrelu", "eafo") for s in (3, 5))
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    capsys.readouterr()
+    assert compare.main([*tiny, "--seeds", "3:6", "--resume"]) == 0
+    assert {n: (out / "runs" / n).stat().st_mtime_ns for n in stamps} == stamps  # reused, not retrained
+    assert capsys.readouterr().out.count("seed 4: top-1") == 3  # only seed 4 was trained
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["seeds"] == [3, 4, 5]
+    assert all(json.loads((out / "runs" / f"{a}-seed{s}.json").read_text())["seed"] == s
+               for a in ("relu", "crrelu", "eafo") for s in (3, 4, 5))
+    comps = results["comparisons"]
+    assert comps["count"] == 3 and comps["method"] == "Bonferroni"
+    assert comps["confidence"] == pytest.approx(1 - 0.05 / 3)
+    assert [(p["arm"], p["against"]) for p in comps["pairs"]] == [("crrelu", "relu"), ("eafo", "relu"),
+                                                                   ("eafo", "crrelu")]
+    by = {(r["arm"], r["seed"]): r["top1_final"] for r in results["runs"]}
+    report = (out / "report.md").read_text()
+    for pair in comps["pairs"]:
+        a = [by[(pair["arm"], s)] for s in (3, 4, 5)]
+        b = [by[(pair["against"], s)] for s in (3, 4, 5)]
+        d = pair["top1"]
+        assert d["seeds"] == [3, 4, 5] and d["diffs"] == pytest.approx(np.subtract(a, b))
+        if np.ptp(np.subtract(a, b)) > 0:  # scipy's paired t interval at the adjusted level
+            ci = stats.ttest_rel(a, b).confidence_interval(1 - 0.05 / 3)
+            assert d["ci"] == pytest.approx([ci.low, ci.high])
+            ci95 = stats.ttest_rel(a, b).confidence_interval(0.95)
+            assert d["ci95"] == pytest.approx([ci95.low, ci95.high])
+            assert d["ci"][0] < d["ci95"][0] and d["half_width"] == pytest.approx((ci.high - ci.low) / 2)
+        low, high = d["ci"]
+        word = "better" if low > 0 else "worse" if high < 0 else "not distinguishable"
+        names = {"relu": "ReLU", "crrelu": "CRReLU", "eafo": "EAFO (dynamic)"}
+        row = f"| {names[pair['arm']]} − {names[pair['against']]} | 3 | {100 * d['mean']:+.2f} [{100 * low:+.2f}, "
+        assert row in report
+        verdict = next(ln for ln in report.splitlines()
+                       if ln.startswith(f"- **{names[pair['arm']]}**") and names[pair["against"]] in ln)
+        assert word in verdict and "98.33% interval" in verdict
+    assert "makes 3 comparisons" in report and "Bonferroni" in report and "seeds 3-5" in report
+    # the plateau sentence names the run that moved most, recomputed here from the records
+    moved = {(r["arm"], r["seed"]): r["epochs"][-1]["acc1"] - r["epochs"][-6]["acc1"] for r in results["runs"]}
+    arm, seed = max(moved, key=lambda k: abs(moved[k]))
+    assert results["plateau"]["largest"][:2] == [arm, seed]
+    assert f"the run that moved most is {names[arm]} seed {seed}" in report
+    assert ("Every run trained to its plateau" in report) == all(abs(v) < 0.01 for v in moved.values())
+    # the machine: the CPU model as /proc/cpuinfo names it, threads, torch, the kernel mode
+    timing = json.loads((out / "timing.json").read_text())
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "model name" in cpuinfo.read_text():
+        model = next(ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                     if ln.startswith("model name"))
+        assert timing["cpu"] == model and model in report
+    assert timing["cpu_threads"] == os.cpu_count() and timing["torch"] == torch.__version__
+    from dynact import _kernels
+
+    assert timing["kernels"] == _kernels.MODE and f"dynact kernels {_kernels.MODE}" in report
+    assert set(timing["runs_cpu"]) == {f"{a}-seed{s}" for a in ("relu", "crrelu", "eafo") for s in (3, 4, 5)}
+    assert all(v > 0 for v in timing["runs_cpu"].values()) and timing["command_cpu_s"] > 0
+    data = (out / "paired_differences.png").read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5_000

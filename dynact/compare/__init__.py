@@ -11,14 +11,18 @@ measures and accuracy sit side by side), and writes into ``--out``:
   under, written whole the moment the run ends, so an interrupted sweep resumes (``--resume``);
 - ``results.json``: the settings, the environment, every run and the per-arm summary (the same
   command on the same machine writes the same numbers); ``timing.json``: wall times;
-- ``report.md``: a table shaped like the paper's (arms as columns): top-1, top-5, NLL, paired
-  differences against the control with 95% Student-t intervals, a verdict per arm, the
-  per-layer measures, and the plots ``paired_differences.png``, ``acc_vs_epoch.png`` and
-  ``layer_measures.png``.
+- ``report.md``: a table shaped like the paper's (arms as columns): top-1, top-5, NLL; every
+  comparison that matters (each arm against the control, and dynamic EAFO against static CRReLU
+  when both run), paired by seed, with Student-t intervals Bonferroni-adjusted for the number of
+  comparisons and a verdict sentence each; the plateau check of every run (the run that moved
+  most over its last 5 epochs is named); the per-layer measures; and the plots
+  ``paired_differences.png``, ``acc_vs_epoch.png`` and ``layer_measures.png``. The CPU model,
+  thread count, torch version and kernel mode go into ``timing.json`` and the report.
 
 Example::
 
-    dynact compare                                    # digits, relu/crrelu/eafo, 8 seeds, CPU
+    dynact compare                                    # digits, relu/crrelu/eafo, 18 seeds, CPU
+    dynact compare --seeds 100:118 --out check        # the same design on 18 other seeds
     dynact compare --task cifar10 --model vit_tiny --arms relu,crrelu,eafo,gelu,elu,prelu,celu,silu,mish \\
         --seeds 3 --epochs 100 --out cifar10_vit_tiny \\
         --data.root data --data.download true --trainer.accelerator gpu --trainer.precision bf16-mixed

@@ -35,7 +35,7 @@ def _summary_line(rec: dict[str, Any]) -> str:
         return (f"{where}: FAILED ({rec.get('error')}); "
                 f"traceback in {rec_files.RECORDS}/{rec['arm']}-seed{rec['seed']}.json")
     return (f"{where}: top-1 {pct(rec['top1_final'])}%, NLL {fmt(rec['nll_final'])}, "
-            f"{rec['steps']} steps, {rec['wall_time_s']:.1f} s")
+            f"{rec['steps']} steps, {rec['wall_time_s']:.1f} s ({rec.get('cpu_time_s', 0.0):.1f} s CPU)")
 
 
 def run_sweep(
@@ -132,18 +132,45 @@ def _try_partial(settings, command, records, failed, start) -> str:
     return " and report.md / results.json show them"
 
 
+def cpu_model() -> str:
+    """The CPU's name as the operating system gives it (``model name`` of ``/proc/cpuinfo`` on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":", 1)[0].strip() in ("model name", "Model", "Hardware"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def environment(settings: SweepSettings) -> dict[str, Any]:
+    """The machine the numbers came from: CPU model and threads, GPU, versions, dynact's kernel mode."""
     import lightning
     import torch
 
+    from dynact import _kernels
+
     accel = str(settings.trainer_kwargs.get("accelerator", "auto"))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and accel in ("auto", "gpu", "cuda") else None
-    cpu = platform.processor() or platform.machine()
     threads = settings.threads or torch.get_num_threads()
-    machine = gpu or (f"{os.cpu_count()} CPU cores ({cpu}), {settings.workers} run(s) at once with {threads} "
+    cpu = cpu_model()
+    machine = gpu or (f"{cpu}, {os.cpu_count()} hardware threads; {settings.workers} run(s) at once with {threads} "
                       f"torch thread{'s' if threads > 1 else ''} each")
-    return {"machine": machine, "platform": platform.platform(), "python": platform.python_version(),
+    return {"machine": machine, "cpu": cpu, "cpu_threads": os.cpu_count(), "gpu": gpu,
+            "workers": settings.workers, "torch_threads": threads, "kernels": _kernels.MODE,
+            "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "lightning": lightning.__version__}
+
+
+def _process_cpu_s() -> float:
+    """CPU time of this process and of its finished children (the worker processes, once shut down)."""
+    try:
+        import resource
+    except ImportError:  # Windows: this process only
+        return time.process_time()
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def write_results(settings: SweepSettings, command: str, ok: dict, failed: dict, elapsed: float) -> dict[str, Any]:
@@ -151,27 +178,46 @@ def write_results(settings: SweepSettings, command: str, ok: dict, failed: dict,
     the same file), ``timing.json`` (wall times), the plots, the TensorBoard overlay and the report."""
     out = Path(settings.out)
     keys = [(arm, seed) for arm in settings.arms for seed in settings.seeds]
-    run_rows, walls = [], {}
+    run_rows, walls, cpus = [], {}, {}
     for key in keys:
         rec = ok.get(key) or failed.get(key) or {"arm": key[0], "seed": key[1], "status": "not run"}
         if "wall_time_s" in rec:
             walls[f"{key[0]}-seed{key[1]}"] = rec["wall_time_s"]
-        run_rows.append({k: v for k, v in rec.items() if k not in ("wall_time_s", "settings", "traceback")})
+        if "cpu_time_s" in rec:
+            cpus[f"{key[0]}-seed{key[1]}"] = rec["cpu_time_s"]
+        timings = ("wall_time_s", "cpu_time_s")
+        run_rows.append({k: v for k, v in rec.items() if k not in (*timings, "settings", "traceback")})
+    env = environment(settings)
     results = {
         "settings": asdict(settings),
-        "environment": environment(settings),
+        "environment": env,
         "command": command,
         "summary": stats.summarize(run_rows, settings.arms, settings.control),
+        "comparisons": stats.comparisons(run_rows, settings.arms, settings.control),
+        "plateau": stats.plateau_check(run_rows),
         "runs": run_rows,
         "report": rec_files.REPORT_FILE,
         "plots": [rec_files.PNG_DELTA, rec_files.PNG_ACC, rec_files.PNG_LAYERS],
     }
+
+    def per_arm(values: dict[str, float]) -> dict[str, Optional[float]]:
+        return {arm: stats.mean_std([v for k, v in values.items() if k.rpartition("-seed")[0] == arm])[0]
+                for arm in settings.arms}
+
     timing = {
         "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "machine": env["machine"],
+        "cpu": env["cpu"],
+        "cpu_threads": env["cpu_threads"],
+        "torch": env["torch"],
+        "kernels": env["kernels"],
         "sweep_s": elapsed,
-        "wall_time_mean": {arm: stats.mean_std([w for k, w in walls.items() if k.rpartition("-seed")[0] == arm])[0]
-                           for arm in settings.arms},
+        # this process since it started (imports included) and its worker processes once finished
+        "command_cpu_s": _process_cpu_s(),
+        "wall_time_mean": per_arm(walls),
+        "cpu_time_mean": per_arm(cpus),
         "runs": walls,
+        "runs_cpu": cpus,
     }
     plots.write_all(results, out)
     write_text(out / RESULTS_FILE, json.dumps(results, indent=2))

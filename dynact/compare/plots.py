@@ -1,7 +1,8 @@
 """The report's figures (matplotlib, PNG) and the TensorBoard run that overlays the arms.
 
-- ``paired_differences.png``: for each arm, its top-1 minus the control's at each seed (one dot
-  per seed), the mean and the 95% interval;
+- ``paired_differences.png``: for each comparison (each arm against the control, EAFO against
+  CRReLU), the paired top-1 difference at each seed (one dot per seed), the mean and its
+  simultaneous interval;
 - ``acc_vs_epoch.png``: validation top-1 per epoch, mean over seeds with the min-max band;
 - ``layer_measures.png``: dead mass and scale-free entropy of each layer per epoch, one line per
   arm (mean over seeds);
@@ -49,26 +50,31 @@ def _ok_runs(results: dict[str, Any], arm: str) -> list[dict[str, Any]]:
 
 
 def plot_paired(results: dict[str, Any], path: Path) -> None:
+    """One column per comparison (each arm against the control, EAFO against CRReLU): a dot per
+    seed and the mean with its simultaneous (Bonferroni-adjusted) interval."""
     plt = _pyplot()
-    settings, summary = results["settings"], results["summary"]
-    arms = [a for a in settings["arms"] if a != settings["control"]]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * max(1, len(arms)), 4.0))
+    comps = results["comparisons"]
+    pairs = comps["pairs"]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.7 * max(1, len(pairs)), 4.2))
     ax.axhline(0.0, color="0.4", lw=1)
-    for i, arm in enumerate(arms):
-        d = summary[arm]["delta_top1"]
-        if not d or not d["diffs"]:
+    for i, pair in enumerate(pairs):
+        d = pair["top1"]
+        if not d["diffs"]:
             continue
         diffs = [100 * x for x in d["diffs"]]
         offsets = [i + 0.12 * ((k % 5) - 2) / 2 for k in range(len(diffs))]  # spread ties sideways
-        ax.scatter(offsets, diffs, s=22, color=f"C{i}", zorder=3, label=None)
-        if d["ci95"] is not None:
-            low, high = (100 * v for v in d["ci95"])
+        ax.scatter(offsets, diffs, s=18, color=f"C{i}", zorder=3, alpha=0.8)
+        if d["ci"] is not None:
+            low, high = (100 * v for v in d["ci"])
             ax.errorbar([i + 0.3], [100 * d["mean"]], yerr=[[100 * d["mean"] - low], [high - 100 * d["mean"]]],
                         fmt="D", color="k", capsize=5, ms=6, zorder=4)
-    ax.set_xticks(range(len(arms)), [f"{name(a)}\n(n={summary[a]['delta_top1']['n']})" for a in arms])
-    ax.set_xlim(-0.6, len(arms) - 0.2)
-    ax.set_ylabel(f"top-1 minus {name(settings['control'])}, points")
-    ax.set_title("paired differences against the control\ndots: seeds; diamond: mean with 95% interval", fontsize=9)
+    ax.set_xticks(range(len(pairs)), [f"{name(p['arm'])}\n− {name(p['against'])}\n(n={p['top1']['n']})"
+                                      for p in pairs], fontsize=8)
+    ax.set_xlim(-0.6, max(1, len(pairs)) - 0.2)
+    ax.set_ylabel("paired top-1 difference, points")
+    level = "95%" if comps["count"] <= 1 else (
+        f"{100 * comps['confidence']:.4g}% (Bonferroni, {comps['count']} comparisons)")
+    ax.set_title(f"paired top-1 differences\ndots: seeds; diamond: mean with {level} interval", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     _save(fig, path)

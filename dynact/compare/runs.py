@@ -156,7 +156,7 @@ def run_one(settings: SweepSettings, arm: str, seed: int,
     trainer_kwargs = {"enable_progress_bar": False, **settings.trainer_kwargs}
     trainer = Trainer(max_epochs=settings.epochs, logger=logger, callbacks=[eafo_callback, history],
                       default_root_dir=settings.out, **trainer_kwargs)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         trainer.fit(model, datamodule=datamodule)
     except SystemExit:
@@ -164,13 +164,14 @@ def run_one(settings: SweepSettings, arm: str, seed: int,
         if trainer.interrupted:
             raise Interrupted() from None
         raise
-    wall = time.perf_counter() - start
+    # CPU time of this process (all its threads): on a shared machine wall time also counts waiting.
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if trainer.interrupted:
         raise Interrupted()
     epochs = [row for row in history.epochs if "acc1" in row]
     record: dict[str, Any] = {"version": RECORD_VERSION, "arm": arm, "seed": seed, "settings": settings.identity()}
     if not epochs:
-        return {**record, "status": "failed", "wall_time_s": wall,
+        return {**record, "status": "failed", "wall_time_s": wall, "cpu_time_s": cpu,
                 "error": "no validation epoch finished (check limit_val_batches / check_val_every_n_epoch)"}
     last = epochs[-1]
     return {
@@ -187,6 +188,7 @@ def run_one(settings: SweepSettings, arm: str, seed: int,
         "model": describe_model(model, settings),
         "data_sizes": _data_sizes(datamodule),
         "wall_time_s": wall,
+        "cpu_time_s": cpu,
         "tensorboard": f"{arm}/seed{seed}",
     }
 
