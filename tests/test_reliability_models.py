@@ -1,0 +1,99 @@
+"""Issue #18: models nobody here wrote (timm ViT, Hugging Face BERT and Llama), ddp_spawn, FSDP2
+and the kernel cache. One test per point of the issue (points 1-5), each with a real model or a
+real strategy; every test runs on CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dynact import ActivationOptimizer, EAFOActivation
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The number of training batches",
+    "ignore:.*does not have many workers",
+    "ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated",
+)
+
+
+def _hf_trainer(model, out, rows, callback, steps: int = 4):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-3,
+                             report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True,
+                             seed=0)
+    return Trainer(model=model, args=args, train_dataset=rows, callbacks=[callback])
+
+
+def _token_rows(vocab: int, n: int = 16, length: int = 12, labels: bool = True) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab, (n, length), generator=g)
+    if labels:
+        return [{"input_ids": row, "labels": row} for row in ids]
+    return [{"input_ids": row, "labels": int(row[0] % 2)} for row in ids]
+
+
+# ----------------------------------------------------------------------------- point 1
+def test_point01_exact_gelu_of_timm_vit_is_updated_not_skipped_as_overflow():
+    # torch's exact GELU is inf at float32's largest value: the base's own overflow is no
+    # reason to refuse an update that adds nothing there (the spline is zero beyond its grid).
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    opt = ActivationOptimizer(vit, convert=(nn.GELU,), every_n_steps=2, sample_size=256)
+    names = opt.layer_names
+    assert names == ["blocks.0.mlp.act"]
+    act = vit.get_submodule(names[0])
+    assert isinstance(act, EAFOActivation) and isinstance(act.base, nn.GELU)
+    before = act.s.clone()
+    sgd = torch.optim.SGD(vit.parameters(), lr=1e-2)
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 3, (16,))
+    for _ in range(4):
+        sgd.zero_grad()
+        nn.functional.cross_entropy(vit(x), y).backward()
+        sgd.step()
+        opt.step()
+    assert opt.skips == {names[0]: {}}
+    assert opt.metrics()[f"accepted/{names[0]}"] == 1.0
+    assert float((act.s - before).abs().max()) > 1e-3  # refreshed from the measured density
+
+
+def test_point01_bert_under_the_hf_trainer_gets_every_gelu_updated(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+    from transformers.activations import GELUActivation
+
+    from dynact.integrations.transformers import EAFOTrainerCallback
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, hidden_act="gelu")
+    model = BertForSequenceClassification(config)
+    callback = EAFOTrainerCallback(model, every_n_steps=2, window=2, sample_size=256, convert=(GELUActivation,))
+    names = [n for n in callback.layer_names if isinstance(model.get_submodule(n), EAFOActivation)]
+    assert names == [f"bert.encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(2)]
+    before = [model.get_submodule(n).s.clone() for n in names]
+    trainer = _hf_trainer(model, tmp_path, _token_rows(64, labels=False), callback)
+    trainer.train()
+    assert all(callback.optimizer.skips[n] == {} for n in callback.layer_names)  # the pooler's tanh too
+    accepted = [r for r in trainer.state.log_history if f"accepted/{names[0]}" in r]
+    # step 2 re-fits the estimators' grids to the data; step 4 updates
+    assert [r["step"] for r in accepted] == [4]
+    assert all(r[f"accepted/{n}"] == 1.0 for r in accepted for n in names)
+    for n, s0 in zip(names, before, strict=True):
+        assert float((model.get_submodule(n).s - s0).abs().max()) > 1e-3
+
+
+def test_point01_the_guard_still_catches_an_overflow_the_update_makes():
+    from dynact.update_guards import overflows
+
+    act = EAFOActivation(nn.GELU())
+    assert not overflows(act, torch.float32)  # GELU(3.4e38) = inf is the base's, not the update's
+    assert not overflows(act, torch.float16)
+    # a correction of 1e4 next to 6e4: finite in float32, beyond float16's 65504
+    act = EAFOActivation(nn.GELU(), lo=5e4, hi=6.5e4, knots=8, init="zero")
+    with torch.no_grad():
+        act.s[1:-1] = 1e6
+    assert overflows(act, torch.float16) and not overflows(act, torch.float32)
