@@ -300,9 +300,12 @@ def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]
 
 
 # ----------------------------------------------------------------------------- Hugging Face transformers
-#: transformers' GELU variants, by the name its ``ACT2CLS`` table gives them (``GELUActivation``,
-#: its plain GELU, is ``gelu_hf`` here because ``gelu`` is ``nn.GELU``). Each class computes one
-#: fixed function, so a converted layer keeps it: GPT-2's ``gelu_new`` stays tanh-approximate.
+#: transformers' own activation classes (its ``ACT2CLS`` table) that compute a function dynact
+#: knows, by the name that table gives them; a ``_hf`` suffix where dynact's name already
+#: means torch's class (``gelu_hf`` is ``GELUActivation``, ``gelu`` is ``nn.GELU``). Each class
+#: computes one fixed function, so a converted layer keeps it: GPT-2's ``gelu_new`` stays
+#: tanh-approximate, Llama's ``silu_hf`` stays SiLU. (``ACT2CLS``'s torch classes, ``nn.ReLU``,
+#: ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid``, ``nn.PReLU``, are in the registry already.)
 _TRANSFORMERS_ACTIVATIONS = {
     "gelu_new": "NewGELUActivation",
     "gelu_fast": "FastGELUActivation",
@@ -310,20 +313,28 @@ _TRANSFORMERS_ACTIVATIONS = {
     "gelu_pytorch_tanh": "GELUTanh",
     "gelu_accurate": "AccurateGELUActivation",
     "gelu_hf": "GELUActivation",
+    "silu_hf": "SiLUActivation",  # Llama, Mistral, Qwen MLPs
+    "mish_hf": "MishActivation",
 }
 
 
+_TRANSFORMERS_SEEN = False  # set once register_transformers_activations has run
+
+
 def register_transformers_activations() -> list[str]:
-    """Add transformers' GELU module classes to the registry; return the names added.
+    """Add transformers' activation classes to the registry; return the names added.
 
     After it, :func:`find_activations`, :func:`activation_types` and :func:`swap_activations`
-    see GPT-2's ``NewGELUActivation`` (name ``gelu_new``) and the other variants, so
+    see GPT-2's ``NewGELUActivation`` (name ``gelu_new``), Llama's ``SiLUActivation``
+    (``silu_hf``) and the others of :data:`_TRANSFORMERS_ACTIVATIONS`, so
     ``swap_activations(gpt2, "gelu_new", "crrelu")`` replaces every MLP activation. It runs by
     itself once ``transformers.activations`` has been imported (any transformers model imports
     it); calling it imports transformers. Raises :class:`ImportError` without transformers.
     """
     import transformers.activations as hf
 
+    global _TRANSFORMERS_SEEN
+    _TRANSFORMERS_SEEN = True
     added = []
     for name, cls_name in _TRANSFORMERS_ACTIVATIONS.items():
         cls = getattr(hf, cls_name, None)
@@ -337,5 +348,5 @@ def _register_loaded_libraries() -> None:
     # Cheap when nothing is loaded: a dict lookup. Never imports transformers itself.
     import sys
 
-    if "transformers.activations" in sys.modules and "gelu_new" not in _REGISTRY:
+    if "transformers.activations" in sys.modules and not _TRANSFORMERS_SEEN:
         register_transformers_activations()

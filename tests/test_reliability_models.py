@@ -5,6 +5,8 @@ real strategy; every test runs on CPU.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -97,3 +99,44 @@ def test_point01_the_guard_still_catches_an_overflow_the_update_makes():
     with torch.no_grad():
         act.s[1:-1] = 1e6
     assert overflows(act, torch.float16) and not overflows(act, torch.float32)
+
+
+# ----------------------------------------------------------------------------- point 2
+def test_point02_llama_silu_is_measured_converted_and_updated_under_the_hf_trainer(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.activations import ACT2CLS, MishActivation, SiLUActivation
+
+    from dynact.activations import activation_types, make_activation
+    from dynact.integrations.transformers import EAFOTrainerCallback
+
+    # every transformers class with a counterpart in the registry is registered, and computes it
+    kinds = activation_types()
+    assert kinds[SiLUActivation] == "silu_hf" and kinds[MishActivation] == "mish_hf"
+    x = torch.linspace(-6, 6, 101, dtype=torch.float64)
+    for name, torch_twin in [("silu_hf", nn.SiLU()), ("mish_hf", nn.Mish()), ("gelu_hf", nn.GELU())]:
+        assert torch.allclose(make_activation(name)(x), torch_twin(x), atol=1e-12)
+    plain = {cls if isinstance(cls, type) else cls[0] for cls in ACT2CLS.values()}
+    for cls in (SiLUActivation, MishActivation, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.PReLU):
+        assert cls in plain and cls in kinds
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    model = LlamaForCausalLM(config)
+    callback = EAFOTrainerCallback(model, every_n_steps=2, window=2, sample_size=256, convert=("silu_hf",))
+    names = callback.layer_names
+    assert names == [f"model.layers.{i}.mlp.act_fn" for i in range(2)]
+    acts = [model.get_submodule(n) for n in names]
+    assert all(isinstance(a, EAFOActivation) and type(a.base) is SiLUActivation for a in acts)
+    assert acts[0].base_name == "silu_hf"
+    before = [a.s.clone() for a in acts]
+    trainer = _hf_trainer(model, tmp_path, _token_rows(64), callback, steps=6)
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+    assert all(callback.optimizer.skips[n] == {} for n in names)
+    rows = [r for r in trainer.state.log_history if f"entropy/{names[0]}" in r]
+    assert [r["step"] for r in rows] == [2, 4, 6]  # measured at every update
+    assert any(r.get(f"accepted/{n}") == 1.0 for r in rows for n in names)
+    for a, s0 in zip(acts, before, strict=True):
+        assert float((a.s - s0).abs().max()) > 1e-3  # updated from the measured density
