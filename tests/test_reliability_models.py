@@ -6,12 +6,15 @@ real strategy; every test runs on CPU.
 from __future__ import annotations
 
 import math
+import os
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from dynact import ActivationOptimizer, EAFOActivation
+from dynact import ActivationOptimizer, EAFOActivation, EAFOCallback
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The number of training batches",
@@ -140,3 +143,48 @@ def test_point02_llama_silu_is_measured_converted_and_updated_under_the_hf_train
     assert any(r.get(f"accepted/{n}") == 1.0 for r in rows for n in names)
     for a, s0 in zip(acts, before, strict=True):
         assert float((a.s - s0).abs().max()) > 1e-3  # updated from the measured density
+
+
+# ----------------------------------------------------------------------------- point 3
+class _Tiny(pl.LightningModule):
+    """Linear-ReLU-Linear on 4 features; rank 0 saves its activation's state when training ends."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.out = out
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def on_train_end(self):
+        if self.global_rank == 0:
+            torch.save({k: v.clone() for k, v in self.net[1].state_dict().items()}, os.path.join(self.out, "rank0.pt"))
+
+
+@pytest.mark.timeout(180)
+def test_point03_ddp_spawn_returns_the_trained_activations_to_the_calling_process(tmp_path):
+    pl.seed_everything(0)
+    model = _Tiny(str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 4, generator=g), torch.randint(0, 2, (64,), generator=g))
+    cb = EAFOCallback(every_n_steps=2, window=2, sample_size=64, curves_every=0)
+    trainer = pl.Trainer(strategy="ddp_spawn", devices=2, accelerator="cpu", max_steps=4, callbacks=[cb], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    act = model.net[1]
+    assert isinstance(act, EAFOActivation) and isinstance(act.base, nn.ReLU)
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    assert set(rank0) == {"s", "lo", "hi", "eps"}
+    for name, value in rank0.items():
+        assert torch.equal(getattr(act, name).detach(), value), name
+    assert not torch.equal(act.s, EAFOActivation("relu").s)  # trained: refreshed from the data
+    assert float(act.eps) != 0.01  # eps took SGD steps
+    assert isinstance(act.eps, nn.Parameter)
