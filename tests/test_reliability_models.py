@@ -5,8 +5,13 @@ real strategy; every test runs on CPU.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -188,3 +193,52 @@ def test_point03_ddp_spawn_returns_the_trained_activations_to_the_calling_proces
     assert not torch.equal(act.s, EAFOActivation("relu").s)  # trained: refreshed from the data
     assert float(act.eps) != 0.01  # eps took SGD steps
     assert isinstance(act.eps, nn.Parameter)
+
+
+# ----------------------------------------------------------------------------- point 5
+_LOAD = ("import dynact._kernels as k, torch; lib = k._load(); assert lib is not None, k._failure; "
+         "assert k.available(torch.zeros(3)); print(k._lib._name)")
+
+
+def _load_in_subprocess(cache) -> subprocess.CompletedProcess:
+    # A SIGBUS kills the process that loads the library: never this one.
+    env = {**os.environ, "DYNACT_CACHE": str(cache), "DYNACT_KERNELS": "auto",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", _LOAD], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="needs a C++ compiler")
+@pytest.mark.timeout(600)
+def test_point05_a_damaged_cached_library_is_rebuilt_and_a_sound_one_reused(tmp_path):
+    from dynact import _kernels
+
+    if _kernels._load() is None:
+        pytest.skip(f"the library cannot be built here: {_kernels._failure}")
+    # this process's library, as a build would have left it in a fresh cache (saves a build)
+    library = tmp_path / Path(_kernels._lib._name).name
+    shutil.copyfile(_kernels._lib._name, library)
+    record = library.with_name(library.name + ".sha256")
+    record.write_text(_kernels._fingerprint(library))
+    good = library.read_bytes()
+    assert record.read_text().split() == [str(len(good)), hashlib.sha256(good).hexdigest()]
+
+    # sound: loaded as it is, nothing rebuilt or rewritten
+    stamp = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (library, record)]
+    again = _load_in_subprocess(tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == str(library)
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (library, record)] == stamp
+
+    for damage in ("truncated", "garbage"):
+        if damage == "truncated":  # the SIGBUS: the first 4096 bytes, record kept
+            library.write_bytes(good[:4096])
+        else:  # a foreign file and no record (as a cache from before the records)
+            library.write_bytes(b"not a shared library\n")
+            record.unlink()
+        run = _load_in_subprocess(tmp_path)
+        assert run.returncode == 0, (damage, run.returncode, run.stderr)  # -7 would be SIGBUS
+        rebuilt = library.read_bytes()
+        assert len(rebuilt) == len(good), damage
+        assert record.read_text().split() == [str(len(rebuilt)), hashlib.sha256(rebuilt).hexdigest()]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([library.name, record.name])  # no leftovers
