@@ -83,8 +83,8 @@ class CRReLU(nn.Module):
 
     Args:
         eps: initial value of the correction's scale.
-        learnable: if True, ``eps`` is a scalar :class:`torch.nn.Parameter` (one per module),
-            otherwise a buffer.
+        learnable: if True, ``eps`` is a :class:`torch.nn.Parameter` holding one number (shape
+            ``(1,)``, which FSDP2 can shard; checkpoints holding it 0-d load too), otherwise a buffer.
 
     Example:
         >>> act = CRReLU(eps=0.01)
@@ -96,29 +96,40 @@ class CRReLU(nn.Module):
         super().__init__()
         if not math.isfinite(float(eps)):
             raise ValueError(f"CRReLU: eps must be a finite number, got {eps!r}")
-        value = torch.tensor(float(eps))
+        # Shape (1,), not 0-d: FSDP2 (fully_shard) cannot shard 0-d parameters.
+        value = torch.tensor([float(eps)])
         if learnable:
             self.eps = nn.Parameter(value)
         else:
             self.register_buffer("eps", value)
         self.learnable = learnable
+        self.register_load_state_dict_pre_hook(eps_as_vector)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = self.eps.view(())  # the stored (1,) as the 0-d scalar it is: 0-d inputs give 0-d outputs
         # Eager: the fused kernels of dynact._kernels (one pass per direction) or, where they
         # cannot be built, the hand-written backward below. Compiled: the same kernels as a
         # custom op on CPU, plain ops (fused by Inductor) elsewhere.
         if torch.compiler.is_compiling() or _kernels.MODE == "ops":
             if _kernels.MODE != "ops" and _kernels.compiled_on_cpu(x):
-                return _kernels.crrelu_op(x, self.eps)  # on CPU the C++ kernel beats Inductor's loop
-            return crrelu(x, self.eps.to(x.dtype))
+                return _kernels.crrelu_op(x, eps)  # on CPU the C++ kernel beats Inductor's loop
+            return crrelu(x, eps.to(x.dtype))
         if _kernels.available(x):
-            return _kernels.FusedCRReLU.apply(x, self.eps)
-        if not (x.requires_grad or self.eps.requires_grad):
-            return crrelu(x, self.eps.to(x.dtype))
-        return _CRReLUFunction.apply(x, self.eps)
+            return _kernels.FusedCRReLU.apply(x, eps)
+        if not (x.requires_grad or eps.requires_grad):
+            return crrelu(x, eps.to(x.dtype))
+        return _CRReLUFunction.apply(x, eps)
 
     def extra_repr(self) -> str:
         return f"eps={float(self.eps.detach()):.4g}, learnable={self.learnable}"
+
+
+def eps_as_vector(module, state_dict, prefix, *args) -> None:
+    """Load-state pre-hook of CRReLU and EAFOActivation: a checkpoint from before ``eps`` had
+    shape ``(1,)`` holds it 0-d; reshape it so that it loads."""
+    eps = state_dict.get(prefix + "eps")
+    if isinstance(eps, torch.Tensor) and eps.dim() == 0:
+        state_dict[prefix + "eps"] = eps.reshape(1)
 
 
 # name -> factory(**kw) returning an nn.Module. One line per activation.

@@ -11,7 +11,7 @@ from torch import nn
 
 from dynact.spline import EAFOActivation
 
-__all__ = ["Skip", "overflows", "nonfinite_tensors", "restore"]
+__all__ = ["Skip", "overflows", "nonfinite_tensors", "sharded_tensors", "restore"]
 
 
 class Skip(Exception):
@@ -44,6 +44,13 @@ def nonfinite_tensors(module: nn.Module) -> list[str]:
     """Names of the module's floating parameters and buffers holding NaN/Inf."""
     named = list(module.named_parameters()) + list(module.named_buffers())
     return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+
+
+def sharded_tensors(module: nn.Module) -> list[str]:
+    """Names of the module's parameters and buffers that are sharded across processes (FSDP2's
+    ``DTensor``): each process holds only part of them, so an update cannot read them locally."""
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return [n for n, t in named if callable(getattr(t, "full_tensor", None))]
 
 
 def restore(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:

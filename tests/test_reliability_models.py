@@ -242,3 +242,84 @@ def test_point05_a_damaged_cached_library_is_rebuilt_and_a_sound_one_reused(tmp_
         assert len(rebuilt) == len(good), damage
         assert record.read_text().split() == [str(len(rebuilt)), hashlib.sha256(rebuilt).hexdigest()]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([library.name, record.name])  # no leftovers
+
+
+# ----------------------------------------------------------------------------- point 4
+def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from dynact import CRReLU
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), CRReLU(), nn.Linear(16, 2))
+        opt = ActivationOptimizer(model, every_n_steps=2, window=2, sample_size=64, mode="refresh")
+        fully_shard(model)  # refused 0-d eps ("fully_shard doesn't support scalar parameters")
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(rank)  # different data on each rank
+        losses = []
+        for _ in range(4):
+            x, y = torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g)
+            sgd.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            sgd.step()
+            opt.step()
+            losses.append(float(loss))
+        state = {f"{n}.{k}": (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                 for n in ("1", "3") for k, v in model.get_submodule(n).state_dict().items()}
+        torch.save({"state": state, "skips": opt.skips, "losses": losses}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_point04_fsdp2_shards_converted_activations_and_both_ranks_stay_identical(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert set(r0["state"]) == {"1.eps", "1.s", "1.lo", "1.hi", "3.eps"}
+    for key, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][key]), key
+    assert r0["state"]["3.eps"].shape == (1,) and float(r0["state"]["3.eps"]) != 0.01  # trained, in step
+    assert all(math.isfinite(v) for v in r0["losses"] + r1["losses"])
+    # Updates cannot read sharded eps yet: skipped alike on both ranks (no rank waits on the other)
+    assert r0["skips"] == r1["skips"] == {"1": {"sharded": 2}, "3": {"sharded": 2}}
+
+
+def test_point04_eps_has_shape_1_and_checkpoints_holding_it_0d_still_load():
+    from dynact import CRReLU
+
+    for make in (lambda: CRReLU(0.01), lambda: CRReLU(0.01, learnable=False), lambda: EAFOActivation("relu")):
+        act = make()
+        assert act.eps.shape == (1,)
+        assert sum(p.numel() for p in act.parameters()) in (0, 1)  # the paper's counts: one number
+        old = {k: (v.reshape(()) if k == "eps" else v) for k, v in act.state_dict().items()}
+        old["eps"] = torch.tensor(-0.03)  # as saved before: 0-d
+        fresh = make()
+        fresh.load_state_dict(old)
+        assert fresh.eps.shape == (1,) and float(fresh.eps) == pytest.approx(-0.03)
+        x = torch.tensor(0.7, requires_grad=True)  # a 0-d input keeps a 0-d output and gradient
+        y = fresh(x)
+        assert y.shape == ()
+        y.backward()
+        assert x.grad.shape == ()
+        if fresh.eps.requires_grad:
+            assert fresh.eps.grad.shape == (1,)
+            # d/d eps of relu(x) + eps * x exp(-x^2/2) at x = 0.7 (the spline interpolates it)
+            assert float(fresh.eps.grad) == pytest.approx(0.7 * math.exp(-0.245), abs=1e-3)
+    # converted from a plain checkpoint (before conversion), the eps shape is kept
+    from dynact.conversion import to_eafo
+
+    act = to_eafo(nn.ReLU())
+    act.load_state_dict({})
+    assert act.eps.shape == (1,)
