@@ -93,8 +93,17 @@ def _cpu_id() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(cxx: str) -> Path:
-    """Compile the library once per (source, compiler, flags, processor); return its path."""
+def _build(cxx: str, force: bool = False) -> Path:
+    """Compile the library once per (source, compiler, flags, processor); return its path.
+
+    A cached library is used only if it matches the size and SHA-256 recorded beside it
+    (``<name>.so.sha256``) when it was built; anything else (a truncated copy, a foreign file, a
+    cache from before the record existed) is rebuilt, as is everything when ``force``. Loading
+    a truncated shared library can kill the process with SIGBUS, so nothing is loaded unchecked.
+    Every file is written beside its target and renamed into place, so no process ever reads a
+    half-written library or record, and one already loaded keeps its own copy when another
+    process replaces it.
+    """
     from dynact._kernels_cpu import SOURCE
 
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
@@ -102,11 +111,9 @@ def _build(cxx: str) -> Path:
         "\n".join([SOURCE, cxx, version, " ".join(_FLAGS), _cpu_id(), sys.platform]).encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"dynact_kernels_{key}.so"
-    if target.exists():
+    if not force and _intact(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: processes building at once (DDP ranks) never load
-    # a half-written file.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out, source = Path(tmp) / target.name, Path(tmp) / "dynact_kernels.cpp"
         source.write_text(SOURCE)
@@ -122,8 +129,31 @@ def _build(cxx: str) -> Path:
             errors.append(proc.stderr.strip()[-1500:])
         else:
             raise RuntimeError(f"{cxx} failed: {errors[0]}")
+        record = Path(tmp) / "record"
+        record.write_text(_fingerprint(out))
         os.replace(out, target)
+        # The record follows the library: a reader seeing the new library with the old record
+        # (or none) rebuilds rather than loads.
+        os.replace(record, _record_path(target))
     return target
+
+
+def _record_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _fingerprint(path: Path) -> str:
+    """``"<size> <sha256>"`` of a file's bytes."""
+    data = path.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def _intact(library: Path) -> bool:
+    """Whether ``library`` is exactly the file its record describes."""
+    try:
+        return _record_path(library).read_text().strip() == _fingerprint(library)
+    except OSError:  # either file missing or unreadable
+        return False
 
 
 def _load() -> Optional[ctypes.CDLL]:
@@ -138,7 +168,10 @@ def _load() -> Optional[ctypes.CDLL]:
         try:
             if cxx is None:
                 raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-            lib = ctypes.CDLL(str(_build(cxx)))
+            try:
+                lib = ctypes.CDLL(str(_build(cxx)))
+            except OSError:  # a file matching its record that still does not load: build it afresh
+                lib = ctypes.CDLL(str(_build(cxx, force=True)))
             if lib.dynact_abi_version() != _ABI:
                 raise RuntimeError("stale library in the cache")
             _declare(lib)

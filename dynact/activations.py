@@ -89,8 +89,8 @@ class CRReLU(nn.Module):
 
     Args:
         eps: initial value of the correction's scale.
-        learnable: if True, ``eps`` is a scalar :class:`torch.nn.Parameter` (one per module),
-            otherwise a buffer.
+        learnable: if True, ``eps`` is a :class:`torch.nn.Parameter` holding one number (shape
+            ``(1,)``, which FSDP2 can shard; checkpoints holding it 0-d load too), otherwise a buffer.
 
     Example:
         >>> act = CRReLU(eps=0.01)
@@ -102,32 +102,43 @@ class CRReLU(nn.Module):
         super().__init__()
         if not math.isfinite(float(eps)):
             raise ValueError(f"CRReLU: eps must be a finite number, got {eps!r}")
-        value = torch.tensor(float(eps))
+        # Shape (1,), not 0-d: FSDP2 (fully_shard) cannot shard 0-d parameters.
+        value = torch.tensor([float(eps)])
         if learnable:
             self.eps = nn.Parameter(value)
         else:
             self.register_buffer("eps", value)
         self.learnable = learnable
+        self.register_load_state_dict_pre_hook(eps_as_vector)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = self.eps.view(())  # the stored (1,) as the 0-d scalar it is: 0-d inputs give 0-d outputs
         # Eager: the fused kernels of dynact._kernels (one pass per direction) or, where they
         # cannot be built, the hand-written backward above. Compiled: the same kernels as a
         # custom op on CPU, plain ops (fused by Inductor) elsewhere. Traced, under torch.func
         # transforms or forward-mode AD: plain ops.
         if torch.compiler.is_compiling() or _kernels.MODE == "ops":
             if _kernels.MODE != "ops" and _kernels.compiled_on_cpu(x):
-                return _kernels.crrelu_op(x, self.eps)  # on CPU the C++ kernel beats Inductor's loop
-            return crrelu(x, self.eps.reshape(()).to(x.dtype))
+                return _kernels.crrelu_op(x, eps)  # on CPU the C++ kernel beats Inductor's loop
+            return crrelu(x, eps.to(x.dtype))
         if _kernels.plain_ops_needed():
-            return crrelu(x, self.eps.reshape(()).to(x.dtype))
+            return crrelu(x, eps.to(x.dtype))
         if _kernels.available(x):
-            return _kernels.FusedCRReLU.apply(x, self.eps)
-        if not (x.requires_grad or self.eps.requires_grad):
-            return crrelu(x, self.eps.reshape(()).to(x.dtype))
-        return _CRReLUFunction.apply(x, self.eps)
+            return _kernels.FusedCRReLU.apply(x, eps)
+        if not (x.requires_grad or eps.requires_grad):
+            return crrelu(x, eps.to(x.dtype))
+        return _CRReLUFunction.apply(x, eps)
 
     def extra_repr(self) -> str:
         return f"eps={float(self.eps.detach()):.4g}, learnable={self.learnable}"
+
+
+def eps_as_vector(module, state_dict, prefix, *args) -> None:
+    """Load-state pre-hook of CRReLU and EAFOActivation: a checkpoint from before ``eps`` had
+    shape ``(1,)`` holds it 0-d; reshape it so that it loads."""
+    eps = state_dict.get(prefix + "eps")
+    if isinstance(eps, torch.Tensor) and eps.dim() == 0:
+        state_dict[prefix + "eps"] = eps.reshape(1)
 
 
 # name -> factory(**kw) returning an nn.Module. One line per activation.
@@ -317,9 +328,12 @@ def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]
 
 
 # ----------------------------------------------------------------------------- Hugging Face transformers
-#: transformers' GELU variants, by the name its ``ACT2CLS`` table gives them (``GELUActivation``,
-#: its plain GELU, is ``gelu_hf`` here because ``gelu`` is ``nn.GELU``). Each class computes one
-#: fixed function, so a converted layer keeps it: GPT-2's ``gelu_new`` stays tanh-approximate.
+#: transformers' own activation classes (its ``ACT2CLS`` table) that compute a function dynact
+#: knows, by the name that table gives them; a ``_hf`` suffix where dynact's name already
+#: means torch's class (``gelu_hf`` is ``GELUActivation``, ``gelu`` is ``nn.GELU``). Each class
+#: computes one fixed function, so a converted layer keeps it: GPT-2's ``gelu_new`` stays
+#: tanh-approximate, Llama's ``silu_hf`` stays SiLU. (``ACT2CLS``'s torch classes, ``nn.ReLU``,
+#: ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid``, ``nn.PReLU``, are in the registry already.)
 _TRANSFORMERS_ACTIVATIONS = {
     "gelu_new": "NewGELUActivation",
     "gelu_fast": "FastGELUActivation",
@@ -327,20 +341,28 @@ _TRANSFORMERS_ACTIVATIONS = {
     "gelu_pytorch_tanh": "GELUTanh",
     "gelu_accurate": "AccurateGELUActivation",
     "gelu_hf": "GELUActivation",
+    "silu_hf": "SiLUActivation",  # Llama, Mistral, Qwen MLPs
+    "mish_hf": "MishActivation",
 }
 
 
+_TRANSFORMERS_SEEN = False  # set once register_transformers_activations has run
+
+
 def register_transformers_activations() -> list[str]:
-    """Add transformers' GELU module classes to the registry; return the names added.
+    """Add transformers' activation classes to the registry; return the names added.
 
     After it, :func:`find_activations`, :func:`activation_types` and :func:`swap_activations`
-    see GPT-2's ``NewGELUActivation`` (name ``gelu_new``) and the other variants, so
+    see GPT-2's ``NewGELUActivation`` (name ``gelu_new``), Llama's ``SiLUActivation``
+    (``silu_hf``) and the others of :data:`_TRANSFORMERS_ACTIVATIONS`, so
     ``swap_activations(gpt2, "gelu_new", "crrelu")`` replaces every MLP activation. It runs by
     itself once ``transformers.activations`` has been imported (any transformers model imports
     it); calling it imports transformers. Raises :class:`ImportError` without transformers.
     """
     import transformers.activations as hf
 
+    global _TRANSFORMERS_SEEN
+    _TRANSFORMERS_SEEN = True
     added = []
     for name, cls_name in _TRANSFORMERS_ACTIVATIONS.items():
         cls = getattr(hf, cls_name, None)
@@ -354,5 +376,5 @@ def _register_loaded_libraries() -> None:
     # Cheap when nothing is loaded: a dict lookup. Never imports transformers itself.
     import sys
 
-    if "transformers.activations" in sys.modules and "gelu_new" not in _REGISTRY:
+    if "transformers.activations" in sys.modules and not _TRANSFORMERS_SEEN:
         register_transformers_activations()

@@ -39,7 +39,7 @@ from dynact.density import Density, sum_states
 from dynact.distributed import is_distributed, single_thread
 from dynact.options import ESTIMATORS, RANK_SEED_STRIDE, validate_options
 from dynact.spline import EAFOActivation
-from dynact.update_guards import Skip, nonfinite_tensors, overflows, restore
+from dynact.update_guards import Skip, nonfinite_tensors, overflows, restore, sharded_tensors
 
 __all__ = ["ActivationOptimizer", "LOGGED_STATS", "tag"]
 
@@ -454,6 +454,9 @@ class ActivationOptimizer:
                 f"had a constant input in the window (all values in [{low:.6g}, {high:.6g}]), which has no "
                 "density to measure",
             )
+        if sharded_tensors(layer.module):  # the same on every process: no collective, no hang
+            return self._skip(layer, "sharded", f"has FSDP2-sharded tensors {sharded_tensors(layer.module)}, which "
+                              "updates cannot read yet; leave the activations out of fully_shard's groups")
         bad = nonfinite_tensors(layer.module)
         if bad:
             return self._skip(

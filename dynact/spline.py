@@ -37,7 +37,7 @@ from dynact._spline_ref import (
     _SplineTerm,
     _tables,
 )
-from dynact.activations import ActSpec, activation_types, make_activation, register_activation
+from dynact.activations import ActSpec, activation_types, eps_as_vector, make_activation, register_activation
 from dynact.density import Density, check_grid
 
 __all__ = ["EAFOActivation", "DEFAULT_KNOTS"]
@@ -76,8 +76,9 @@ class EAFOActivation(nn.Module):
     The grid follows the data with :meth:`place_grid`; :meth:`outside_mass` says how much of a
     density lies beyond the current grid.
 
-    Buffers (persistent): ``s`` (``knots``,), ``lo`` and ``hi`` (0-d). Parameters: ``eps`` (0-d)
-    if ``learn_eps`` (else a buffer), plus the base's own (only PReLU has one), so with a
+    Buffers (persistent): ``s`` (``knots``,), ``lo`` and ``hi`` (0-d). Parameters: ``eps`` (one
+    number, shape ``(1,)`` so that FSDP2 can shard it; checkpoints holding it 0-d load too) if
+    ``learn_eps`` (else a buffer), plus the base's own (only PReLU has one), so with a
     parameter-free base the parameter count equals CRReLU's.
 
     Args:
@@ -149,11 +150,12 @@ class EAFOActivation(nn.Module):
         s = grid * torch.exp(-0.5 * grid**2) if init == "crrelu" else torch.zeros_like(grid)
         s[0] = s[-1] = 0.0
         self.register_buffer("s", s.float())
-        value = torch.tensor(float(eps))
+        value = torch.tensor([float(eps)])  # (1,), not 0-d: FSDP2 cannot shard 0-d parameters
         if self.learn_eps:
             self.eps = nn.Parameter(value)
         else:
             self.register_buffer("eps", value)
+        self.register_load_state_dict_pre_hook(eps_as_vector)
         self._cache: dict = {}
 
     # ------------------------------------------------------------------ forward
@@ -171,20 +173,21 @@ class EAFOActivation(nn.Module):
         return torch.linspace(float(self.lo), float(self.hi), self.knots, dtype=dtype, device=self.s.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = self.eps.view(())  # the stored (1,) as the 0-d scalar it is: 0-d inputs give 0-d outputs
         if torch.compiler.is_compiling() or _kernels.MODE == "ops":
             if _kernels.MODE != "ops" and _kernels.compiled_on_cpu(x):
                 # On CPU the C++ kernels beat Inductor's loop: call them as opaque custom ops.
                 value, slope, a, b = _tables(self.s, self.lo, self.hi, _compute_dtype(x.dtype))
                 y0 = None if self._relu_in_kernel() else self.base(x)
-                return _kernels.spline_op(x, self.eps, y0, _kernels.pack(value, slope), a, b)
+                return _kernels.spline_op(x, eps, y0, _kernels.pack(value, slope), a, b)
             return self._plain(x)
         if _kernels.plain_ops_needed():  # torch.jit.trace, torch.func transforms, forward-mode AD
             return self._plain(x)
         value, slope, a, b, pairs = self._eager_tables(_compute_dtype(x.dtype))
         if _kernels.available(x):
             y0 = None if self._relu_in_kernel() else self.base(x)
-            return _kernels.FusedSpline.apply(x, self.eps, y0, pairs, a, b)
-        return _SplineTerm.apply(x, self.base(x), self.eps, value, slope, a, b)
+            return _kernels.FusedSpline.apply(x, eps, y0, pairs, a, b)
+        return _SplineTerm.apply(x, self.base(x), eps, value, slope, a, b)
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
         # Plain differentiable tensor ops: fused by Inductor, traceable, and transformable.

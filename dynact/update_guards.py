@@ -11,7 +11,7 @@ from torch import nn
 
 from dynact.spline import EAFOActivation
 
-__all__ = ["Skip", "overflows", "nonfinite_tensors", "restore"]
+__all__ = ["Skip", "overflows", "nonfinite_tensors", "sharded_tensors", "restore"]
 
 
 class Skip(Exception):
@@ -23,23 +23,34 @@ class Skip(Exception):
 
 
 def overflows(act: EAFOActivation, dtype: torch.dtype) -> bool:
-    """Whether ``act`` gives a non-finite output for some finite input of ``dtype``.
+    """Whether the correction makes ``act`` non-finite for a finite input of ``dtype``.
 
     The correction is piecewise linear and zero beyond the grid, so next to a monotone base the
     output's extremes are at the knots or at the ends of the dtype's range: evaluating there
-    decides it (in ``dtype``, as the forward pass computes it).
+    decides it (in ``dtype``, as the forward pass computes it). Only the correction's doing
+    counts: a point where the base itself is already non-finite (torch's exact GELU gives
+    ``inf`` at float32's largest value) is the base's behaviour, which the update cannot change
+    and which an unconverted model has too.
     """
     big = torch.finfo(dtype).max
     x = act.knot_positions(torch.float64).clamp(-big, big)
     x = torch.cat([x, x.new_tensor([-big, big])]).to(dtype)
     with torch.no_grad():
-        return not bool(torch.isfinite(act(x)).all())
+        y, y0 = act(x), act.base(x)
+    return bool((~torch.isfinite(y) & torch.isfinite(y0)).any())
 
 
 def nonfinite_tensors(module: nn.Module) -> list[str]:
     """Names of the module's floating parameters and buffers holding NaN/Inf."""
     named = list(module.named_parameters()) + list(module.named_buffers())
     return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+
+
+def sharded_tensors(module: nn.Module) -> list[str]:
+    """Names of the module's parameters and buffers that are sharded across processes (FSDP2's
+    ``DTensor``): each process holds only part of them, so an update cannot read them locally."""
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return [n for n, t in named if callable(getattr(t, "full_tensor", None))]
 
 
 def restore(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:

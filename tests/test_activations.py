@@ -23,7 +23,7 @@ def test_crrelu_matches_published_formula():
 def test_crrelu_has_one_scalar_parameter_or_none():
     act = CRReLU()
     params = list(act.parameters())
-    assert len(params) == 1 and params[0].shape == () and params[0].item() == pytest.approx(0.01)
+    assert len(params) == 1 and params[0].shape == (1,) and params[0].item() == pytest.approx(0.01)
     frozen = CRReLU(0.05, learnable=False)
     assert list(frozen.parameters()) == []
     assert float(frozen.state_dict()["eps"]) == pytest.approx(0.05)

@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from dynact import eafo
 from dynact.callbacks._logging import _curve_figure, _log_histogram, _log_scalars, _tensorboard_writers
+from dynact.conversion import convert_like_state_dict
 from dynact.core import ActivationOptimizer, around, tag
 from dynact.options import validate_options
 from dynact.spline import EAFOActivation
@@ -113,6 +114,12 @@ class EAFOCallback(Callback):
     resume under DDP the window in progress keeps rank 0's partial counts, not the others'.
     Hooks are removed at ``teardown``.
 
+    Spawned processes (``strategy="ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``): training
+    runs in child processes and Lightning sends rank 0's weights back to the model in the calling
+    process, which still has its plain activations. The callback converts that model's layers
+    like rank 0's before the weights are loaded, so after ``fit`` the model in the calling
+    process holds the trained activations (``eps``, ``s`` and the grid), as with ``"ddp"``.
+
     Args:
         every_n_steps: optimizer steps between updates.
         estimator: ``"kde"`` (binned Gaussian KDE) or ``"hist"`` (histogram).
@@ -194,6 +201,7 @@ class EAFOCallback(Callback):
         self._new_params: list[nn.Parameter] = []
         self._resumed: Optional[dict[str, Any]] = None
         self._no_figure: set[str] = set()
+        _return_activations_from_spawned_processes()
 
     @property
     def state_key(self) -> str:
@@ -374,3 +382,33 @@ def _insert_new_params(
             index += 1
         out_groups.append({**saved_group, "params": params})
     return {**saved, "state": state, "param_groups": out_groups}
+
+
+# ----------------------------------------------------------------------------- spawned processes
+def _return_activations_from_spawned_processes() -> None:
+    """Make Lightning's spawning launcher bring converted activations back to the calling process.
+
+    The launcher (``_MultiProcessingLauncher``) saves rank 0's ``state_dict`` and, in the
+    calling process, loads it into the original model with ``strict=False``: the keys of
+    converted layers (``<layer>.s``, ``.eps``, ...) find plain activations there and are dropped
+    without a word. No callback hook runs in the calling process, so this wraps the launcher's
+    step that recovers the results (once per process): when the trainer has an
+    :class:`EAFOCallback`, the model's layers are converted like the saved state first
+    (:func:`dynact.conversion.convert_like_state_dict`), and the launcher's own loading then
+    fills them in.
+    """
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    original = getattr(_MultiProcessingLauncher, "_recover_results_in_main_process", None)
+    if original is None or getattr(original, "_dynact", False):
+        return
+
+    def recover(self, worker_output, trainer):
+        path = getattr(worker_output, "weights_path", None)
+        if path is not None and any(isinstance(cb, EAFOCallback) for cb in trainer.callbacks):
+            convert_like_state_dict(trainer.lightning_module, self._strategy.checkpoint_io.load_checkpoint(path))
+        return original(self, worker_output, trainer)
+
+    recover._dynact = True
+    recover.__doc__ = original.__doc__
+    _MultiProcessingLauncher._recover_results_in_main_process = recover

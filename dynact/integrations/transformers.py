@@ -29,9 +29,10 @@ class EAFOTrainerCallback(TrainerCallback):
     per-layer entropy figures, and apply EAFO updates to dynamic activations.
 
     Works with ``transformers.Trainer`` and every trainer that subclasses it (TRL's
-    ``SFTTrainer``, ``DPOTrainer``, ``RewardTrainer``, ...). transformers' GELU classes
-    (GPT-2's ``NewGELUActivation`` and the other variants) are in dynact's registry, so they
-    are measured and can be converted.
+    ``SFTTrainer``, ``DPOTrainer``, ``RewardTrainer``, ...). transformers' own activation
+    classes (GPT-2's ``NewGELUActivation`` and the other GELU variants, Llama's, Mistral's and
+    Qwen's ``SiLUActivation`` as ``"silu_hf"``) are in dynact's registry, so they are measured
+    and can be converted.
 
     What happens when:
 
