@@ -39,7 +39,7 @@ from dynact.density import Density, sum_states
 from dynact.distributed import is_distributed, single_thread
 from dynact.options import ESTIMATORS, RANK_SEED_STRIDE, validate_options
 from dynact.spline import EAFOActivation
-from dynact.update_guards import Skip, nonfinite_tensors, overflows, restore, sharded_tensors
+from dynact.update_guards import Skip, gathered, nonfinite_tensors, overflows, restore
 
 __all__ = ["ActivationOptimizer", "LOGGED_STATS", "tag"]
 
@@ -424,7 +424,8 @@ class ActivationOptimizer:
         metrics: dict[str, float] = {}
         self.densities = {}
         for layer, state, ends in zip(layers, states, extrema, strict=False):
-            used = self._update_layer(layer, state, ends, metrics)
+            with gathered(layer.module):  # FSDP2-sharded parameters read whole, on every process alike
+                used = self._update_layer(layer, state, ends, metrics)
             metrics[tag("skipped", layer.name)] = float(layer.skipped)
             if used is not None:
                 self.densities[layer.name] = used
@@ -454,9 +455,6 @@ class ActivationOptimizer:
                 f"had a constant input in the window (all values in [{low:.6g}, {high:.6g}]), which has no "
                 "density to measure",
             )
-        if sharded_tensors(layer.module):  # the same on every process: no collective, no hang
-            return self._skip(layer, "sharded", f"has FSDP2-sharded tensors {sharded_tensors(layer.module)}, which "
-                              "updates cannot read yet; leave the activations out of fully_shard's groups")
         bad = nonfinite_tensors(layer.module)
         if bad:
             return self._skip(

@@ -6,12 +6,15 @@ with these helpers, and restores the snapshot when an update cannot be made sens
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
 from dynact.spline import EAFOActivation
 
-__all__ = ["Skip", "overflows", "nonfinite_tensors", "sharded_tensors", "restore"]
+__all__ = ["Skip", "overflows", "nonfinite_tensors", "gathered", "restore"]
 
 
 class Skip(Exception):
@@ -46,11 +49,28 @@ def nonfinite_tensors(module: nn.Module) -> list[str]:
     return [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
 
 
-def sharded_tensors(module: nn.Module) -> list[str]:
-    """Names of the module's parameters and buffers that are sharded across processes (FSDP2's
-    ``DTensor``): each process holds only part of them, so an update cannot read them locally."""
-    named = list(module.named_parameters()) + list(module.named_buffers())
-    return [n for n, t in named if callable(getattr(t, "full_tensor", None))]
+@contextmanager
+def gathered(module: nn.Module) -> Iterator[None]:
+    """Within it, the module's FSDP2-sharded parameters (``DTensor``, of which each process holds a
+    part) are whole tensors, so an update can read them; on exit the sharded ones are put back.
+
+    Gathering is a collective: every process must enter for the same modules in the same order
+    (:class:`dynact.ActivationOptimizer` does, for every layer at every update). Updates write
+    only the spline's buffers, which FSDP2 leaves replicated, so nothing needs scattering back.
+    """
+    swapped = []
+    for name, param in list(module.named_parameters()):
+        if callable(getattr(param, "full_tensor", None)):
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            whole = nn.Parameter(param.full_tensor().detach().clone(), requires_grad=param.requires_grad)
+            swapped.append((owner, leaf, param))
+            owner._parameters[leaf] = whole
+    try:
+        yield
+    finally:
+        for owner, leaf, param in swapped:
+            owner._parameters[leaf] = param
 
 
 def restore(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:

@@ -260,18 +260,22 @@ def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
         fully_shard(model)  # refused 0-d eps ("fully_shard doesn't support scalar parameters")
         sgd = torch.optim.SGD(model.parameters(), lr=0.1)
         g = torch.Generator().manual_seed(rank)  # different data on each rank
-        losses = []
+        losses, accepted = [], []
         for _ in range(4):
             x, y = torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g)
             sgd.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
             sgd.step()
+            updates = opt.num_updates
             opt.step()
-            losses.append(float(loss))
+            if opt.num_updates > updates:
+                accepted.append(opt.metrics()["accepted/1"])
+            losses.append(float(loss.detach()))
         state = {f"{n}.{k}": (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
                  for n in ("1", "3") for k, v in model.get_submodule(n).state_dict().items()}
-        torch.save({"state": state, "skips": opt.skips, "losses": losses}, os.path.join(out, f"rank{rank}.pt"))
+        record = {"state": state, "skips": opt.skips, "losses": losses, "accepted": accepted}
+        torch.save(record, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -292,8 +296,11 @@ def test_point04_fsdp2_shards_converted_activations_and_both_ranks_stay_identica
         assert torch.equal(value, r1["state"][key]), key
     assert r0["state"]["3.eps"].shape == (1,) and float(r0["state"]["3.eps"]) != 0.01  # trained, in step
     assert all(math.isfinite(v) for v in r0["losses"] + r1["losses"])
-    # Updates cannot read sharded eps yet: skipped alike on both ranks (no rank waits on the other)
-    assert r0["skips"] == r1["skips"] == {"1": {"sharded": 2}, "3": {"sharded": 2}}
+    # The updates read the sharded eps whole on both ranks: made, not skipped, and alike
+    assert r0["skips"] == r1["skips"] and not any(r0["skips"].values())
+    assert r0["accepted"] == r1["accepted"] == [1.0, 1.0]
+    fresh = EAFOActivation("relu")  # the spline was refreshed away from its initial shape
+    assert float((r0["state"]["1.s"] - fresh.s).abs().max()) > 1e-3
 
 
 def test_point04_eps_has_shape_1_and_checkpoints_holding_it_0d_still_load():
