@@ -27,13 +27,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 N = 70_001
 
 
-@pytest.fixture(autouse=True)
-def _restore_mode():
-    mode = _kernels.MODE
-    yield
-    _kernels.MODE = mode
-
-
 def _inputs(n: int = N, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = 3 * torch.randn(n, generator=g)

@@ -30,13 +30,6 @@ SQRT_2PI = math.sqrt(2 * math.pi)
 IMPLS = ["auto", "reference", "ops"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_kernel_mode():
-    mode = _kernels.MODE
-    yield
-    _kernels.MODE = mode
-
-
 def _forced(act: EAFOActivation, impl: str) -> EAFOActivation:
     _kernels.MODE = impl
     return act

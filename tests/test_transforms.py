@@ -27,13 +27,6 @@ from dynact.spline import EAFOActivation
 EPS = 0.3
 
 
-@pytest.fixture(autouse=True)
-def _restore_mode():
-    mode = _kernels.MODE
-    yield
-    _kernels.MODE = mode
-
-
 def _eafo(base: str) -> EAFOActivation:
     torch.manual_seed(0)
     act = EAFOActivation(base, lo=-4.0, hi=5.0, knots=65, eps=EPS)
