@@ -161,7 +161,8 @@ ActSpec = Union[str, type, Callable[..., nn.Module], nn.Module, None]
 
 
 def activation_names() -> list[str]:
-    """The registered activation names, in registration order."""
+    """The registered activation names, in registration order (transformers' once it is loaded)."""
+    _register_loaded_libraries()
     return list(_REGISTRY)
 
 
@@ -187,10 +188,11 @@ def resolve_activation(spec: ActSpec) -> Callable[..., nn.Module] | None:
     if isinstance(spec, str):
         key = spec.strip().lower()
         _register_loaded_libraries()
+        if key in _TRANSFORMERS_ACTIVATIONS and key not in _REGISTRY:
+            _register_transformers_if_installed()  # a transformers name asked for before loading it
         if key not in _REGISTRY:
-            raise ValueError(
-                f"unknown activation {spec!r}; choose one of: {', '.join(_REGISTRY)}"
-            )
+            hint = " (a transformers activation: pip install transformers)" if key in _TRANSFORMERS_ACTIVATIONS else ""
+            raise ValueError(f"unknown activation {spec!r}{hint}; choose one of: {', '.join(_REGISTRY)}")
         return _REGISTRY[key]
     if isinstance(spec, nn.Module):
         raise TypeError(
@@ -370,6 +372,14 @@ def register_transformers_activations() -> list[str]:
             register_activation(name, cls)
             added.append(name)
     return added
+
+
+def _register_transformers_if_installed() -> None:
+    # Only for a name of _TRANSFORMERS_ACTIVATIONS: importing transformers takes seconds.
+    from importlib.util import find_spec
+
+    if find_spec("transformers") is not None:
+        register_transformers_activations()
 
 
 def _register_loaded_libraries() -> None:

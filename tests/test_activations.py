@@ -217,3 +217,19 @@ def test_swap_to_eafo_wraps_the_module_it_replaces():
     other = nn.Sequential(nn.Linear(4, 4), nn.GELU())
     swap_activations(other, nn.GELU, "eafo", base="relu")  # an explicit base wins
     assert isinstance(other[1].base, nn.ReLU)
+
+
+def test_transformers_names_work_before_transformers_is_loaded():
+    # A fresh interpreter: nothing has imported transformers.activations yet (a new user's script).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dynact\n"
+        "assert 'transformers.activations' not in sys.modules\n"
+        "act = dynact.EAFOActivation('gelu_new')\n"
+        "print(type(act.base).__name__, 'silu_hf' in dynact.activation_names())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["NewGELUActivation", "True"]
