@@ -224,6 +224,13 @@ def make_activation(name: ActSpec, **kwargs) -> nn.Module:
     return module
 
 
+def tensor_device(module: nn.Module) -> torch.device | None:
+    """The device of ``module``'s first parameter (else buffer); None for a module without tensors.
+    A module put in place of ``module`` is moved there."""
+    ref = next(iter(list(module.parameters()) + list(module.buffers())), None)
+    return None if ref is None else ref.device
+
+
 def activation_types() -> dict[type, str]:
     """Module classes of the registered activations, mapped to their registry names
     (``nn.ReLU -> "relu"``, ..., ``EAFOActivation -> "eafo"``)."""
@@ -319,9 +326,9 @@ def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]
             fresh = factory(base=mod, **kwargs)
         else:
             fresh = factory(**kwargs)
-        ref = next(iter(list(mod.parameters()) + list(mod.buffers())), None)
-        if ref is not None:
-            fresh = fresh.to(device=ref.device)
+        device = tensor_device(mod)
+        if device is not None:
+            fresh = fresh.to(device=device)
         setattr(parent, child, mark(fresh))
         replaced.append(name)
     if replaced:

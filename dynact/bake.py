@@ -17,10 +17,12 @@ import torch
 from torch import nn
 
 from dynact._spline_ref import _tables
-from dynact.activations import CRReLU, crrelu
+from dynact.activations import CRReLU, crrelu, find_activations, tensor_device
+from dynact.conversion import record
 from dynact.spline import EAFOActivation
 
 __all__ = ["bake", "BakedSpline", "BakedCRReLU"]
+
 
 def _frozen_eps(eps: torch.Tensor) -> torch.Tensor:
     # eps is 0-d or of shape (1,); the baked module keeps a 0-d copy, so scalar inputs keep their shape.
@@ -46,7 +48,7 @@ class BakedSpline(nn.Module):
             value, slope, a, b = _tables(act.s.detach(), act.lo.detach(), act.hi.detach(), dtype)
             for name, t in (("value", value), ("slope", slope), ("a", a), ("b", b),
                             ("lo", act.lo.detach().to(dtype)), ("hi", act.hi.detach().to(dtype))):
-                self.register_buffer(name, t.clone().reshape(t.shape if t.dim() else ()))
+                self.register_buffer(name, t.clone())
             self.register_buffer("eps", _frozen_eps(act.eps).to(dtype))
         self.knots = act.knots
         self._last = float(slope.shape[0] - 1)
@@ -83,9 +85,9 @@ class BakedCRReLU(nn.Module):
 
 def _baked(module: nn.Module) -> nn.Module:
     baked = BakedSpline(module) if isinstance(module, EAFOActivation) else BakedCRReLU(module)
-    ref = next(iter(list(module.buffers()) + list(module.parameters())), None)
-    if ref is not None:
-        baked = baked.to(device=ref.device)
+    device = tensor_device(module)
+    if device is not None:
+        baked = baked.to(device=device)
     return baked.train(module.training)
 
 
@@ -110,14 +112,9 @@ def bake(model: nn.Module) -> nn.Module:
     """
     if isinstance(model, (EAFOActivation, CRReLU)):
         return _baked(model)
-    found: list[str] = []
-    for name, module in model.named_modules():
-        if isinstance(module, (EAFOActivation, CRReLU)) and not any(name.startswith(f + ".") for f in found):
-            found.append(name)
-    for name in found:
-        model.set_submodule(name, _baked(model.get_submodule(name)))
+    found = find_activations(model, (EAFOActivation, CRReLU))  # outermost: a CRReLU base is baked with its module
+    for name, module in found:
+        model.set_submodule(name, _baked(module))
     if found:
-        from dynact.conversion import record
-
         record(model)  # a saved config no longer claims these layers are dynamic
     return model

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from dynact.activations import CRReLU, activation_types, find_activations, resolve_activation
+from dynact.activations import CRReLU, activation_types, find_activations, resolve_activation, tensor_device
 from dynact.spline import EAFOActivation
 
 __all__ = ["to_eafo", "convert_like", "convert_like_state_dict", "describe", "describe_activation", "record"]
@@ -66,12 +66,12 @@ def to_eafo(module: nn.Module, **kwargs) -> nn.Module:
     if getattr(module, "inplace", False) is True:
         module.inplace = False
     act = EAFOActivation(base=module, **kwargs)
-    ref = next(iter(list(module.parameters()) + list(module.buffers())), None)
-    if ref is not None:
+    device = tensor_device(module)
+    if device is not None:
         # Only the correction's own tensors move: the base keeps its device and dtype.
         for name in ("s", "lo", "hi", "eps"):
             t = getattr(act, name)
-            t.data = t.data.to(ref.device)
+            t.data = t.data.to(device)
     act.register_load_state_dict_pre_hook(_accept_replaced_state)
     return mark(act)
 
@@ -301,8 +301,8 @@ def convert_like(
 
 
 def _on_device(new: nn.Module, old: nn.Module) -> nn.Module:
-    ref = next(iter(list(old.parameters()) + list(old.buffers())), None)
-    return new.to(device=ref.device) if ref is not None and ref.device.type != "meta" else new
+    device = tensor_device(old)
+    return new.to(device=device) if device is not None and device.type != "meta" else new
 
 
 def convert_like_state_dict(model: nn.Module, state_dict: Mapping, prefix: str = "") -> list[str]:
