@@ -250,7 +250,9 @@ class ImageClassifier(pl.LightningModule):
     def configure_optimizers(self):
         no_decay = set(self.net.no_weight_decay()) if hasattr(self.net, "no_weight_decay") else set()
         groups = param_groups_weight_decay(self.net, self.hparams.weight_decay, no_weight_decay_list=no_decay)
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
+        # foreach: one kernel per step for all tensors; torch picks it by itself only on CUDA, and on
+        # the CPU the per-tensor loop cost about a fifth of a small model's optimizer step.
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, foreach=True)
         warmup, total = self.schedule_steps()
         scheduler = CosineLRScheduler(
             optimizer,
