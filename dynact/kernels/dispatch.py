@@ -1,4 +1,4 @@
-"""Fused forward and backward passes of CRReLU and EAFOActivation.
+"""Fused forward and backward passes of CRReLU and EAFOActivation: building, choosing and calling them.
 
 Eager PyTorch runs one kernel per elementwise operation, so ``relu(x) + eps * s(x)`` written
 with tensor ops reads and writes the tensor several times per direction. Here each direction is
@@ -6,12 +6,12 @@ one pass: the forward reads ``x`` and writes ``y``; the backward reads ``x`` and
 writes ``grad_x`` while summing ``grad * s(x)`` (the ``eps`` gradient) in the same loop, the
 memory traffic of GELU's own kernels.
 
-- CPU: ``dynact._kernels_cpu.SOURCE``, plain C++ (no PyTorch headers, a few seconds to build),
+- CPU: ``dynact.kernels.cpu.SOURCE``, plain C++ (no PyTorch headers, a few seconds to build),
   compiled once per machine with the system's C++ compiler and cached under ``$DYNACT_CACHE``
   (default ``~/.cache/dynact``), then called through :mod:`ctypes`. The eps gradient is summed
   in double over fixed chunks, so it is the same bit for bit whatever the thread count
   (deterministic mode needs nothing more).
-- CUDA: Triton kernels (:mod:`dynact._triton`) when Triton is installed; per-block partial sums
+- CUDA: Triton kernels (:mod:`dynact.kernels.cuda`) when Triton is installed; per-block partial sums
   of the eps gradient are added by one deterministic ``torch.sum``.
 
 Where a fast path cannot be built (no compiler, build error, no Triton) the reference path runs
@@ -45,6 +45,8 @@ from typing import Optional
 
 import torch
 from torch.autograd import forward_ad as _forward_ad
+
+from dynact.kernels import cpu
 
 __all__: list[str] = []
 
@@ -104,11 +106,9 @@ def _build(cxx: str, force: bool = False) -> Path:
     half-written library or record, and one already loaded keeps its own copy when another
     process replaces it.
     """
-    from dynact._kernels_cpu import SOURCE
-
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(
-        "\n".join([SOURCE, cxx, version, " ".join(_FLAGS), _cpu_id(), sys.platform]).encode()
+        "\n".join([cpu.SOURCE, cxx, version, " ".join(_FLAGS), _cpu_id(), sys.platform]).encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"dynact_kernels_{key}.so"
     if not force and _intact(target):
@@ -116,7 +116,7 @@ def _build(cxx: str, force: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out, source = Path(tmp) / target.name, Path(tmp) / "dynact_kernels.cpp"
-        source.write_text(SOURCE)
+        source.write_text(cpu.SOURCE)
         errors = []
         # Compilers without OpenMP (Apple's clang) or -march=native still give a fused,
         # single-threaded library.
@@ -199,9 +199,14 @@ def _reset() -> None:
     global _lib, _failure
     _lib, _failure = None, None
     _warned.clear()
-    from dynact import _triton
+    _cuda().reset()
 
-    _triton.reset()
+
+def _cuda():
+    """The Triton kernels (:mod:`dynact.kernels.cuda`), imported on first use."""
+    from dynact.kernels import cuda  # optional dependency: Triton (imported by the first CUDA call)
+
+    return cuda
 
 
 def available(x: torch.Tensor) -> bool:
@@ -211,9 +216,7 @@ def available(x: torch.Tensor) -> bool:
     if x.device.type == "cpu":
         return _load() is not None
     if x.device.type == "cuda" and x.dtype != torch.float64:
-        from dynact import _triton
-
-        return _triton.available()
+        return _cuda().available()
     return False
 
 
@@ -229,7 +232,7 @@ def _check(rc: int) -> None:
 
 def pack(value: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
     """``(K + 3, 2)`` table of ``(value[j], slope[j])`` pairs (``slope`` padded with a zero), from
-    the tables of ``dynact._spline_ref._tables``: the kernels fetch both numbers with one load."""
+    the tables of ``dynact.kernels.reference._tables``: the kernels fetch both numbers with one load."""
     return torch.stack([value, torch.cat([slope, slope.new_zeros(1)])], 1).contiguous()
 
 
@@ -242,9 +245,7 @@ def eafo_forward(x: torch.Tensor, y0: Optional[torch.Tensor], pairs: torch.Tenso
     """
     x = x.contiguous()
     if x.device.type == "cuda":
-        from dynact import _triton
-
-        return _triton.eafo_forward(x, y0, pairs, a, b, eps)
+        return _cuda().eafo_forward(x, y0, pairs, a, b, eps)
     y0 = None if y0 is None else y0.to(x.dtype).contiguous()
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     _check(_lib.dynact_eafo_forward(_DTYPES[x.dtype], 0 if y0 is not None else 1, _ptr(x), _ptr(y0), _ptr(out),
@@ -259,9 +260,7 @@ def eafo_backward(grad: torch.Tensor, x: torch.Tensor, relu: bool, pairs: torch.
     (callers reshape it to ``eps``'s shape), float64 on CPU, float32 on CUDA."""
     grad, x = grad.contiguous(), x.contiguous()
     if x.device.type == "cuda":
-        from dynact import _triton
-
-        return _triton.eafo_backward(grad, x, relu, pairs, a, b, eps, need_x, need_eps)
+        return _cuda().eafo_backward(grad, x, relu, pairs, a, b, eps, need_x, need_eps)
     grad = grad.to(x.dtype)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
     geps = torch.zeros((), dtype=torch.float64) if need_eps else None
@@ -274,9 +273,7 @@ def eafo_backward(grad: torch.Tensor, x: torch.Tensor, relu: bool, pairs: torch.
 def crrelu_forward(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     if x.device.type == "cuda":
-        from dynact import _triton
-
-        return _triton.crrelu_forward(x, eps)
+        return _cuda().crrelu_forward(x, eps)
     eps = float(eps)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     _check(_lib.dynact_crrelu_forward(_DTYPES[x.dtype], _ptr(x), _ptr(out), x.numel(), eps,
@@ -287,9 +284,7 @@ def crrelu_forward(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 def crrelu_backward(grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, need_x: bool, need_eps: bool):
     grad, x = grad.contiguous(), x.contiguous()
     if x.device.type == "cuda":
-        from dynact import _triton
-
-        return _triton.crrelu_backward(grad, x, eps, need_x, need_eps)
+        return _cuda().crrelu_backward(grad, x, eps, need_x, need_eps)
     eps = float(eps)
     grad = grad.to(x.dtype)
     gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
