@@ -1,7 +1,8 @@
 """C++ source of the fused CPU kernels, compiled by :mod:`dynact.kernels.dispatch` on first use.
 
 Kept as a string in a Python module so that it ships inside the package with no packaging
-configuration; ``python -m dynact.kernels.cpu > k.cpp`` writes it out for reading or editing.
+configuration; ``python -c "from dynact.kernels.cpu import SOURCE; print(SOURCE, end='')" > k.cpp``
+writes it out for reading or editing.
 """
 
 SOURCE = r"""// Fused CPU kernels of dynact's activations: one pass over the tensor per direction.
@@ -357,6 +358,3 @@ int dynact_crrelu_backward(int dtype, const void* grad, const void* x, void* gx,
 
 }  // extern "C"
 """
-
-if __name__ == "__main__":
-    print(SOURCE, end="")
