@@ -25,8 +25,8 @@ import time
 import torch
 from torch import nn
 
-from dynact import _kernels
 from dynact.activations import CRReLU
+from dynact.kernels import dispatch as _kernels
 from dynact.spline import EAFOActivation
 
 

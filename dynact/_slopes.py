@@ -1,21 +1,34 @@
-"""The constrained problem behind :meth:`dynact.EAFOActivation.iterate` (docs/math.md, "Iterating")."""
+"""The constrained problem behind :meth:`dynact.EAFOActivation.iterate` (docs/math.md, "Iterating").
+
+:mod:`dynact.spline` builds on this module; the activation comes in as anything with the
+attributes of :class:`Spline`, so nothing here imports it back.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from dynact import eafo
-from dynact._spline_ref import _interp_clamped, _spline_ops
 from dynact.density import Density
+from dynact.kernels.reference import _interp_clamped, _spline_ops
 
-if TYPE_CHECKING:  # pragma: no cover
-    from dynact.spline import EAFOActivation
+__all__ = ["SlopeProblem", "Spline", "finite_arg", "take_step"]
 
-__all__ = ["SlopeProblem", "finite_arg", "take_step"]
+
+class Spline(Protocol):
+    """What :class:`SlopeProblem` reads of an :class:`~dynact.EAFOActivation`: its knot values
+    ``s``, scale ``eps``, grid ends ``lo`` and ``hi`` (tensors) and the knot positions."""
+
+    s: torch.Tensor
+    eps: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    def knot_positions(self) -> torch.Tensor: ...
 
 
 def finite_arg(name: str, value, *, positive: bool = False, nonzero: bool = False) -> float:
@@ -73,7 +86,7 @@ class SlopeProblem:
     (:meth:`restore` may raise it on the cells around a minimum of the base).
     """
 
-    def __init__(self, act: "EAFOActivation", d: Density, base64: nn.Module, min_ratio: float,
+    def __init__(self, act: Spline, d: Density, base64: nn.Module, min_ratio: float,
                  max_ratio: float, min_slope: float) -> None:
         self.d, self.base64 = d, base64
         self.scale = d.mean_std()[1]
@@ -320,14 +333,27 @@ def take_step(problem: SlopeProblem, old: torch.Tensor, eta: float, max_log_chan
         problem.set_fixed(old)
     else:
         start = projected
-        if moved > limit:  # move as far onto the bounds as the trust region allows (rounding included)
-            t = max(0.0, limit - 4 * problem.rounding(projected)) / moved
-            new = problem.stored(old + t * (projected - old))
-            out.update(s=new, accepted=True, change=abs(problem.eps) * float((new - old).abs().max()),
-                       objective_before=problem.objective_of(old), objective_after=problem.objective_of(new),
-                       reason=f"restoring the slope bounds ({problem.describe(old)}): moved {t:.0%} of the "
-                              f"way, within the trust region {limit:.3g}; the next updates go on")
-            return out
+        if moved > limit:
+            return _restore_part_way(problem, old, projected, moved, limit, out)
+    return _descend(problem, old, start, moved, feasible, eta, max_log_change, limit, backtrack, out)
+
+
+def _restore_part_way(problem: SlopeProblem, old: torch.Tensor, projected: torch.Tensor, moved: float,
+                      limit: float, out: dict) -> dict:
+    """Move as far onto the bounds as the trust region allows (rounding included)."""
+    t = max(0.0, limit - 4 * problem.rounding(projected)) / moved
+    new = problem.stored(old + t * (projected - old))
+    out.update(s=new, accepted=True, change=abs(problem.eps) * float((new - old).abs().max()),
+               objective_before=problem.objective_of(old), objective_after=problem.objective_of(new),
+               reason=f"restoring the slope bounds ({problem.describe(old)}): moved {t:.0%} of the "
+                      f"way, within the trust region {limit:.3g}; the next updates go on")
+    return out
+
+
+def _descend(problem: SlopeProblem, old: torch.Tensor, start: torch.Tensor, moved: float, feasible: bool,
+             eta: float, max_log_change: float, limit: float, backtrack: int, out: dict) -> dict:
+    """The descent part of :func:`take_step` from ``start`` (``old`` itself, or its projection onto
+    the bounds ``moved`` away from it): backtracking on the objective, inside the trust region."""
     j0 = problem.objective_of(start)
     out["objective_before"] = out["objective_after"] = j0
     if not math.isfinite(j0):
@@ -340,14 +366,7 @@ def take_step(problem: SlopeProblem, old: torch.Tensor, eta: float, max_log_chan
         direction = torch.zeros_like(direction)
     scale, j1 = 1.0, math.nan
     for _ in range(backtrack + 1):
-        new, change = None, math.inf
-        for _ in range(30):  # shrink the step into the trust region (what is left of it after restoring)
-            new = problem.stored(problem.knot_values(problem.project(u0 + scale * direction)))
-            change = abs(problem.eps) * float((new - old).abs().max())
-            if change <= limit or scale == 0.0:
-                break
-            part = abs(problem.eps) * float((new - start).abs().max())
-            scale *= min(0.5, max(0.0, 0.9 * (limit - moved) / max(part, 1e-300)))
+        new, change, scale = _within_trust_region(problem, u0, direction, scale, old, start, moved, limit)
         if change > limit:
             break
         j1 = problem.objective_of(new)
@@ -368,3 +387,18 @@ def take_step(problem: SlopeProblem, old: torch.Tensor, eta: float, max_log_chan
         "too large (lower it) or of the wrong sign"
     )
     return out
+
+
+def _within_trust_region(problem: SlopeProblem, u0: torch.Tensor, direction: torch.Tensor, scale: float,
+                         old: torch.Tensor, start: torch.Tensor, moved: float, limit: float):
+    """Shrink the step ``scale * direction`` from ``u0`` into the trust region (what is left of it
+    after restoring): ``(new knot values, change from old, scale)``; change > limit if it cannot."""
+    new, change = None, math.inf
+    for _ in range(30):
+        new = problem.stored(problem.knot_values(problem.project(u0 + scale * direction)))
+        change = abs(problem.eps) * float((new - old).abs().max())
+        if change <= limit or scale == 0.0:
+            break
+        part = abs(problem.eps) * float((new - start).abs().max())
+        scale *= min(0.5, max(0.0, 0.9 * (limit - moved) / max(part, 1e-300)))
+    return new, change, scale

@@ -1,20 +1,33 @@
 """Activations by name: CRReLU, the paper's baselines, and tools to swap them inside any model.
 
-One table (:data:`_REGISTRY`) maps a lower-case name to a factory; :func:`resolve_activation`
-is the single resolver that every other part of dynact (``make_activation``,
-``swap_activations``, the models' ``act=`` and the CLI's ``--arms``) goes through.
+The name table and its lookups live in :mod:`dynact.registry` (one table maps a lower-case name
+to a factory; :func:`resolve_activation` is the single resolver that every other part of dynact
+goes through); this module re-exports them, so ``dynact.activations`` is the one place to import
+them from. CRReLU registers itself here as ``"crrelu"``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Union
+from typing import Iterable, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynact import _kernels
+from dynact.kernels import dispatch
+from dynact.records import always_recorded, mark, record
+from dynact.registry import (
+    ActSpec,
+    activation_names,
+    activation_types,
+    find_activations,
+    make_activation,
+    register_activation,
+    register_transformers_activations,
+    resolve_activation,
+    tensor_device,
+)
 
 __all__ = [
     "CRReLU",
@@ -35,11 +48,11 @@ def crrelu(x: torch.Tensor, eps: Union[torch.Tensor, float]) -> torch.Tensor:
 
     Works for any float dtype; the Gaussian factor is computed in the input's dtype, which
     keeps float16/bfloat16 graphs free of casts (``x*x`` is capped where the Gaussian is 0, so
-    neither it nor its derivatives overflow: :func:`dynact._kernels.gauss`). Written as plain
+    neither it nor its derivatives overflow: :func:`dynact.kernels.dispatch.gauss`). Written as plain
     tensor ops, so ``torch.compile`` fuses it into one kernel per direction, and ``torch.func``
     transforms, forward-mode AD and ``torch.jit.trace`` see standard ops.
     """
-    return F.relu(x) + eps * x * _kernels.gauss(x)[1]
+    return F.relu(x) + eps * x * dispatch.gauss(x)[1]
 
 
 class _CRReLUFunction(torch.autograd.Function):
@@ -63,9 +76,9 @@ class _CRReLUFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, eps = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops
-            return _kernels.crrelu_grads(grad, x, eps, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        # x*x capped where the Gaussian is 0 (see _kernels.X2_CAP): no -inf * 0 in float16.
-        x2 = (x * x).clamp_max_(_kernels.X2_CAP)
+            return dispatch.crrelu_grads(grad, x, eps, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        # x*x capped where the Gaussian is 0 (see dispatch.X2_CAP): no -inf * 0 in float16.
+        x2 = (x * x).clamp_max_(dispatch.X2_CAP)
         gauss = (x2 * -0.5).exp_()
         grad_eps = None
         if ctx.needs_input_grad[1]:
@@ -78,6 +91,7 @@ class _CRReLUFunction(torch.autograd.Function):
         return grad_x, grad_eps
 
 
+@always_recorded
 class CRReLU(nn.Module):
     """Correction Regularized ReLU: ``relu(x) + eps * x * exp(-x**2/2)``.
 
@@ -113,18 +127,18 @@ class CRReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eps = self.eps.view(())  # the stored (1,) as the 0-d scalar it is: 0-d inputs give 0-d outputs
-        # Eager: the fused kernels of dynact._kernels (one pass per direction) or, where they
+        # Eager: the fused kernels of dynact.kernels (one pass per direction) or, where they
         # cannot be built, the hand-written backward above. Compiled: the same kernels as a
         # custom op on CPU, plain ops (fused by Inductor) elsewhere. Traced, under torch.func
         # transforms or forward-mode AD: plain ops.
-        if torch.compiler.is_compiling() or _kernels.MODE == "ops":
-            if _kernels.MODE != "ops" and _kernels.compiled_on_cpu(x):
-                return _kernels.crrelu_op(x, eps)  # on CPU the C++ kernel beats Inductor's loop
+        if torch.compiler.is_compiling() or dispatch.MODE == "ops":
+            if dispatch.MODE != "ops" and dispatch.compiled_on_cpu(x):
+                return dispatch.crrelu_op(x, eps)  # on CPU the C++ kernel beats Inductor's loop
             return crrelu(x, eps.to(x.dtype))
-        if _kernels.plain_ops_needed():
+        if dispatch.plain_ops_needed():
             return crrelu(x, eps.to(x.dtype))
-        if _kernels.available(x):
-            return _kernels.FusedCRReLU.apply(x, eps)
+        if dispatch.available(x):
+            return dispatch.FusedCRReLU.apply(x, eps)
         if not (x.requires_grad or eps.requires_grad):
             return crrelu(x, eps.to(x.dtype))
         return _CRReLUFunction.apply(x, eps)
@@ -141,124 +155,7 @@ def eps_as_vector(module, state_dict, prefix, *args) -> None:
         state_dict[prefix + "eps"] = eps.reshape(1)
 
 
-# name -> factory(**kw) returning an nn.Module. One line per activation.
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    "relu": nn.ReLU,
-    "gelu": nn.GELU,
-    "elu": nn.ELU,
-    "prelu": nn.PReLU,
-    "celu": nn.CELU,
-    "silu": nn.SiLU,
-    "mish": nn.Mish,
-    "softplus": nn.Softplus,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "crrelu": CRReLU,
-    # "eafo" (dynact.spline.EAFOActivation) registers itself: spline builds on this module.
-}
-
-ActSpec = Union[str, type, Callable[..., nn.Module], nn.Module, None]
-
-
-def activation_names() -> list[str]:
-    """The registered activation names, in registration order (transformers' once it is loaded)."""
-    _register_loaded_libraries()
-    return list(_REGISTRY)
-
-
-def register_activation(name: str, factory: Callable[..., nn.Module]) -> None:
-    """Add ``factory`` (a class or a function building an ``nn.Module``) under ``name``.
-
-    Names are lower case. A class registered here is also an activation type: models' modules
-    of that class are found by :func:`find_activations` and measured by the training plugin.
-    ``dynact.spline`` registers ``"eafo"`` this way.
-    """
-    _REGISTRY[name.lower()] = factory
-
-
-def resolve_activation(spec: ActSpec) -> Callable[..., nn.Module] | None:
-    """Turn a name, a class or a factory into a factory that builds an activation module.
-
-    ``None`` passes through (callers decide their default). An unknown name raises
-    :class:`ValueError` listing the registered names; anything else that is not callable
-    raises :class:`TypeError`.
-    """
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        key = spec.strip().lower()
-        _register_loaded_libraries()
-        if key in _TRANSFORMERS_ACTIVATIONS and key not in _REGISTRY:
-            _register_transformers_if_installed()  # a transformers name asked for before loading it
-        if key not in _REGISTRY:
-            hint = " (a transformers activation: pip install transformers)" if key in _TRANSFORMERS_ACTIVATIONS else ""
-            raise ValueError(f"unknown activation {spec!r}{hint}; choose one of: {', '.join(_REGISTRY)}")
-        return _REGISTRY[key]
-    if isinstance(spec, nn.Module):
-        raise TypeError(
-            f"expected an activation name, class or factory, got the module instance {spec!r}; "
-            "pass its class (or a lambda returning a fresh module) so every site gets its own copy"
-        )
-    if callable(spec):
-        return spec
-    raise TypeError(
-        f"expected an activation name, class or factory, got {type(spec).__name__}: {spec!r}"
-    )
-
-
-def make_activation(name: ActSpec, **kwargs) -> nn.Module:
-    """Build an activation module by name (or class/factory), passing ``kwargs`` through.
-
-    Names: ``relu, gelu, elu, prelu, celu, silu, mish, crrelu, eafo``.
-
-    Example:
-        >>> make_activation("crrelu", eps=0.02)
-        CRReLU(eps=0.02, learnable=True)
-    """
-    factory = resolve_activation(name)
-    if factory is None:
-        raise ValueError("make_activation: name must not be None")
-    module = factory(**kwargs)
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"activation factory {name!r} returned {type(module).__name__}, not an nn.Module")
-    return module
-
-
-def tensor_device(module: nn.Module) -> torch.device | None:
-    """The device of ``module``'s first parameter (else buffer); None for a module without tensors.
-    A module put in place of ``module`` is moved there."""
-    ref = next(iter(list(module.parameters()) + list(module.buffers())), None)
-    return None if ref is None else ref.device
-
-
-def activation_types() -> dict[type, str]:
-    """Module classes of the registered activations, mapped to their registry names
-    (``nn.ReLU -> "relu"``, ..., ``EAFOActivation -> "eafo"``)."""
-    _register_loaded_libraries()
-    return {factory: name for name, factory in _REGISTRY.items() if isinstance(factory, type)}
-
-
-def find_activations(model: nn.Module, types: Iterable[type] | None = None) -> list[tuple[str, nn.Module]]:
-    """Activation modules of ``model`` by qualified name, outermost only.
-
-    An activation inside another activation (the ``base`` of an :class:`~dynact.EAFOActivation`)
-    is part of it, not a layer of its own, so it is not listed.
-
-    Args:
-        types: the module types to list (default: every registered activation type).
-    """
-    kinds = tuple(activation_types())
-    wanted = kinds if types is None else tuple(types)
-    found: list[tuple[str, nn.Module]] = []
-    inside: list[str] = []  # names of activation modules seen so far (parents come first)
-    for name, module in model.named_modules(remove_duplicate=False):
-        if not name or any(name.startswith(outer + ".") for outer in inside):
-            continue
-        if isinstance(module, kinds + wanted):
-            inside.append(name)
-            if isinstance(module, wanted):
-                found.append((name, module))
-    return found
+register_activation("crrelu", CRReLU)
 
 
 def _as_types(old: Union[type, str, Iterable]) -> tuple[type, ...]:
@@ -289,7 +186,7 @@ def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]
     dtype of the module it replaces. A ``new`` that wraps a base (``"eafo"``: its
     ``wraps_base`` attribute is true) is built around the module it replaces, unless ``base=``
     is given: ``swap_activations(gpt2, "gelu_new", "eafo")`` keeps GPT-2's GELU as the base.
-    The swap is recorded (:func:`dynact.conversion.mark`, :func:`~dynact.conversion.record`), so a
+    The swap is recorded (:func:`dynact.records.mark`, :func:`~dynact.records.record`), so a
     ``state_dict`` or a Hugging Face folder saved afterwards can be loaded back with the same
     modules (:func:`dynact.conversion.convert_like_state_dict`,
     ``dynact.integrations.transformers.from_pretrained``).
@@ -307,8 +204,6 @@ def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]
         >>> swap_activations(net, nn.GELU, "crrelu")
         ['1']
     """
-    from dynact.conversion import mark, record  # conversion builds on this module
-
     types = _as_types(old)
     factory = resolve_activation(new)
     if factory is None:
@@ -332,66 +227,5 @@ def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]
         setattr(parent, child, mark(fresh))
         replaced.append(name)
     if replaced:
-        record(model)  # a Hugging Face model's config says what was swapped (dynact.conversion)
+        record(model)  # a Hugging Face model's config says what was swapped (dynact.records)
     return replaced
-
-
-# ----------------------------------------------------------------------------- Hugging Face transformers
-#: transformers' own activation classes (its ``ACT2CLS`` table) that compute a function dynact
-#: knows, by the name that table gives them; a ``_hf`` suffix where dynact's name already
-#: means torch's class (``gelu_hf`` is ``GELUActivation``, ``gelu`` is ``nn.GELU``). Each class
-#: computes one fixed function, so a converted layer keeps it: GPT-2's ``gelu_new`` stays
-#: tanh-approximate, Llama's ``silu_hf`` stays SiLU. (``ACT2CLS``'s torch classes, ``nn.ReLU``,
-#: ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid``, ``nn.PReLU``, are in the registry already.)
-_TRANSFORMERS_ACTIVATIONS = {
-    "gelu_new": "NewGELUActivation",
-    "gelu_fast": "FastGELUActivation",
-    "quick_gelu": "QuickGELUActivation",
-    "gelu_pytorch_tanh": "GELUTanh",
-    "gelu_accurate": "AccurateGELUActivation",
-    "gelu_hf": "GELUActivation",
-    "silu_hf": "SiLUActivation",  # Llama, Mistral, Qwen MLPs
-    "mish_hf": "MishActivation",
-}
-
-
-_TRANSFORMERS_SEEN = False  # set once register_transformers_activations has run
-
-
-def register_transformers_activations() -> list[str]:
-    """Add transformers' activation classes to the registry; return the names added.
-
-    After it, :func:`find_activations`, :func:`activation_types` and :func:`swap_activations`
-    see GPT-2's ``NewGELUActivation`` (name ``gelu_new``), Llama's ``SiLUActivation``
-    (``silu_hf``) and the others of :data:`_TRANSFORMERS_ACTIVATIONS`, so
-    ``swap_activations(gpt2, "gelu_new", "crrelu")`` replaces every MLP activation. It runs by
-    itself once ``transformers.activations`` has been imported (any transformers model imports
-    it); calling it imports transformers. Raises :class:`ImportError` without transformers.
-    """
-    import transformers.activations as hf
-
-    global _TRANSFORMERS_SEEN
-    _TRANSFORMERS_SEEN = True
-    added = []
-    for name, cls_name in _TRANSFORMERS_ACTIVATIONS.items():
-        cls = getattr(hf, cls_name, None)
-        if isinstance(cls, type) and _REGISTRY.get(name) is not cls:
-            register_activation(name, cls)
-            added.append(name)
-    return added
-
-
-def _register_transformers_if_installed() -> None:
-    # Only for a name of _TRANSFORMERS_ACTIVATIONS: importing transformers takes seconds.
-    from importlib.util import find_spec
-
-    if find_spec("transformers") is not None:
-        register_transformers_activations()
-
-
-def _register_loaded_libraries() -> None:
-    # Cheap when nothing is loaded: a dict lookup. Never imports transformers itself.
-    import sys
-
-    if "transformers.activations" in sys.modules and not _TRANSFORMERS_SEEN:
-        register_transformers_activations()

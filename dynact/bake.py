@@ -6,7 +6,7 @@ no Python callback into dynact. The result can be traced (``torch.jit.trace``), 
 (``torch.export.export``, ``torch.onnx.export``) and run where dynact is not installed.
 
 The spline is evaluated by index arithmetic on its uniform grid (the same tables and the same
-clamp as the reference path of :mod:`dynact._spline_ref`): ``u = clamp(a * x + b, 0, last)``,
+clamp as the reference path of :mod:`dynact.kernels.reference`): ``u = clamp(a * x + b, 0, last)``,
 ``j = floor(u)``, ``value[j] + (u - j) * slope[j]``. No search, so the exported graph is a
 handful of elementwise ops and two gathers.
 """
@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dynact._spline_ref import _tables
 from dynact.activations import CRReLU, crrelu, find_activations, tensor_device
 from dynact.conversion import record
+from dynact.kernels.reference import _tables
 from dynact.spline import EAFOActivation
 
 __all__ = ["bake", "BakedSpline", "BakedCRReLU"]
@@ -33,7 +33,7 @@ class BakedSpline(nn.Module):
     """``base(x) + eps * s(x)`` of a trained :class:`~dynact.EAFOActivation`, frozen, in plain ops.
 
     Buffers (all in ``state_dict``): ``value`` (``knots + 3``,) and ``slope`` (``knots + 2``,),
-    the padded knot table of :func:`dynact._spline_ref._tables`; ``a`` and ``b``, the map
+    the padded knot table of :func:`dynact.kernels.reference._tables`; ``a`` and ``b``, the map
     ``u = a * x + b`` from the input to knot coordinates (``a = 1 / step``); ``eps`` and the
     grid's ends ``lo``/``hi`` (kept for reference). ``base`` is the original base module,
     unchanged. Half-precision inputs are computed in float32, as the live module does.

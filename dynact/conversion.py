@@ -1,8 +1,9 @@
 """Turning a model's activation modules into dynamic ones, and rebuilding them when it is reloaded.
 
 :func:`to_eafo` wraps one module. Every conversion or swap made by dynact leaves a *record* of
-the new activation (its class, registry name, constructor settings, knots, base), so that a
-freshly built model can be given the same modules before the saved weights are loaded:
+the new activation (its class, registry name, constructor settings, knots, base; written by
+:mod:`dynact.records`), so that a freshly built model can be given the same modules before the
+saved weights are loaded:
 
 - in a ``state_dict``: the record rides in its ``_metadata`` (PyTorch's per-module metadata,
   kept by ``torch.save``/``torch.load`` and in Lightning checkpoints);
@@ -19,23 +20,18 @@ record (by an older dynact) is recognised from its keys: ``<layer>.s`` is an
 
 from __future__ import annotations
 
-import inspect
-import sys
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
 from dynact.activations import CRReLU, activation_types, find_activations, resolve_activation, tensor_device
+from dynact.records import RECORD_FORMAT as RECORD_FORMAT  # re-exported: its old home
+from dynact.records import RECORD_KEY, class_path, describe, describe_activation, init_settings, mark, record
+from dynact.records import _record_hook as _record_hook  # pickles of marked models (torch.save) name it here
 from dynact.spline import EAFOActivation
 
 __all__ = ["to_eafo", "convert_like", "convert_like_state_dict", "describe", "describe_activation", "record"]
-
-#: Key of a module's record in ``state_dict._metadata`` and of the model's in ``config``.
-RECORD_KEY = "dynact"
-#: Version of the record's layout (``config.dynact["format"]``).
-RECORD_FORMAT = 1
-_SCALARS = (bool, int, float, str, type(None))
 
 
 def to_eafo(module: nn.Module, **kwargs) -> nn.Module:
@@ -88,102 +84,6 @@ def _accept_replaced_state(module, state_dict, prefix, local_metadata, strict, m
         state_dict.setdefault(prefix + name, getattr(module, name).detach().clone())
 
 
-# ----------------------------------------------------------------------------- records
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _settings(module: nn.Module) -> dict[str, Any]:
-    """The constructor arguments that ``module`` keeps as plain attributes of the same name
-    (``ELU.alpha``, ``GELU.approximate``, ``CRReLU.learnable``, ``EAFOActivation.knots``).
-    Tensors are left out: they are in the ``state_dict``."""
-    out: dict[str, Any] = {}
-    try:
-        params = inspect.signature(type(module).__init__).parameters.values()
-    except (TypeError, ValueError):
-        return out
-    for p in params:
-        if p.name in ("self", "base", "device", "dtype") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        try:
-            value = getattr(module, p.name)
-        except AttributeError:
-            continue
-        if isinstance(value, _SCALARS) and not (isinstance(value, float) and value != value):
-            out[p.name] = value
-    return out
-
-
-def describe_activation(module: nn.Module) -> dict[str, Any]:
-    """The record of one activation module: JSON data that :func:`convert_like` rebuilds it from.
-
-    ``{"class": <import path>, "name": <registry name or None>, "kwargs": {...}}``, plus
-    ``"base"`` (the base's record) for a module that wraps one (:class:`~dynact.EAFOActivation`).
-    """
-    entry: dict[str, Any] = {
-        "class": _class_path(type(module)),
-        "name": activation_types().get(type(module)),
-        "kwargs": _settings(module),
-    }
-    base = getattr(module, "base", None)
-    if getattr(type(module), "wraps_base", False) and isinstance(base, nn.Module):
-        entry["base"] = describe_activation(base)
-    return entry
-
-
-def _record_hook(module, state_dict, prefix, local_metadata) -> None:
-    local_metadata[RECORD_KEY] = describe_activation(module)
-
-
-def mark(module: nn.Module) -> nn.Module:
-    """Mark ``module`` as put in by dynact: its ``state_dict`` then carries its record, and
-    :func:`describe` lists it. Called by :func:`to_eafo` and :func:`dynact.swap_activations`."""
-    if not getattr(module, "_dynact_marked", False):
-        module.register_state_dict_post_hook(_record_hook)
-        module._dynact_marked = True
-    return module
-
-
-def describe(model: nn.Module) -> dict[str, dict]:
-    """Records of the activations dynact put into ``model``, by qualified name.
-
-    Lists every marked module (converted or swapped in by dynact) and every
-    ``EAFOActivation``/``CRReLU``, outermost only (the base of an ``EAFOActivation`` is part
-    of its record).
-    """
-    out: dict[str, dict] = {}
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(n + ".") for n in out):
-            continue
-        if getattr(module, "_dynact_marked", False) or isinstance(module, (EAFOActivation, CRReLU)):
-            out[name] = describe_activation(module)
-    return out
-
-
-def _is_hf_config(config: Any) -> bool:
-    hf = sys.modules.get("transformers")
-    return hf is not None and isinstance(config, getattr(hf, "PretrainedConfig", ()))
-
-
-def record(model: nn.Module) -> None:
-    """Write :func:`describe` into the ``config`` of every Hugging Face model in ``model``
-    (``config.dynact = {"format": 1, "modules": {...}}``, names relative to that model), so
-    that ``save_pretrained`` stores it in ``config.json``. A config shared by a model and its
-    submodels (GPT-2's ``transformer``) records the outermost. A model without dynact's
-    activations loses a stale ``config.dynact``. Does nothing for other models."""
-    seen: set[int] = set()
-    for sub in model.modules():  # outermost first: a config shared with submodels is the outer model's
-        config = getattr(sub, "config", None)
-        if not _is_hf_config(config) or id(config) in seen:
-            continue
-        seen.add(id(config))
-        modules = describe(sub)
-        if modules:
-            setattr(config, RECORD_KEY, {"format": RECORD_FORMAT, "modules": modules})
-        elif hasattr(config, RECORD_KEY):
-            delattr(config, RECORD_KEY)
-
-
 # ----------------------------------------------------------------------------- rebuilding
 def _resolve(entry: Mapping) -> Any:
     """The registry factory that builds ``entry``'s module."""
@@ -193,10 +93,10 @@ def _resolve(entry: Mapping) -> Any:
             factory = resolve_activation(name)
         except ValueError:
             factory = None
-        if factory is not None and (not isinstance(factory, type) or path in (None, _class_path(factory))):
+        if factory is not None and (not isinstance(factory, type) or path in (None, class_path(factory))):
             return factory
     for cls in activation_types():
-        if _class_path(cls) == path:
+        if class_path(cls) == path:
             return cls
     raise ValueError(
         f"the saved activation {path or name!r} is not in dynact's registry; register its class before "
@@ -206,9 +106,9 @@ def _resolve(entry: Mapping) -> Any:
 
 def _matches(module: nn.Module, entry: Mapping) -> bool:
     """Whether ``module`` already is what ``entry`` describes (class, settings and base)."""
-    if _class_path(type(module)) != entry.get("class"):
+    if class_path(type(module)) != entry.get("class"):
         return False
-    settings = _settings(module)
+    settings = init_settings(module)
     if any(settings.get(k, v) != v for k, v in dict(entry.get("kwargs") or {}).items() if k != "inplace"):
         return False
     if "base" in entry:
@@ -242,11 +142,11 @@ def _inferred(module: nn.Module, key: str, state: Mapping[str, Any]) -> Optional
     if s is not None:
         # The knot count from the saved tensor or its shape; a bare name leaves the default.
         knots = s.numel() if isinstance(s, torch.Tensor) else None if isinstance(s, bool) else torch.Size(s).numel()
-        return {"class": _class_path(EAFOActivation), "name": "eafo",
+        return {"class": class_path(EAFOActivation), "name": "eafo",
                 "kwargs": {} if knots is None else {"knots": int(knots)}, "base": describe_activation(module)}
     own = {k for k, _ in module.named_parameters()} | {k for k, _ in module.named_buffers()}
     if key + "eps" in state and "eps" not in own and not isinstance(module, CRReLU):
-        return {"class": _class_path(CRReLU), "name": "crrelu", "kwargs": {}}
+        return {"class": class_path(CRReLU), "name": "crrelu", "kwargs": {}}
     return None
 
 

@@ -264,11 +264,16 @@ def step(f: Activation, density: Density, eta: float, method: str = "x", flat_to
     eta = float(eta)
     if not math.isfinite(eta):
         raise ValueError(f"eta must be a finite number, got {eta!r}")
-    x = density.grid
-    y, d1, d2 = derivatives(f, x)
+    y, d1, d2 = derivatives(f, density.grid)
     if method == "x":
         return y + eta * _correction_from(density, d1, d2, flat_tol)
+    return _step_inverse(f, density, eta, flat_tol, y, d1, d2)
 
+
+def _step_inverse(f: Activation, density: Density, eta: float, flat_tol: float, y: torch.Tensor,
+                  d1: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+    """:func:`step` with ``method="g"``, given ``f`` and its first two derivatives on the grid."""
+    x = density.grid
     # Section 2a moves the inverse g = f^{-1}, which exists and is smooth only where f is
     # strictly increasing and C^1; that is required, and the step taken, on the density's bulk
     # (tail mass G_TAIL each side). Beyond it dg = 0: a saturating f (tanh, sigmoid) has

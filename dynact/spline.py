@@ -11,7 +11,7 @@ both ends, so outside ``[lo, hi]`` the activation is exactly its base. The knot 
 grid ends are buffers (saved in ``state_dict``, never touched by the optimizer).
 
 Speed: the spline costs one clamp, one gather and one multiply-add per element. Eager mode runs
-the fused kernels of :mod:`dynact._kernels` (one pass over the tensor per direction, a ReLU
+the fused kernels of :mod:`dynact.kernels` (one pass over the tensor per direction, a ReLU
 base included) and saves nothing but the input; where they cannot be built, a custom autograd
 function over tensor ops (the reference path). Under ``torch.compile`` a CPU graph calls the
 same kernels as custom ops; elsewhere the arithmetic is plain tensor ops, which Inductor fuses
@@ -27,9 +27,12 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from dynact import _kernels, eafo
+from dynact import eafo
 from dynact._slopes import SlopeProblem, finite_arg, take_step
-from dynact._spline_ref import (
+from dynact.activations import eps_as_vector
+from dynact.density import Density, check_grid
+from dynact.kernels import dispatch
+from dynact.kernels.reference import (
     _compute_dtype,
     _interp_clamped,
     _interp_uniform,
@@ -37,8 +40,8 @@ from dynact._spline_ref import (
     _SplineTerm,
     _tables,
 )
-from dynact.activations import ActSpec, activation_types, eps_as_vector, make_activation, register_activation
-from dynact.density import Density, check_grid
+from dynact.records import always_recorded
+from dynact.registry import ActSpec, activation_types, make_activation, register_activation
 
 __all__ = ["EAFOActivation", "DEFAULT_KNOTS"]
 
@@ -55,6 +58,7 @@ TAPER = 0.3
 
 
 # ----------------------------------------------------------------------------- the module
+@always_recorded
 class EAFOActivation(nn.Module):
     """``base(x) + eps * s(x)``: an activation whose correction shape is measured from data.
 
@@ -174,19 +178,19 @@ class EAFOActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eps = self.eps.view(())  # the stored (1,) as the 0-d scalar it is: 0-d inputs give 0-d outputs
-        if torch.compiler.is_compiling() or _kernels.MODE == "ops":
-            if _kernels.MODE != "ops" and _kernels.compiled_on_cpu(x):
+        if torch.compiler.is_compiling() or dispatch.MODE == "ops":
+            if dispatch.MODE != "ops" and dispatch.compiled_on_cpu(x):
                 # On CPU the C++ kernels beat Inductor's loop: call them as opaque custom ops.
                 value, slope, a, b = _tables(self.s, self.lo, self.hi, _compute_dtype(x.dtype))
                 y0 = None if self._relu_in_kernel() else self.base(x)
-                return _kernels.spline_op(x, eps, y0, _kernels.pack(value, slope), a, b)
+                return dispatch.spline_op(x, eps, y0, dispatch.pack(value, slope), a, b)
             return self._plain(x)
-        if _kernels.plain_ops_needed():  # torch.jit.trace, torch.func transforms, forward-mode AD
+        if dispatch.plain_ops_needed():  # torch.jit.trace, torch.func transforms, forward-mode AD
             return self._plain(x)
         value, slope, a, b, pairs = self._eager_tables(_compute_dtype(x.dtype))
-        if _kernels.available(x):
+        if dispatch.available(x):
             y0 = None if self._relu_in_kernel() else self.base(x)
-            return _kernels.FusedSpline.apply(x, eps, y0, pairs, a, b)
+            return dispatch.FusedSpline.apply(x, eps, y0, pairs, a, b)
         return _SplineTerm.apply(x, self.base(x), eps, value, slope, a, b)
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,7 +212,7 @@ class EAFOActivation(nn.Module):
             key = (self.s, self.lo, self.hi, self.s._version, self.lo._version, self.hi._version)
         except RuntimeError:  # inference tensors carry no version counter
             tables = _tables(self.s, self.lo, self.hi, dtype)
-            return (*tables, _kernels.pack(tables[0], tables[1]))
+            return (*tables, dispatch.pack(tables[0], tables[1]))
         hit = self._cache.get(dtype)
         if hit is not None and all(
             a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(hit[0], key, strict=True)
@@ -219,7 +223,7 @@ class EAFOActivation(nn.Module):
         # validation pass (Lightning validates under inference_mode).
         with torch.inference_mode(False), torch.no_grad():
             tables = _tables(self.s, self.lo, self.hi, dtype)
-            tables = (*tables, _kernels.pack(tables[0], tables[1]))
+            tables = (*tables, dispatch.pack(tables[0], tables[1]))
         self._cache[dtype] = (key, tables)
         return tables
 
@@ -339,18 +343,9 @@ class EAFOActivation(nn.Module):
                       change=abs(float(self.eps.detach())) * float((new - old).abs().max()))
         return record
 
-    def iterate(
-        self,
-        density: Density,
-        eta: float = 0.05,
-        max_change: float | None = None,
-        max_log_change: float = 0.1,
-        min_ratio: float = 0.25,
-        max_ratio: float = 4.0,
-        min_slope: float = 0.05,
-        backtrack: int = 5,
-        min_eps: float = 1e-6,
-    ) -> dict:
+    def iterate(self, density: Density, eta: float = 0.05, max_change: float | None = None,
+                max_log_change: float = 0.1, min_ratio: float = 0.25, max_ratio: float = 4.0,
+                min_slope: float = 0.05, backtrack: int = 5, min_eps: float = 1e-6) -> dict:
         """One step of a projected descent on the scale-free entropy (``docs/math.md``, "Iterating").
 
         Objective, over the set ``R`` where the *base* rises (input mass ``m_R``)::
@@ -392,18 +387,8 @@ class EAFOActivation(nn.Module):
             point the step starts from and at its result; NaN where the activation folds where
             its base rises) and ``feasible_before`` (whether the state met the bounds already).
         """
-        eta = finite_arg("eta", eta, nonzero=True)
-        max_log_change = finite_arg("max_log_change", max_log_change, positive=True)
-        if max_change is not None:
-            finite_arg("max_change", max_change, positive=True)
-        if not (0 < float(min_ratio) <= 1 <= float(max_ratio) < math.inf):
-            raise ValueError(
-                f"iterate: need 0 < min_ratio <= 1 <= max_ratio < inf, got min_ratio={min_ratio!r}, "
-                f"max_ratio={max_ratio!r}"
-            )
-        finite_arg("min_slope", min_slope, positive=True)
-        if isinstance(backtrack, bool) or not isinstance(backtrack, int) or backtrack < 0:
-            raise ValueError(f"iterate: backtrack must be an integer >= 0, got backtrack={backtrack!r}")
+        eta, max_log_change = _iterate_args(eta, max_change, max_log_change, min_ratio, max_ratio, min_slope,
+                                            backtrack)
         d = self._prepare(density)
         base64 = self._base64(d.grid.device)
         old = self.s.detach().to(torch.float64)
@@ -411,26 +396,38 @@ class EAFOActivation(nn.Module):
         record = dict(mode="iterate", accepted=False, reason="", entropy_before=h0, entropy_after=h0,
                       change=0.0, eta=eta, objective_before=math.nan, objective_after=math.nan,
                       feasible_before=False)
+        problem = self._slope_problem(record, d, base64, float(min_ratio), float(max_ratio), float(min_slope),
+                                      min_eps)
+        if problem is not None:
+            limit = float(max_change) if max_change is not None else 0.05 * d.mean_std()[1]
+            self._apply_step(record, take_step(problem, old, eta, max_log_change, limit, backtrack), d, base64)
+        return record
+
+    def _slope_problem(self, record: dict, d: Density, base64: nn.Module, min_ratio: float, max_ratio: float,
+                       min_slope: float, min_eps: float) -> SlopeProblem | None:
+        """:meth:`iterate`'s problem on ``d``; None, with ``record["reason"]`` saying why, when
+        there is nothing to optimise (``eps`` too small, no knot cell where the base rises)."""
         eps = float(self.eps.detach().reshape(-1)[0])
         if not math.isfinite(eps) or abs(eps) < min_eps:
             record["reason"] = (f"eps too small or not finite (eps = {eps:.3g}, min_eps = {min_eps:.3g}): "
                                 "the spline cannot move the activation; set eps or refresh with mode='refresh'")
-            return record
-        problem = SlopeProblem(self, d, base64, float(min_ratio), float(max_ratio), float(min_slope))
+            return None
+        problem = SlopeProblem(self, d, base64, min_ratio, max_ratio, min_slope)
         if not bool(problem.free.any()):
             record["reason"] = ("no knot cell where the base rises throughout: nothing to optimise; "
                                 "move the grid onto the data with place_grid")
-            return record
-        limit = float(max_change) if max_change is not None else 0.05 * d.mean_std()[1]
-        step = take_step(problem, old, eta, max_log_change, limit, backtrack)
+            return None
+        return problem
+
+    def _apply_step(self, record: dict, step: dict, d: Density, base64: nn.Module) -> None:
+        """Copy :func:`~dynact._slopes.take_step`'s result into ``record``; write ``s`` if accepted."""
         record.update(reason=step["reason"], objective_before=step["objective_before"],
                       objective_after=step["objective_after"], feasible_before=step["feasible_before"],
-                      eta=eta * step["scale"])
+                      eta=record["eta"] * step["scale"])
         if step["accepted"]:
             self._write(step["s"])
             h1 = eafo.output_stats(self._view(step["s"], base64), d)["entropy"]
             record.update(accepted=True, entropy_after=h1, change=step["change"])
-        return record
 
     # ------------------------------------------------------------------ grid placement
     def outside_mass(self, density: Density) -> float:
@@ -481,6 +478,23 @@ class EAFOActivation(nn.Module):
         self._write(new)
         record.update(lo=float(self.lo), hi=float(self.hi), outside_after=self.outside_mass(d))
         return record
+
+
+def _iterate_args(eta, max_change, max_log_change, min_ratio, max_ratio, min_slope, backtrack) -> tuple[float, float]:
+    """Check :meth:`EAFOActivation.iterate`'s guards; return ``eta`` and ``max_log_change`` as floats."""
+    eta = finite_arg("eta", eta, nonzero=True)
+    max_log_change = finite_arg("max_log_change", max_log_change, positive=True)
+    if max_change is not None:
+        finite_arg("max_change", max_change, positive=True)
+    if not (0 < float(min_ratio) <= 1 <= float(max_ratio) < math.inf):
+        raise ValueError(
+            f"iterate: need 0 < min_ratio <= 1 <= max_ratio < inf, got min_ratio={min_ratio!r}, "
+            f"max_ratio={max_ratio!r}"
+        )
+    finite_arg("min_slope", min_slope, positive=True)
+    if isinstance(backtrack, bool) or not isinstance(backtrack, int) or backtrack < 0:
+        raise ValueError(f"iterate: backtrack must be an integer >= 0, got backtrack={backtrack!r}")
+    return eta, max_log_change
 
 
 register_activation("eafo", EAFOActivation)

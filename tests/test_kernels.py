@@ -1,6 +1,6 @@
 """The fused kernels of CRReLU and EAFOActivation against their reference paths.
 
-Oracle: the reference path of each module (``dynact._kernels.MODE = "reference"``: autograd
+Oracle: the reference path of each module (``dynact.kernels.dispatch.MODE = "reference"``: autograd
 functions over tensor ops, tested against closed forms, numpy and gradcheck in
 test_spline.py / test_activations.py), evaluated in float32 for half-precision inputs.
 """
@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from dynact import _kernels
-from dynact._spline_ref import _spline_ops
 from dynact.activations import CRReLU
+from dynact.kernels import dispatch as _kernels
+from dynact.kernels.reference import _spline_ops
 from dynact.spline import EAFOActivation
 
 CPU_FUSED = _kernels._compiler() is not None
@@ -393,7 +393,7 @@ def test_compiled_graph_without_the_library_computes_the_same(fresh_build, monke
 
 @needs_compiler
 def test_build_error_falls_back_with_one_warning(fresh_build, monkeypatch):
-    from dynact import _kernels_cpu
+    from dynact.kernels import cpu as _kernels_cpu
 
     monkeypatch.setattr(_kernels_cpu, "SOURCE", "this is not C++")
     messages = _fallback_equals_reference()
@@ -426,7 +426,8 @@ def test_reference_mode_turns_the_kernels_off():
 # --------------------------------------------------------------------------- CUDA
 _TRITON_ON_CPU = r"""
 import contextlib, torch
-from dynact import _kernels, _triton
+from dynact.kernels import cuda as _triton
+from dynact.kernels import dispatch as _kernels
 from dynact.spline import EAFOActivation
 torch.cuda.device = lambda device: contextlib.nullcontext()  # the interpreter runs on CPU tensors
 torch.manual_seed(0)

@@ -196,7 +196,7 @@ def test_point03_ddp_spawn_returns_the_trained_activations_to_the_calling_proces
 
 
 # ----------------------------------------------------------------------------- point 5
-_LOAD = ("import dynact._kernels as k, torch; lib = k._load(); assert lib is not None, k._failure; "
+_LOAD = ("import dynact.kernels.dispatch as k, torch; lib = k._load(); assert lib is not None, k._failure; "
          "assert k.available(torch.zeros(3)); print(k._lib._name)")
 
 
@@ -211,7 +211,7 @@ def _load_in_subprocess(cache) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="needs a C++ compiler")
 @pytest.mark.timeout(600)
 def test_point05_a_damaged_cached_library_is_rebuilt_and_a_sound_one_reused(tmp_path):
-    from dynact import _kernels
+    from dynact.kernels import dispatch as _kernels
 
     if _kernels._load() is None:
         pytest.skip(f"the library cannot be built here: {_kernels._failure}")

@@ -19,9 +19,10 @@ from scipy.optimize import brentq
 from torch import nn
 from torch.func import functional_call
 
-from dynact import _kernels, eafo
+from dynact import eafo
 from dynact.activations import CRReLU, activation_names, make_activation
 from dynact.density import KDE, Density, Histogram
+from dynact.kernels import dispatch as _kernels
 from dynact.spline import DEFAULT_KNOTS, EAFOActivation
 
 SQRT_2PI = math.sqrt(2 * math.pi)

@@ -4,7 +4,7 @@
 ``grad``, ``jacrev``, ``jvp``), ``torch.autograd.forward_ad``, and ``torch.library.opcheck`` of
 every dynact custom op. Oracles: CRReLU's closed form and derivative; for EAFOActivation the
 reference spline ``_spline_ops`` (values) and the reference path's hand-written backward
-(derivatives, ``dynact._kernels.MODE = "reference"``).
+(derivatives, ``dynact.kernels.dispatch.MODE = "reference"``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import forward_ad
 
-from dynact import _kernels
-from dynact._spline_ref import _spline_ops
 from dynact.activations import CRReLU
+from dynact.kernels import dispatch as _kernels
+from dynact.kernels.reference import _spline_ops
 from dynact.spline import EAFOActivation
 
 EPS = 0.3

@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 from torch import nn
 
-from dynact.conversion import RECORD_KEY, convert_like, record
+from dynact.conversion import convert_like
+from dynact.records import RECORD_KEY, record
 
 __all__ = ["from_pretrained", "write_record"]
 
@@ -101,7 +102,17 @@ def from_pretrained(model_cls: type, path: Any, **kwargs: Any) -> nn.Module:
         keys and any(k.endswith((".s", ".eps")) for k in keys)
     ):
         return model_cls.from_pretrained(path, **kwargs)  # nothing of dynact's in this folder
+    want_info = kwargs.pop("output_loading_info", False)
+    model, info, converted = _load_rebuilt(model_cls, path, keys, kwargs)
+    _check_weights(path, converted, info)
+    record(model)
+    return (model, info) if want_info else model
 
+
+def _load_rebuilt(model_cls: type, path: Any, keys: Optional[dict], kwargs: dict) -> tuple[nn.Module, dict, list[str]]:
+    """``model_cls.from_pretrained(path, output_loading_info=True, **kwargs)`` through a subclass
+    that builds the recorded activations before transformers loads the weights; returns the model
+    (a plain ``model_cls`` again), transformers' loading info and the names of the rebuilt modules."""
     converted: list[str] = []
 
     class _WithDynact(model_cls):  # builds the recorded modules before transformers loads the weights
@@ -112,9 +123,13 @@ def from_pretrained(model_cls: type, path: Any, **kwargs: Any) -> nn.Module:
 
     for attr in ("__name__", "__qualname__", "__module__"):
         setattr(_WithDynact, attr, getattr(model_cls, attr))
-    want_info = kwargs.pop("output_loading_info", False)
     model, info = _WithDynact.from_pretrained(path, output_loading_info=True, **kwargs)
     model.__class__ = model_cls  # the plain class again: pickling, isinstance and save_pretrained as usual
+    return model, info, converted
+
+
+def _check_weights(path: Any, converted: list[str], info: dict) -> None:
+    """Raise if the weights lack tensors of the rebuilt modules (see :func:`from_pretrained`)."""
     missing = sorted(k for k in info.get("missing_keys", ()) if any(k.startswith(n + ".") for n in converted))
     if missing:
         raise ValueError(
@@ -123,8 +138,6 @@ def from_pretrained(model_cls: type, path: Any, **kwargs: Any) -> nn.Module:
             "with plain from_pretrained. Load the original folder, or delete 'dynact' from its config.json "
             "to load the architecture's own activations"
         )
-    record(model)
-    return (model, info) if want_info else model
 
 
 def write_record(model: Optional[nn.Module], folder: str) -> bool:

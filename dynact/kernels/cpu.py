@@ -1,12 +1,13 @@
-"""C++ source of the fused CPU kernels, compiled by :mod:`dynact._kernels` on first use.
+"""C++ source of the fused CPU kernels, compiled by :mod:`dynact.kernels.dispatch` on first use.
 
 Kept as a string in a Python module so that it ships inside the package with no packaging
-configuration; ``python -m dynact._kernels_cpu > k.cpp`` writes it out for reading or editing.
+configuration; ``python -c "from dynact.kernels.cpu import SOURCE; print(SOURCE, end='')" > k.cpp``
+writes it out for reading or editing.
 """
 
 SOURCE = r"""// Fused CPU kernels of dynact's activations: one pass over the tensor per direction.
 //
-// Plain C++ without PyTorch headers, so that building it takes about a second; dynact/_kernels.py
+// Plain C++ without PyTorch headers, so that building it takes about a second; dynact/kernels/dispatch.py
 // compiles it once per machine, caches the shared library and calls it through ctypes.
 //
 // Element types (code): 0 float32, 1 float64, 2 bfloat16, 3 float16. Half types are computed in
@@ -357,6 +358,3 @@ int dynact_crrelu_backward(int dtype, const void* grad, const void* x, void* gx,
 
 }  // extern "C"
 """
-
-if __name__ == "__main__":
-    print(SOURCE, end="")

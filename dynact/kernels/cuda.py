@@ -1,10 +1,10 @@
 """Triton kernels of the fused activations (CUDA): one pass over the tensor per direction.
 
-Same arithmetic as the C++ kernels (``dynact._kernels_cpu``): half inputs are computed in float32, the eps gradient is a
+Same arithmetic as the C++ kernels (``dynact.kernels.cpu``): half inputs are computed in float32, the eps gradient is a
 per-block sum (a fixed tree inside each block) written to a buffer and added by ``torch.sum``,
 which is deterministic for a fixed size, so deterministic mode needs nothing more. Scalars are
 read from device memory, so no call synchronises with the host. Used through
-:mod:`dynact._kernels`; if Triton is missing or a kernel fails to compile, :func:`available`
+:mod:`dynact.kernels.dispatch`; if Triton is missing or a kernel fails to compile, :func:`available`
 turns false after one warning and the reference path runs.
 """
 

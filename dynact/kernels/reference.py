@@ -1,7 +1,7 @@
 """The spline's reference arithmetic: knot tables, segment lookup and linear interpolation.
 
 :class:`dynact.EAFOActivation` computes ``s(x)`` with the fused kernels of
-:mod:`dynact._kernels` where they are built; these are the plain-PyTorch definitions they are
+:mod:`dynact.kernels.dispatch` where they are built; these are the plain-PyTorch definitions they are
 tested against, the path under ``torch.compile`` on CUDA and the fallback everywhere else.
 The knot tables are padded so that no mask is needed (see :func:`_tables`).
 """
@@ -51,7 +51,7 @@ def _gather(table: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
 
 class _SplineTerm(torch.autograd.Function):
     """``y0 + eps * s(x)`` with a hand-written backward (the eager reference path, taken where
-    the fused kernels of :mod:`dynact._kernels` cannot be built or are turned off).
+    the fused kernels of :mod:`dynact.kernels.dispatch` cannot be built or are turned off).
 
     Saves only ``x`` (already kept alive by the base) and the tiny tables; backward recomputes
     the segment index. ``grad_x = grad * eps * slope[j] * a``; ``grad_eps = sum(grad * s(x))``

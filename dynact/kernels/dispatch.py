@@ -1,0 +1,570 @@
+"""Fused forward and backward passes of CRReLU and EAFOActivation: building, choosing and calling them.
+
+Eager PyTorch runs one kernel per elementwise operation, so ``relu(x) + eps * s(x)`` written
+with tensor ops reads and writes the tensor several times per direction. Here each direction is
+one pass: the forward reads ``x`` and writes ``y``; the backward reads ``x`` and ``grad`` and
+writes ``grad_x`` while summing ``grad * s(x)`` (the ``eps`` gradient) in the same loop, the
+memory traffic of GELU's own kernels.
+
+- CPU: ``dynact.kernels.cpu.SOURCE``, plain C++ (no PyTorch headers, a few seconds to build),
+  compiled once per machine with the system's C++ compiler and cached under ``$DYNACT_CACHE``
+  (default ``~/.cache/dynact``), then called through :mod:`ctypes`. The eps gradient is summed
+  in double over fixed chunks, so it is the same bit for bit whatever the thread count
+  (deterministic mode needs nothing more).
+- CUDA: Triton kernels (:mod:`dynact.kernels.cuda`) when Triton is installed; per-block partial sums
+  of the eps gradient are added by one deterministic ``torch.sum``.
+
+Where a fast path cannot be built (no compiler, build error, no Triton) the reference path runs
+instead (the autograd functions of :mod:`dynact.activations` and :mod:`dynact.spline`) and one
+warning says why. ``DYNACT_KERNELS=reference`` turns the fused kernels off.
+
+Under ``torch.jit.trace``, a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ``jvp``) or
+``torch.autograd.forward_ad`` the modules run plain tensor ops (:func:`plain_ops_needed`): a
+traced module then holds only standard ops, and the transforms differentiate and batch them.
+
+Under ``torch.compile``: on CPU the graph calls the C++ kernels as ``torch.library`` custom ops
+(``dynact::spline_forward``, ``dynact::crrelu_forward``; opaque to the compiler, no graph
+break); on CUDA the activations are plain tensor ops, which Inductor fuses with their
+neighbours.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.autograd import forward_ad as _forward_ad
+
+from dynact.kernels import cpu
+
+__all__: list[str] = []
+
+#: "auto": fused kernels where they can be built, the reference path elsewhere; "reference":
+#: never fused; "ops": plain tensor ops as under torch.compile (for tests and benchmarks). Read
+#: from the environment variable DYNACT_KERNELS; tests change it directly.
+MODE = os.environ.get("DYNACT_KERNELS", "auto").strip().lower()
+
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17",
+          # Without these GCC leaves the loops scalar (errno and trap-free selects block it).
+          "-fno-math-errno", "-fno-trapping-math",
+          # Multiply-adds are fused exactly where the source says so (as ATen's addcmul does).
+          "-ffp-contract=off"]
+_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_ABI = 2
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_failure: Optional[str] = None  # why the CPU library is unavailable (None: not tried or built)
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DYNACT_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "dynact"
+
+
+def _compiler() -> Optional[str]:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _cpu_id() -> str:
+    # -march=native binds the library to this processor: its flags are part of the cache key.
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build(cxx: str, force: bool = False) -> Path:
+    """Compile the library once per (source, compiler, flags, processor); return its path.
+
+    A cached library is used only if it matches the size and SHA-256 recorded beside it
+    (``<name>.so.sha256``) when it was built; anything else (a truncated copy, a foreign file, a
+    cache from before the record existed) is rebuilt, as is everything when ``force``. Loading
+    a truncated shared library can kill the process with SIGBUS, so nothing is loaded unchecked.
+    Every file is written beside its target and renamed into place, so no process ever reads a
+    half-written library or record, and one already loaded keeps its own copy when another
+    process replaces it.
+    """
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(
+        "\n".join([cpu.SOURCE, cxx, version, " ".join(_FLAGS), _cpu_id(), sys.platform]).encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"dynact_kernels_{key}.so"
+    if not force and _intact(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out, source = Path(tmp) / target.name, Path(tmp) / "dynact_kernels.cpp"
+        source.write_text(cpu.SOURCE)
+        errors = []
+        # Compilers without OpenMP (Apple's clang) or -march=native still give a fused,
+        # single-threaded library.
+        for drop in ((), ("-fopenmp",), ("-fopenmp", "-march=native")):
+            flags = [f for f in _FLAGS if f not in drop]
+            proc = subprocess.run([cxx, *flags, str(source), "-o", str(out)], capture_output=True, text=True,
+                                  timeout=600)
+            if proc.returncode == 0:
+                break
+            errors.append(proc.stderr.strip()[-1500:])
+        else:
+            raise RuntimeError(f"{cxx} failed: {errors[0]}")
+        record = Path(tmp) / "record"
+        record.write_text(_fingerprint(out))
+        os.replace(out, target)
+        # The record follows the library: a reader seeing the new library with the old record
+        # (or none) rebuilds rather than loads.
+        os.replace(record, _record_path(target))
+    return target
+
+
+def _record_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _fingerprint(path: Path) -> str:
+    """``"<size> <sha256>"`` of a file's bytes."""
+    data = path.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def _intact(library: Path) -> bool:
+    """Whether ``library`` is exactly the file its record describes."""
+    try:
+        return _record_path(library).read_text().strip() == _fingerprint(library)
+    except OSError:  # either file missing or unreadable
+        return False
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    """The CPU library, built on first use; None (and one warning) if it cannot be built."""
+    global _lib, _failure
+    if _lib is not None or _failure is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _failure is not None:
+            return _lib
+        cxx = _compiler()
+        try:
+            if cxx is None:
+                raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+            try:
+                lib = ctypes.CDLL(str(_build(cxx)))
+            except OSError:  # a file matching its record that still does not load: build it afresh
+                lib = ctypes.CDLL(str(_build(cxx, force=True)))
+            if lib.dynact_abi_version() != _ABI:
+                raise RuntimeError("stale library in the cache")
+            _declare(lib)
+            _lib = lib
+        except Exception as err:  # any failure means: use the reference path
+            _failure = f"{type(err).__name__}: {err}"
+            _warn_once("cpu", f"dynact: the fused CPU kernels could not be built ({_failure}); "
+                              "using the slower reference path")
+    return _lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+    lib.dynact_eafo_forward.argtypes = [i32, i32, p, p, p, i64, p, f64, f64, i32, f64, i32]
+    lib.dynact_eafo_backward.argtypes = [i32, i32, p, p, p, p, i64, p, f64, f64, i32, f64, i32]
+    lib.dynact_crrelu_forward.argtypes = [i32, p, p, i64, f64, i32]
+    lib.dynact_crrelu_backward.argtypes = [i32, p, p, p, p, i64, f64, i32]
+    for fn in (lib.dynact_eafo_forward, lib.dynact_eafo_backward, lib.dynact_crrelu_forward,
+               lib.dynact_crrelu_backward):
+        fn.restype = i32
+
+
+def _reset() -> None:
+    """Forget the library and the warnings (tests)."""
+    global _lib, _failure
+    _lib, _failure = None, None
+    _warned.clear()
+    _cuda().reset()
+
+
+def _cuda():
+    """The Triton kernels (:mod:`dynact.kernels.cuda`), imported on first use."""
+    from dynact.kernels import cuda  # optional dependency: Triton (imported by the first CUDA call)
+
+    return cuda
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether a fused kernel serves ``x`` (its device and dtype) in this process."""
+    if MODE != "auto" or x.dtype not in _DTYPES:
+        return False
+    if x.device.type == "cpu":
+        return _load() is not None
+    if x.device.type == "cuda" and x.dtype != torch.float64:
+        return _cuda().available()
+    return False
+
+
+# ----------------------------------------------------------------------------- CPU calls
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise RuntimeError("dynact fused kernel: unsupported arguments")
+
+
+def pack(value: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """``(K + 3, 2)`` table of ``(value[j], slope[j])`` pairs (``slope`` padded with a zero), from
+    the tables of ``dynact.kernels.reference._tables``: the kernels fetch both numbers with one load."""
+    return torch.stack([value, torch.cat([slope, slope.new_zeros(1)])], 1).contiguous()
+
+
+def eafo_forward(x: torch.Tensor, y0: Optional[torch.Tensor], pairs: torch.Tensor, a: torch.Tensor,
+                 b: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """``base(x) + eps * s(x)``: ReLU as the base if ``y0`` is None, else ``y0 + eps * s(x)``.
+
+    ``pairs`` (see :func:`pack`), ``a``, ``b``: the spline's tables in the compute dtype (float32
+    for half inputs); ``eps`` one element. Scalars stay tensors so that CUDA never synchronises.
+    """
+    x = x.contiguous()
+    if x.device.type == "cuda":
+        return _cuda().eafo_forward(x, y0, pairs, a, b, eps)
+    y0 = None if y0 is None else y0.to(x.dtype).contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _check(_lib.dynact_eafo_forward(_DTYPES[x.dtype], 0 if y0 is not None else 1, _ptr(x), _ptr(y0), _ptr(out),
+                                    x.numel(), _ptr(pairs), float(a), float(b), pairs.shape[0] - 2, float(eps),
+                                    torch.get_num_threads()))
+    return out
+
+
+def eafo_backward(grad: torch.Tensor, x: torch.Tensor, relu: bool, pairs: torch.Tensor, a: torch.Tensor,
+                  b: torch.Tensor, eps: torch.Tensor, need_x: bool, need_eps: bool):
+    """``(grad_x, grad_eps)``: ``grad_x`` includes ReLU's derivative if ``relu``; ``grad_eps`` 0-d
+    (callers reshape it to ``eps``'s shape), float64 on CPU, float32 on CUDA."""
+    grad, x = grad.contiguous(), x.contiguous()
+    if x.device.type == "cuda":
+        return _cuda().eafo_backward(grad, x, relu, pairs, a, b, eps, need_x, need_eps)
+    grad = grad.to(x.dtype)
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    geps = torch.zeros((), dtype=torch.float64) if need_eps else None
+    _check(_lib.dynact_eafo_backward(_DTYPES[x.dtype], int(relu), _ptr(grad), _ptr(x), _ptr(gx), _ptr(geps),
+                                     x.numel(), _ptr(pairs), float(a), float(b), pairs.shape[0] - 2, float(eps),
+                                     torch.get_num_threads()))
+    return gx, geps
+
+
+def crrelu_forward(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    if x.device.type == "cuda":
+        return _cuda().crrelu_forward(x, eps)
+    eps = float(eps)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _check(_lib.dynact_crrelu_forward(_DTYPES[x.dtype], _ptr(x), _ptr(out), x.numel(), eps,
+                                      torch.get_num_threads()))
+    return out
+
+
+def crrelu_backward(grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, need_x: bool, need_eps: bool):
+    grad, x = grad.contiguous(), x.contiguous()
+    if x.device.type == "cuda":
+        return _cuda().crrelu_backward(grad, x, eps, need_x, need_eps)
+    eps = float(eps)
+    grad = grad.to(x.dtype)
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    geps = torch.zeros((), dtype=torch.float64) if need_eps else None
+    _check(_lib.dynact_crrelu_backward(_DTYPES[x.dtype], _ptr(grad), _ptr(x), _ptr(gx), _ptr(geps), x.numel(),
+                                       eps, torch.get_num_threads()))
+    return gx, geps
+
+
+# ----------------------------------------------------------------------------- the formulas in tensor ops
+# The kernels' arithmetic in differentiable tensor ops: the backward under create_graph=True
+# (a kernel's result has no graph), the custom ops' fallback, and their second derivatives.
+
+#: ``x*x`` is capped here before ``exp(-x*x/2)``: beyond it the Gaussian is exactly 0 in every
+#: dtype (``exp(-5000)``), and the cap keeps ``(1 - x*x) * exp(-x*x/2)`` at 0 where ``x*x``
+#: overflows (``|x| >= 256`` in float16, ``1.8e19`` in float32/bfloat16) instead of
+#: ``-inf * 0 = NaN``. The C++ and Triton kernels cap it the same way.
+X2_CAP = 1e4
+
+
+def gauss(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x2, exp(-x2/2))`` with ``x2 = min(x*x, X2_CAP)``: finite for finite ``x``, NaN stays NaN."""
+    x2 = (x * x).clamp_max(X2_CAP)
+    return x2, torch.exp(-0.5 * x2)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def crrelu_grads(grad, x, eps, need_x: bool = True, need_eps: bool = True):
+    """CRReLU's backward ``(grad_x, grad_eps)`` in differentiable tensor ops; ``grad_eps`` has
+    ``eps``'s shape and is summed in float32 or wider."""
+    x2, g = gauss(x)
+    gx = geps = None
+    if need_x:
+        gx = grad * ((x > 0).to(x.dtype) + eps.reshape(()).to(x.dtype) * (1 - x2) * g)
+    if need_eps:
+        geps = (grad * x * g).sum(dtype=_acc(x.dtype)).to(eps.dtype).reshape(eps.shape)
+    return gx, geps
+
+
+def _spline_parts(x, pairs, a, b):
+    """``(s(x), slope_j)`` in the compute dtype ``pairs.dtype``; differentiable in ``x``
+    (``ds/dx = a * slope_j``)."""
+    last = pairs.shape[0] - 2
+    u = torch.addcmul(b, x.to(pairs.dtype), a).clamp(0.0, float(last))
+    j = u.to(torch.int32).clamp(0, last).long()
+    slope = pairs[j, 1]
+    return torch.addcmul(pairs[j, 0], u - j, slope), slope
+
+
+def spline_grads(grad, x, relu: bool, pairs, a, b, eps, need_x: bool = True, need_eps: bool = True):
+    """The spline's backward ``(grad_x, grad_eps)`` in differentiable tensor ops (``grad_x``
+    includes ReLU's derivative if ``relu``; ``grad_eps`` has ``eps``'s shape)."""
+    s, slope = _spline_parts(x, pairs, a, b)
+    g = grad.to(pairs.dtype)
+    gx = geps = None
+    if need_x:
+        gx = g * slope * (a * eps.reshape(()).to(pairs.dtype))
+        gx = (gx + g * (x > 0) if relu else gx).to(x.dtype)
+    if need_eps:
+        geps = (g * s).sum().to(eps.dtype).reshape(eps.shape)
+    return gx, geps
+
+
+# ----------------------------------------------------------------------------- autograd
+class FusedSpline(torch.autograd.Function):
+    """``base(x) + eps * s(x)`` in one pass per direction; ``y0 = None`` means a ReLU base
+    computed inside the kernel (and its derivative in the backward). Saves only ``x`` and the
+    small tables. Under ``create_graph=True`` the backward runs :func:`spline_grads`, so second
+    derivatives (through ``x``, ``eps`` and the incoming gradient) are those of the reference path."""
+
+    @staticmethod
+    def forward(ctx, x, eps, y0, pairs, a, b):  # noqa: D102
+        ctx.relu = y0 is None
+        ctx.save_for_backward(x, eps, pairs, a, b)
+        return eafo_forward(x, y0, pairs, a, b, eps.detach())
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, eps, pairs, a, b = ctx.saved_tensors
+        need_x, need_eps, need_y0 = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        gx = geps = None
+        if torch.is_grad_enabled():  # create_graph=True: the kernel's result would have no graph
+            gx, geps = spline_grads(grad, x, ctx.relu, pairs, a, b, eps, need_x, need_eps)
+        elif need_x or need_eps:
+            gx, geps = eafo_backward(grad, x, ctx.relu, pairs, a, b, eps.detach(), need_x, need_eps)
+            if geps is not None:
+                geps = geps.to(eps.dtype).reshape(eps.shape)
+        return gx, geps, (grad if need_y0 else None), None, None, None
+
+
+class FusedCRReLU(torch.autograd.Function):
+    """``relu(x) + eps * x * exp(-x**2/2)`` in one pass per direction; saves only ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, eps):  # noqa: D102
+        ctx.save_for_backward(x, eps)
+        return crrelu_forward(x, eps.detach())
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, eps = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True (second derivatives, e.g. dynact.eafo.derivatives): the same
+            # formulas in differentiable tensor ops; the kernel's result would have no graph.
+            return crrelu_grads(grad, x, eps, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        gx, geps = crrelu_backward(grad, x, eps.detach(), ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        if geps is not None:
+            geps = geps.to(eps.dtype).reshape(eps.shape)
+        return gx, geps
+
+
+def plain_ops_needed() -> bool:
+    """Whether an eager call must run plain tensor ops instead of an autograd Function.
+
+    True under ``torch.jit.trace`` (a Python Function cannot be saved in a TorchScript module),
+    a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ``jvp``: the kernels read raw
+    memory, which batched or wrapped tensors do not have) and ``torch.autograd.forward_ad``
+    (the Functions have no forward-mode formula). Costs a few attribute reads per call.
+    """
+    return (torch._C._are_functorch_transforms_active() or torch.jit.is_tracing()
+            or _forward_ad._current_level >= 0)
+
+
+# ----------------------------------------------------------------------------- under torch.compile (CPU)
+# Inductor fuses the plain-ops formulas into one loop per direction, but on CPU its loop with
+# the table gather (and ReLU's mask) ran 1.4-4.4x GELU where the C++ kernels run ~0.9x. So on
+# CPU the compiled graph calls the kernels as opaque custom ops (no graph break; Inductor
+# compiles everything around them). The choice is made when tracing, before anything is
+# built: if the library then cannot be built, the ops compute the same formulas with tensor
+# ops (after the one warning). The backward ops are differentiable too (second derivatives
+# under create_graph=True), with the formulas of the section above.
+def _fused_cpu() -> bool:
+    return MODE == "auto" and _load() is not None
+
+
+@torch.library.custom_op("dynact::spline_forward", mutates_args=(), device_types="cpu")
+def _spline_forward_op(x: torch.Tensor, y0: Optional[torch.Tensor], pairs: torch.Tensor, a: torch.Tensor,
+                       b: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    if _fused_cpu():
+        return eafo_forward(x, y0, pairs, a, b, eps)
+    s, _ = _spline_parts(x, pairs, a, b)
+    base = torch.relu(x.to(pairs.dtype)) if y0 is None else y0.to(pairs.dtype)
+    return torch.addcmul(base, s, eps.reshape(()).to(pairs.dtype)).to(x.dtype)
+
+
+@_spline_forward_op.register_fake
+def _(x, y0, pairs, a, b, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("dynact::spline_backward", mutates_args=(), device_types="cpu")
+def _spline_backward_op(grad: torch.Tensor, x: torch.Tensor, relu: bool, pairs: torch.Tensor, a: torch.Tensor,
+                        b: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if _fused_cpu():
+        gx, geps = eafo_backward(grad, x, relu, pairs, a, b, eps, True, True)
+        return gx, geps.to(eps.dtype).reshape(eps.shape)
+    return spline_grads(grad, x, relu, pairs, a, b, eps)
+
+
+@_spline_backward_op.register_fake
+def _(grad, x, relu, pairs, a, b, eps):
+    return x.new_empty(x.shape), eps.new_empty(eps.shape)
+
+
+def _spline_setup(ctx, inputs, output):
+    x, y0, pairs, a, b, eps = inputs
+    ctx.relu = y0 is None
+    ctx.save_for_backward(x, pairs, a, b, eps)
+
+
+def _spline_grads(ctx, grad):
+    x, pairs, a, b, eps = ctx.saved_tensors
+    gx, geps = _spline_backward_op(grad, x, ctx.relu, pairs, a, b, eps)
+    return gx, (None if ctx.relu else grad), None, None, None, geps
+
+
+_spline_forward_op.register_autograd(_spline_grads, setup_context=_spline_setup)
+
+
+def _materialize(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _spline_backward_setup(ctx, inputs, output):
+    grad, x, relu, pairs, a, b, eps = inputs
+    ctx.relu = relu
+    ctx.save_for_backward(grad, x, pairs, a, b, eps)
+
+
+def _spline_backward_grads(ctx, ggx, ggeps):
+    # gx = grad * (eps * ds/dx + relu * 1[x > 0]) with ds/dx = a * slope_j piecewise constant;
+    # geps = sum(grad * s(x)).
+    grad, x, pairs, a, b, eps = ctx.saved_tensors
+    ggx, ggeps = _materialize(ggx, grad), _materialize(ggeps, eps)
+    cdt = pairs.dtype
+    s, slope = _spline_parts(x, pairs, a, b)
+    ds = slope * a
+    g, ggx = grad.to(cdt), ggx.to(cdt)
+    ggeps = ggeps.reshape(()).to(cdt)
+    d_grad = ggx * (eps.reshape(()).to(cdt) * ds) + ggeps * s
+    if ctx.relu:
+        d_grad = d_grad + ggx * (x > 0)
+    d_x = (ggeps * g * ds).to(x.dtype)
+    d_eps = (ggx * g * ds).sum().to(eps.dtype).reshape(eps.shape)
+    return d_grad.to(grad.dtype), d_x, None, None, None, None, d_eps
+
+
+_spline_backward_op.register_autograd(_spline_backward_grads, setup_context=_spline_backward_setup)
+
+
+@torch.library.custom_op("dynact::crrelu_forward", mutates_args=(), device_types="cpu")
+def _crrelu_forward_op(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    if _fused_cpu():
+        return crrelu_forward(x, eps)
+    return torch.relu(x) + eps.reshape(()).to(x.dtype) * x * gauss(x)[1]
+
+
+@_crrelu_forward_op.register_fake
+def _(x, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("dynact::crrelu_backward", mutates_args=(), device_types="cpu")
+def _crrelu_backward_op(grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if _fused_cpu():
+        gx, geps = crrelu_backward(grad, x, eps, True, True)
+        return gx, geps.to(eps.dtype).reshape(eps.shape)
+    return crrelu_grads(grad, x, eps)
+
+
+@_crrelu_backward_op.register_fake
+def _(grad, x, eps):
+    return x.new_empty(x.shape), eps.new_empty(eps.shape)
+
+
+def _crrelu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _crrelu_grads(ctx, grad):
+    x, eps = ctx.saved_tensors
+    return _crrelu_backward_op(grad, x, eps)
+
+
+_crrelu_forward_op.register_autograd(_crrelu_grads, setup_context=_crrelu_setup)
+
+
+def _crrelu_backward_grads(ctx, ggx, ggeps):
+    # gx = grad * (1[x > 0] + eps (1 - x^2) G), geps = sum(grad x G), G = exp(-x^2/2);
+    # d/dx [(1 - x^2) G] = x (x^2 - 3) G and d/dx [x G] = (1 - x^2) G.
+    grad, x, eps = ctx.saved_tensors
+    ggx, ggeps = _materialize(ggx, grad), _materialize(ggeps, eps)
+    x2, g = gauss(x)
+    e, ggeps = eps.reshape(()).to(x.dtype), ggeps.reshape(()).to(x.dtype)
+    d_grad = ggx * ((x > 0).to(x.dtype) + e * (1 - x2) * g) + ggeps * x * g
+    d_x = grad * (ggx * e * (x2 - 3) * g * x + ggeps * (1 - x2) * g)
+    d_eps = (ggx * grad * (1 - x2) * g).sum(dtype=_acc(x.dtype)).to(eps.dtype).reshape(eps.shape)
+    return d_grad, d_x, d_eps
+
+
+def _crrelu_backward_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+_crrelu_backward_op.register_autograd(_crrelu_backward_grads, setup_context=_crrelu_backward_setup)
+
+
+def compiled_on_cpu(x: torch.Tensor) -> bool:
+    """Whether a compiled graph should call the kernels as custom ops (CPU, kernels not off)."""
+    return MODE == "auto" and x.device.type == "cpu" and x.dtype in _DTYPES
+
+
+def spline_op(x, eps, y0, pairs, a, b):
+    """The fused spline as a custom op (for compiled graphs on CPU)."""
+    return _spline_forward_op(x, y0, pairs, a, b, eps)
+
+
+def crrelu_op(x, eps):
+    """Fused CRReLU as a custom op (for compiled graphs on CPU)."""
+    return _crrelu_forward_op(x, eps)

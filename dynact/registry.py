@@ -1,0 +1,208 @@
+"""The activation registry: one table from a lower-case name to a factory, and the lookups on it.
+
+:func:`resolve_activation` is the single resolver that every other part of dynact
+(``make_activation``, ``swap_activations``, the models' ``act=`` and the CLI's ``--arms``) goes
+through. dynact's own activations add themselves, since their modules build on this one:
+``crrelu`` (:mod:`dynact.activations`) and ``eafo`` (:mod:`dynact.spline`). Users reach these
+names through :mod:`dynact.activations`, which re-exports them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ActSpec",
+    "activation_names",
+    "activation_types",
+    "find_activations",
+    "make_activation",
+    "register_activation",
+    "register_transformers_activations",
+    "resolve_activation",
+    "tensor_device",
+]
+
+
+# name -> factory(**kw) returning an nn.Module. One line per activation.
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+    "prelu": nn.PReLU,
+    "celu": nn.CELU,
+    "silu": nn.SiLU,
+    "mish": nn.Mish,
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    # "crrelu" (dynact.activations.CRReLU) and "eafo" (dynact.spline.EAFOActivation) register
+    # themselves, in that order: both modules build on this one.
+}
+
+ActSpec = Union[str, type, Callable[..., nn.Module], nn.Module, None]
+
+
+def activation_names() -> list[str]:
+    """The registered activation names, in registration order (transformers' once it is loaded)."""
+    _register_loaded_libraries()
+    return list(_REGISTRY)
+
+
+def register_activation(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Add ``factory`` (a class or a function building an ``nn.Module``) under ``name``.
+
+    Names are lower case. A class registered here is also an activation type: models' modules
+    of that class are found by :func:`find_activations` and measured by the training plugin.
+    ``dynact.spline`` registers ``"eafo"`` this way.
+    """
+    _REGISTRY[name.lower()] = factory
+
+
+def resolve_activation(spec: ActSpec) -> Callable[..., nn.Module] | None:
+    """Turn a name, a class or a factory into a factory that builds an activation module.
+
+    ``None`` passes through (callers decide their default). An unknown name raises
+    :class:`ValueError` listing the registered names; anything else that is not callable
+    raises :class:`TypeError`.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        key = spec.strip().lower()
+        _register_loaded_libraries()
+        if key in _TRANSFORMERS_ACTIVATIONS and key not in _REGISTRY:
+            _register_transformers_if_installed()  # a transformers name asked for before loading it
+        if key not in _REGISTRY:
+            hint = " (a transformers activation: pip install transformers)" if key in _TRANSFORMERS_ACTIVATIONS else ""
+            raise ValueError(f"unknown activation {spec!r}{hint}; choose one of: {', '.join(_REGISTRY)}")
+        return _REGISTRY[key]
+    if isinstance(spec, nn.Module):
+        raise TypeError(
+            f"expected an activation name, class or factory, got the module instance {spec!r}; "
+            "pass its class (or a lambda returning a fresh module) so every site gets its own copy"
+        )
+    if callable(spec):
+        return spec
+    raise TypeError(
+        f"expected an activation name, class or factory, got {type(spec).__name__}: {spec!r}"
+    )
+
+
+def make_activation(name: ActSpec, **kwargs) -> nn.Module:
+    """Build an activation module by name (or class/factory), passing ``kwargs`` through.
+
+    Names: ``relu, gelu, elu, prelu, celu, silu, mish, crrelu, eafo``.
+
+    Example:
+        >>> make_activation("crrelu", eps=0.02)
+        CRReLU(eps=0.02, learnable=True)
+    """
+    factory = resolve_activation(name)
+    if factory is None:
+        raise ValueError("make_activation: name must not be None")
+    module = factory(**kwargs)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"activation factory {name!r} returned {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def tensor_device(module: nn.Module) -> torch.device | None:
+    """The device of ``module``'s first parameter (else buffer); None for a module without tensors.
+    A module put in place of ``module`` is moved there."""
+    ref = next(iter(list(module.parameters()) + list(module.buffers())), None)
+    return None if ref is None else ref.device
+
+
+def activation_types() -> dict[type, str]:
+    """Module classes of the registered activations, mapped to their registry names
+    (``nn.ReLU -> "relu"``, ..., ``EAFOActivation -> "eafo"``)."""
+    _register_loaded_libraries()
+    return {factory: name for name, factory in _REGISTRY.items() if isinstance(factory, type)}
+
+
+def find_activations(model: nn.Module, types: Iterable[type] | None = None) -> list[tuple[str, nn.Module]]:
+    """Activation modules of ``model`` by qualified name, outermost only.
+
+    An activation inside another activation (the ``base`` of an :class:`~dynact.EAFOActivation`)
+    is part of it, not a layer of its own, so it is not listed.
+
+    Args:
+        types: the module types to list (default: every registered activation type).
+    """
+    kinds = tuple(activation_types())
+    wanted = kinds if types is None else tuple(types)
+    found: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []  # names of activation modules seen so far (parents come first)
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or any(name.startswith(outer + ".") for outer in inside):
+            continue
+        if isinstance(module, kinds + wanted):
+            inside.append(name)
+            if isinstance(module, wanted):
+                found.append((name, module))
+    return found
+
+
+# ----------------------------------------------------------------------------- Hugging Face transformers
+#: transformers' own activation classes (its ``ACT2CLS`` table) that compute a function dynact
+#: knows, by the name that table gives them; a ``_hf`` suffix where dynact's name already
+#: means torch's class (``gelu_hf`` is ``GELUActivation``, ``gelu`` is ``nn.GELU``). Each class
+#: computes one fixed function, so a converted layer keeps it: GPT-2's ``gelu_new`` stays
+#: tanh-approximate, Llama's ``silu_hf`` stays SiLU. (``ACT2CLS``'s torch classes, ``nn.ReLU``,
+#: ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid``, ``nn.PReLU``, are in the registry already.)
+_TRANSFORMERS_ACTIVATIONS = {
+    "gelu_new": "NewGELUActivation",
+    "gelu_fast": "FastGELUActivation",
+    "quick_gelu": "QuickGELUActivation",
+    "gelu_pytorch_tanh": "GELUTanh",
+    "gelu_accurate": "AccurateGELUActivation",
+    "gelu_hf": "GELUActivation",
+    "silu_hf": "SiLUActivation",  # Llama, Mistral, Qwen MLPs
+    "mish_hf": "MishActivation",
+}
+
+
+_TRANSFORMERS_SEEN = False  # set once register_transformers_activations has run
+
+
+def register_transformers_activations() -> list[str]:
+    """Add transformers' activation classes to the registry; return the names added.
+
+    After it, :func:`find_activations`, :func:`activation_types` and :func:`swap_activations`
+    see GPT-2's ``NewGELUActivation`` (name ``gelu_new``), Llama's ``SiLUActivation``
+    (``silu_hf``) and the others of :data:`_TRANSFORMERS_ACTIVATIONS`, so
+    ``swap_activations(gpt2, "gelu_new", "crrelu")`` replaces every MLP activation. It runs by
+    itself once ``transformers.activations`` has been imported (any transformers model imports
+    it); calling it imports transformers. Raises :class:`ImportError` without transformers.
+    """
+    import transformers.activations as hf
+
+    global _TRANSFORMERS_SEEN
+    _TRANSFORMERS_SEEN = True
+    added = []
+    for name, cls_name in _TRANSFORMERS_ACTIVATIONS.items():
+        cls = getattr(hf, cls_name, None)
+        if isinstance(cls, type) and _REGISTRY.get(name) is not cls:
+            register_activation(name, cls)
+            added.append(name)
+    return added
+
+
+def _register_transformers_if_installed() -> None:
+    # Only for a name of _TRANSFORMERS_ACTIVATIONS: importing transformers takes seconds.
+    from importlib.util import find_spec
+
+    if find_spec("transformers") is not None:
+        register_transformers_activations()
+
+
+def _register_loaded_libraries() -> None:
+    # Cheap when nothing is loaded: a dict lookup. Never imports transformers itself.
+    import sys
+
+    if "transformers.activations" in sys.modules and not _TRANSFORMERS_SEEN:
+        register_transformers_activations()
