@@ -74,8 +74,8 @@ def test_every_arm_and_seed_is_a_real_tensorboard_run_and_record(sweep):
         assert run["top1_final"] == pytest.approx(acc.Scalars("val/acc1")[-1].value, abs=1e-6)
         assert run["nll_final"] == pytest.approx(acc.Scalars("val/loss")[-1].value, abs=1e-6)
         assert run["top5_final"] == pytest.approx(acc.Scalars("val/acc5")[-1].value, abs=1e-6)
-        # top-1 is a whole number of the validation images seen (3 batches of 32)
-        seen = min(run["data_sizes"]["val"], 3 * 32)
+        # top-1 is a whole number of the validation images seen (3 batches)
+        seen = min(run["data_sizes"]["val"], 3 * results["settings"]["data_kwargs"]["batch_size"])
         assert run["top1_final"] * seen == pytest.approx(round(run["top1_final"] * seen), abs=1e-4)
         # only the dynamic arm is updated; its layers and the static CRReLU-free ReLU arm's are
         # keyed by the same module names as the callback's tags

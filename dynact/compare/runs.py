@@ -83,6 +83,16 @@ def history_callback(eafo_callback, on_epoch: Optional[Callable[[int], None]] = 
     class History(Callback):
         def __init__(self) -> None:
             self.epochs: list[dict[str, Any]] = []
+            # Each layer's latest value of each measure: a window that only re-places a grid
+            # reports ``outside`` alone, and must not drop the layer's other measures.
+            self.latest: dict[str, dict[str, float]] = {}
+
+        def _merge(self) -> None:
+            for layer, measures in layer_measures(getattr(eafo_callback, "metrics", None) or {}).items():
+                self.latest.setdefault(layer, {}).update(measures)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self._merge()
 
         def on_validation_end(self, trainer, pl_module) -> None:  # metrics are reduced by now
             if trainer.sanity_checking:
@@ -92,7 +102,8 @@ def history_callback(eafo_callback, on_epoch: Optional[Callable[[int], None]] = 
             for key in ("val/acc1", "val/acc5", "val/loss", "val/acc1_macro"):
                 if key in metrics:
                     row[key.split("/", 1)[1]] = float(metrics[key])
-            row["layers"] = layer_measures(getattr(eafo_callback, "metrics", None) or {})
+            self._merge()
+            row["layers"] = {layer: dict(measures) for layer, measures in self.latest.items()}
             self.epochs.append(row)
             if on_epoch is not None:
                 on_epoch(row["epoch"])
@@ -108,12 +119,12 @@ def _data_sizes(datamodule) -> dict[str, int]:
     return sizes
 
 
-def _final_layers(model, eafo_callback) -> dict[str, dict[str, float]]:
-    """The last update's measures per layer, plus each activation's final learned ``eps``, keyed
-    by the module's name in the LightningModule (the callback's layer names)."""
+def _final_layers(model, latest: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Each layer's latest measures (``History.latest``), plus each activation's final learned
+    ``eps``, keyed by the module's name in the LightningModule (the callback's layer names)."""
     import torch
 
-    layers = layer_measures(getattr(eafo_callback, "metrics", None) or {})
+    layers = {layer: dict(measures) for layer, measures in latest.items()}
     for name, module in model.named_modules():
         eps = getattr(module, "eps", None)
         if isinstance(eps, torch.Tensor) and eps.numel() == 1:
@@ -183,7 +194,7 @@ def run_one(settings: SweepSettings, arm: str, seed: int,
         "nll_final": last.get("loss"),
         "top1_macro_final": last.get("acc1_macro"),
         "epochs": epochs,
-        "layers": _final_layers(model, eafo_callback),
+        "layers": _final_layers(model, history.latest),
         "steps": trainer.global_step,
         "model": describe_model(model, settings),
         "data_sizes": _data_sizes(datamodule),
