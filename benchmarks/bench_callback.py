@@ -1,6 +1,6 @@
 """What dynamic EAFO costs a training run, against the model a user would otherwise train.
 
-ViT-Tiny (``dynact.models.ImageClassifier("vit_tiny")``, 12 MLP activations) trains on random
+ViT-Tiny (``dynact.experiments.models.ImageClassifier("vit_tiny")``, 12 MLP activations) trains on random
 CIFAR-shaped batches with Lightning's Trainer, AdamW and a TensorBoard logger, in these arms:
 
 ==============  =====================================================================
@@ -48,7 +48,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from dynact import EAFOCallback
-from dynact.models import ImageClassifier
+from dynact.experiments.models import ImageClassifier
 
 #: arm -> (MLP activation, callback arguments or None)
 ARMS: dict[str, tuple[str, Optional[dict[str, Any]]]] = {

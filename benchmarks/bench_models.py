@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from dynact.activations import activation_names
-from dynact.models import ImageClassifier
+from dynact.experiments.models import ImageClassifier
 
 
 class _Throughput(pl.Callback):

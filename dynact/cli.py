@@ -12,12 +12,18 @@ import sys
 from importlib import import_module
 from typing import Sequence
 
+from dynact import __version__
+
 # command -> (module, function, one-line help). Heavy modules load only for their command.
 _COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("dynact.train", "main", "train a model with Lightning's CLI (configs in examples/configs)"),
-    "compare": ("dynact.compare", "main", "compare activations (ReLU, CRReLU, dynamic EAFO, ...) over seeds"),
-    "design": ("dynact.design", "main", "design a static activation: one EAFO step under a chosen density"),
-    "dpo": ("dynact.dpo.command", "main", "the paper's LLM experiment: GPT-2, SFT then DPO, CRReLU against GELU"),
+    "train": ("dynact.experiments.train", "main",
+              "train a model with Lightning's CLI (configs in examples/configs)"),
+    "compare": ("dynact.experiments.compare", "main",
+                "compare activations (ReLU, CRReLU, dynamic EAFO, ...) over seeds"),
+    "design": ("dynact.experiments.design", "main",
+               "design a static activation: one EAFO step under a chosen density"),
+    "dpo": ("dynact.experiments.dpo.command", "main",
+            "the paper's LLM experiment: GPT-2, SFT then DPO, CRReLU against GELU"),
 }
 
 
@@ -35,7 +41,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0
     if args[0] in ("-V", "--version"):
-        from dynact import __version__
 
         print(f"dynact {__version__}")
         return 0

@@ -18,6 +18,9 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from dynact.activations import find_activations
+from dynact.core import tag
+
 __all__ = ["FINAL_FIGURES", "LAYER_FIGURES", "layer_summary", "parameter_figures", "result_line", "trainer_result_line"]
 
 #: Per-layer figures the line summarises (their spread over the layers), in this order.
@@ -57,9 +60,6 @@ def layer_summary(metrics: Mapping[str, float], figures: tuple[str, ...] = LAYER
 def parameter_figures(model: nn.Module) -> dict[str, float]:
     """``{"eps/<layer>": value}`` for the activation modules of ``model`` with a scalar ``eps``
     (CRReLU, EAFOActivation): the per-layer figures of a run that nothing measured."""
-    from dynact.activations import find_activations
-    from dynact.core import tag
-
     found = {}
     for name, module in find_activations(model):
         eps = getattr(module, "eps", None)
@@ -94,7 +94,7 @@ def trainer_result_line(trainer: Any, figures: Sequence[str] = FINAL_FIGURES, ch
     logger's ``log_dir`` (TensorBoard's run folder) and, with ``checkpoint`` (a run that trained),
     the checkpoint the run wrote last.
     """
-    from dynact.callbacks import EAFOCallback
+    from dynact.callbacks import EAFOCallback  # optional dependency: Lightning
 
     final = {name: float(trainer.callback_metrics[name]) for name in figures if name in trainer.callback_metrics}
     layers: Mapping[str, float] = {}

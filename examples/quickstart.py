@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dynact import EAFOCallback
-from dynact.data import DigitsDataModule
+from dynact.experiments.data import DigitsDataModule
 from dynact.summary import trainer_result_line
 
 

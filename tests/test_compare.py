@@ -15,8 +15,9 @@ import torch
 from scipy import stats
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dynact import compare
-from dynact.compare import records, runs
+from dynact.experiments import compare
+from dynact.experiments.compare import records, runs
+from dynact.experiments.sweep import folder as sweep_folder
 
 # A few optimizer steps per run: 4 batches x 2 epochs = 8 steps, the callback acting every 2.
 TINY = ["--task", "digits", "--epochs", "2", "--every-n-steps", "2", "--no-progress", "--workers", "1",
@@ -286,14 +287,14 @@ def test_damaged_sweep_json_is_an_error_naming_the_file_and_the_fix(sweep, tmp_p
 
 
 def test_a_write_error_mid_sweep_stops_with_a_message_and_a_partial_report(tmp_path, monkeypatch, capsys):
-    real = records.write_text
+    real = sweep_folder.write_text
 
     def full_disk(path, text):  # the disk fills up when the second run's record is written
         if path.name == "crrelu-seed0.json":
-            raise records.OutputError(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+            raise sweep_folder.OutputError(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
         real(path, text)
 
-    monkeypatch.setattr(records, "write_text", full_disk)
+    monkeypatch.setattr(sweep_folder, "write_text", full_disk)
     out = tmp_path / "out"
     args = [*TINY, "--arms", "relu,crrelu", "--seeds", "1", "--out", str(out)]
     assert compare.main(args) == 3
@@ -302,7 +303,7 @@ def test_a_write_error_mid_sweep_stops_with_a_message_and_a_partial_report(tmp_p
     partial = json.loads((out / "results.json").read_text())
     assert [r["status"] for r in partial["runs"]] == ["ok", "not run"]
     assert "| crrelu | 0 | n/a |" in (out / "report.md").read_text()
-    monkeypatch.setattr(records, "write_text", real)
+    monkeypatch.setattr(sweep_folder, "write_text", real)
     assert compare.main(args + ["--resume"]) == 0
 
 
@@ -462,7 +463,7 @@ def test_arms_share_initial_weights_and_split_at_each_seed(tmp_path):
     # sees the same split; another seed draws other weights and another split.
     from lightning.pytorch import seed_everything
 
-    from dynact.compare.settings import build_parser, settings_from_args, split_overrides
+    from dynact.experiments.compare.settings import build_parser, settings_from_args, split_overrides
 
     args = build_parser().parse_args(["--arms", "relu,crrelu,eafo", "--out", str(tmp_path)])
     settings = settings_from_args(args, split_overrides([])[1])
@@ -488,7 +489,7 @@ def test_arms_share_initial_weights_and_split_at_each_seed(tmp_path):
 
 
 def test_seeds_take_a_count_a_range_or_a_list():
-    from dynact.compare.settings import parse_seeds
+    from dynact.experiments.compare.settings import parse_seeds
 
     assert parse_seeds("8") == list(range(8))
     assert parse_seeds("8:16") == list(range(8, 16))
@@ -500,7 +501,7 @@ def test_seeds_take_a_count_a_range_or_a_list():
 
 
 def test_plateau_is_claimed_only_when_every_run_is_under_the_bound():
-    from dynact.compare.stats import PLATEAU_BOUND, plateau_check
+    from dynact.experiments.compare.stats import PLATEAU_BOUND, plateau_check
 
     def run(arm, seed, curve):
         return {"arm": arm, "seed": seed, "status": "ok", "epochs": [{"acc1": a} for a in curve]}
@@ -576,7 +577,7 @@ def test_every_pair_is_reported_with_bonferroni_intervals_and_seed_ranges_resume
                      if ln.startswith("model name"))
         assert timing["cpu"] == model and model in report
     assert timing["cpu_threads"] == os.cpu_count() and timing["torch"] == torch.__version__
-    from dynact import _kernels
+    from dynact.kernels import dispatch as _kernels
 
     assert timing["kernels"] == _kernels.MODE and f"dynact kernels {_kernels.MODE}" in report
     assert set(timing["runs_cpu"]) == {f"{a}-seed{s}" for a in ("relu", "crrelu", "eafo") for s in (3, 4, 5)}

@@ -1,4 +1,4 @@
-"""dynact.data: CIFAR in its real on-disk format, ImageNet-style folders and digits, through the
+"""dynact.experiments.data: CIFAR in its real on-disk format, ImageNet-style folders and digits, through the
 real torchvision readers, timm transforms and Lightning's Trainer."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
-from dynact.data import (
+from dynact.experiments.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CIFAR10DataModule,
@@ -21,7 +21,7 @@ from dynact.data import (
     DigitsDataModule,
     ImageNetDataModule,
 )
-from dynact.models import ImageClassifier
+from dynact.experiments.models import ImageClassifier
 
 TINY_VIT = dict(embed_dim=32, depth=1, num_heads=2)
 

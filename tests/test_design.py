@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from scipy import optimize, stats
 
-from dynact import design as design_mod
 from dynact.cli import main
 from dynact.density import Density
+from dynact.experiments import design as design_mod
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

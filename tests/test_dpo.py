@@ -20,7 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _main(*argv: str) -> int:
-    from dynact.dpo.command import main
+    from dynact.experiments.dpo.command import main
 
     return main(list(argv))
 
@@ -37,7 +37,7 @@ def test_gpt2_small_with_crrelu_or_eafo_has_exactly_12_more_parameters():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from dynact import swap_activations
-    from dynact.dpo.models import gelu_types
+    from dynact.experiments.dpo.models import gelu_types
 
     with torch.device("meta"):  # GPT-2 small's shapes without allocating its weights
         model = GPT2LMHeadModel(GPT2Config())
@@ -54,7 +54,7 @@ def test_gpt2_gelu_is_found_and_converted_keeping_its_tanh_approximation():
     from transformers.activations import NewGELUActivation
 
     from dynact.activations import activation_types, find_activations
-    from dynact.dpo.models import build_policy, train_tokenizer
+    from dynact.experiments.dpo.models import build_policy, train_tokenizer
     from dynact.integrations.transformers import EAFOTrainerCallback
     from dynact.spline import EAFOActivation
 
@@ -76,7 +76,7 @@ def test_gpt2_gelu_is_found_and_converted_keeping_its_tanh_approximation():
 
 def test_crrelu_arm_swaps_every_mlp_activation():
     from dynact import CRReLU
-    from dynact.dpo.models import build_policy, train_tokenizer
+    from dynact.experiments.dpo.models import build_policy, train_tokenizer
 
     tok = train_tokenizer(["another tiny corpus"] * 4, vocab_size=300)
     model = build_policy("tiny", "crrelu", tok, seed=0)
@@ -166,7 +166,7 @@ def _lm_trainer(model, out: Path, steps: int, callback, save: bool):
 def test_callback_steps_per_optimizer_step_logs_layers_and_resumes_from_checkpoints(tmp_path):
     from transformers.activations import NewGELUActivation
 
-    from dynact.dpo.models import build_policy, train_tokenizer
+    from dynact.experiments.dpo.models import build_policy, train_tokenizer
     from dynact.integrations.transformers import STATE_FILE, EAFOTrainerCallback
 
     tok = train_tokenizer([" ".join(map(str, range(400)))] * 2, vocab_size=300)
@@ -232,8 +232,8 @@ def test_unknown_arm_is_refused(capsys, tmp_path):
 
 
 def test_empty_response_and_long_prompt_are_named():
-    from dynact.dpo.data import check_rows, fit_prompts
-    from dynact.dpo.models import train_tokenizer
+    from dynact.experiments.dpo.data import check_rows, fit_prompts
+    from dynact.experiments.dpo.models import train_tokenizer
 
     with pytest.raises(ValueError, match=r"row 0, column 'rejected' is empty"):
         check_rows([{"prompt": "p", "chosen": "yes", "rejected": "  "}], "x.jsonl")
@@ -249,7 +249,7 @@ def test_empty_response_and_long_prompt_are_named():
 
 
 def test_offline_preferences_are_deterministic_and_well_formed():
-    from dynact.dpo.data import check_rows, offline_preferences
+    from dynact.experiments.dpo.data import check_rows, offline_preferences
 
     rows = offline_preferences(50)
     assert rows == offline_preferences(50) and check_rows(rows, "offline") == rows
@@ -257,7 +257,7 @@ def test_offline_preferences_are_deterministic_and_well_formed():
 
 
 def test_jsonl_in_hh_form_is_read_and_split(tmp_path):
-    from dynact.dpo.data import load_preferences, offline_preferences
+    from dynact.experiments.dpo.data import load_preferences, offline_preferences
 
     rows = offline_preferences(20, seed=3)
     path = tmp_path / "prefs.jsonl"
@@ -270,7 +270,7 @@ def test_jsonl_in_hh_form_is_read_and_split(tmp_path):
 def test_callback_without_model_converts_at_trainer_init_before_the_optimizer(tmp_path):
     from transformers.activations import NewGELUActivation
 
-    from dynact.dpo.models import build_policy, train_tokenizer
+    from dynact.experiments.dpo.models import build_policy, train_tokenizer
     from dynact.integrations.transformers import EAFOTrainerCallback
     from dynact.spline import EAFOActivation
 

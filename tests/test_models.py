@@ -1,4 +1,4 @@
-"""dynact.models: the paper's architectures (parameter counts, activations, heads) on timm."""
+"""dynact.experiments.models: the paper's architectures (parameter counts, activations, heads) on timm."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dynact.activations import activation_names, make_activation
-from dynact.models import create_model, deit_tiny, model_names, tnt_small, vit_tiny
+from dynact.experiments.models import create_model, deit_tiny, model_names, tnt_small, vit_tiny
 
 # The paper's parameter counts: (fixed activation, one learnable scalar per MLP).
 PAPER_COUNTS = {

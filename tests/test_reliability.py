@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dynact import EAFOActivation, EAFOCallback
 from dynact.density import KDE, Histogram
-from dynact.models.classifier import ImageClassifier
+from dynact.experiments.models.classifier import ImageClassifier
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The number of training batches",

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dynact.data import DigitsDataModule
-from dynact.models import ImageClassifier
-from dynact.train import build_cli, main
+from dynact.experiments.data import DigitsDataModule
+from dynact.experiments.models import ImageClassifier
+from dynact.experiments.train import build_cli, main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "examples" / "configs"

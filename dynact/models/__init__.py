@@ -1,12 +1,11 @@
-"""The paper's models (ViT-Tiny, DeiT-Tiny, TNT-Small on timm) and the Lightning training module.
+"""The paper's models, at their public path: they live in :mod:`dynact.experiments.models`.
 
-- :func:`vit_tiny`, :func:`deit_tiny`, :func:`tnt_small`: timm models with any registered
-  MLP activation (``act=``); :func:`create_model` builds one by name.
-- :class:`ImageClassifier`: cross-entropy (plus DeiT's hard distillation), AdamW, warm-up +
-  cosine schedule per step, top-1/top-5 accuracy.
+``dynact.models.ImageClassifier``, ``vit_tiny``, ``deit_tiny``, ``tnt_small``, ``create_model``
+and ``model_names`` keep working; the submodules moved (``dynact.models.classifier`` is now
+``dynact.experiments.models.classifier``, ``dynact.models.vit`` is
+``dynact.experiments.models.vit``).
 """
 
-from dynact.models.classifier import ImageClassifier
-from dynact.models.vit import create_model, deit_tiny, model_names, tnt_small, vit_tiny
+from dynact.experiments.models import ImageClassifier, create_model, deit_tiny, model_names, tnt_small, vit_tiny
 
 __all__ = ["ImageClassifier", "create_model", "deit_tiny", "model_names", "tnt_small", "vit_tiny"]

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from dynact.compare.settings import CONTROL, DYNAMIC_ARM
-from dynact.reporting import mean_std, paired_interval
+from dynact.experiments.compare.settings import CONTROL, DYNAMIC_ARM
+from dynact.experiments.reporting import mean_std, paired_interval
 
 #: Per-layer measures summarised in the report (means over seeds, per layer and over layers).
 LAYER_SUMMARY = ("dead", "entropy_scale_free", "entropy", "log_slope", "eps")
 #: Epochs over which a run's top-1 change tells whether it is on its plateau.
 PLATEAU_EPOCHS = 5
 #: A run is on its plateau when its top-1 moved by less than this (a fraction: 0.01 is one point,
-#: 3.6 of digits' 360 held-out images) over its last :data:`PLATEAU_EPOCHS` epochs.
+#: 9 of the main job's 899 held-out digits) over its last :data:`PLATEAU_EPOCHS` epochs.
 PLATEAU_BOUND = 0.01
 #: The family-wise confidence of the simultaneous intervals.
 FAMILY_CONFIDENCE = 0.95

@@ -17,7 +17,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from dynact.dpo.data import DATASETS
+from dynact.experiments.dpo.data import DATASETS
+from dynact.experiments.dpo.models import check_arms
 
 __all__ = ["DPOSettings", "PRESETS", "PAPER_BETAS", "PAPER_LR"]
 
@@ -99,8 +100,6 @@ class DPOSettings:
             ValueError: an unknown data set, arm or model kind; a beta that is not a finite
                 number > 0; a size or step count < 1; no seeds. Nothing has been trained yet.
         """
-        from dynact.dpo.models import check_arms
-
         kind = self.data if self.data in PRESETS else "jsonl"
         if kind == "jsonl" and not self.data.endswith(".jsonl"):
             raise ValueError(f"--data {self.data!r}: unknown data set; choose {', '.join(DATASETS)} "

@@ -18,9 +18,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dynact.compare.records import BY_ARM_RUN, PNG_ACC, PNG_DELTA, PNG_LAYERS, OutputError
-from dynact.compare.report import name
-from dynact.compare.stats import layer_order
+from dynact.experiments.compare.records import BY_ARM_RUN, PNG_ACC, PNG_DELTA, PNG_LAYERS, OutputError
+from dynact.experiments.compare.report import name
+from dynact.experiments.compare.stats import layer_order
 
 _PLOTTED = ("dead", "entropy_scale_free")
 _LABELS = {"dead": "dead mass", "entropy_scale_free": "scale-free entropy, nats"}

@@ -1,7 +1,7 @@
 """``dynact compare``: does dynamic EAFO beat static CRReLU, and both beat a fixed ReLU, on my task?
 
 One command trains every arm (an activation) with every seed through the same
-:class:`~dynact.models.ImageClassifier`, data module and schedule, measures each MLP activation
+:class:`~dynact.experiments.models.ImageClassifier`, data module and schedule, measures each MLP activation
 with :class:`~dynact.callbacks.EAFOCallback` (monitor mode for static arms, so the layer
 measures and accuracy sit side by side), and writes into ``--out``:
 
@@ -21,8 +21,8 @@ measures and accuracy sit side by side), and writes into ``--out``:
 
 Example::
 
-    dynact compare                                    # digits, relu/crrelu/eafo, 18 seeds, CPU
-    dynact compare --seeds 100:118 --out check        # the same design on 18 other seeds
+    dynact compare                                    # digits, relu/crrelu/eafo, 40 seeds, CPU
+    dynact compare --seeds 100:140 --out check        # the same design on 40 other seeds
     dynact compare --task cifar10 --model vit_tiny --arms relu,crrelu,eafo,gelu,elu,prelu,celu,silu,mish \\
         --seeds 3 --epochs 100 --out cifar10_vit_tiny \\
         --data.root data --data.download true --trainer.accelerator gpu --trainer.precision bf16-mixed
@@ -35,19 +35,18 @@ registry name (``crrelu``, ``gelu``, ...) is a static arm, measured with
 takes a ``seed``) and the model are built, so at each seed all arms share initial weights, split
 and data order, and differences are paired.
 
-Modules: :mod:`~dynact.compare.settings` (tasks, command line), :mod:`~dynact.compare.records`
-(the folder, its lock, the records), :mod:`~dynact.compare.runs` (one run; parallel runs),
-:mod:`~dynact.compare.stats`, :mod:`~dynact.compare.report`, :mod:`~dynact.compare.plots` and
-:mod:`~dynact.compare.command` (``main``).
+Modules (under ``dynact.experiments.compare``): ``settings`` (tasks, command line), ``records``
+(the folder's layout and records, on :mod:`dynact.experiments.sweep`), ``runs`` (one run;
+parallel runs), ``stats``, ``report``, ``plots`` and ``command`` (``main``).
 
 Exit codes: 0 done; 1 some runs failed (recorded, redone by ``--resume``); 2 bad input or an
 unusable ``--out``, found before any training; 3 a file could not be written, or a worker process died,
 mid-sweep (finished runs kept); 130 interrupted (finished runs kept).
 """
 
-from dynact.compare.command import main, run_sweep, write_results
-from dynact.compare.report import write_report
-from dynact.compare.settings import TASKS, SweepSettings
-from dynact.compare.stats import summarize
+from dynact.experiments.compare.command import main, run_sweep, write_results
+from dynact.experiments.compare.report import write_report
+from dynact.experiments.compare.settings import TASKS, SweepSettings
+from dynact.experiments.compare.stats import summarize
 
 __all__ = ["SweepSettings", "TASKS", "main", "run_sweep", "summarize", "write_report", "write_results"]

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from dynact import eafo
+from dynact.activations import activation_names, make_activation
 from dynact.density import Density
 
 __all__ = ["design", "main"]
@@ -76,7 +77,6 @@ def _density_spec(spec: str, lo: float, hi: float, bins: int) -> Density:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from dynact.activations import activation_names
 
     p = argparse.ArgumentParser(prog="dynact design", description=_DESCRIPTION)
     p.add_argument("--base", default="relu",
@@ -118,7 +118,6 @@ def design(base: str, density: Density, eta: float, method: str = "x", delta: fl
     Returns:
         A dict of JSON-ready figures, plus ``"_curves"`` (tensors on ``density.grid``) for the plot.
     """
-    from dynact.activations import make_activation
 
     if base.strip().lower() == "eafo":
         raise ValueError("--base eafo: the dynamic activation is designed during training; pick a static base")

@@ -30,8 +30,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from dynact.dpo import data as pref_data
-from dynact.dpo.models import (
+from dynact.experiments.dpo import data as pref_data
+from dynact.experiments.dpo.models import (
     DYNAMIC_ARM,
     TINY_MODEL,
     arm_plan,
@@ -41,7 +41,7 @@ from dynact.dpo.models import (
     gelu_types,
     train_tokenizer,
 )
-from dynact.dpo.settings import DPOSettings
+from dynact.experiments.dpo.settings import DPOSettings
 
 __all__ = ["Prepared", "prepare", "run_dpo", "run_sft", "sft_path"]
 
@@ -189,7 +189,7 @@ def run_sft(settings: DPOSettings, prep: Prepared, arm: str, seed: int) -> tuple
     """SFT of ``arm``'s model on the chosen responses; returns the model and its record."""
     from trl import SFTConfig, SFTTrainer
 
-    from dynact.integrations.transformers import EAFOTrainerCallback
+    from dynact.integrations.transformers import EAFOTrainerCallback  # optional dependency: transformers
 
     out = Path(settings.out)
     model = build_policy(settings.model, arm, prep.tokenizer, seed=seed, n_positions=settings.max_length)
@@ -223,7 +223,7 @@ def run_dpo(settings: DPOSettings, prep: Prepared, sft_model: torch.nn.Module, a
     """DPO of a copy of ``sft_model`` at ``beta`` against a frozen copy; returns the run's record."""
     from trl import DPOConfig, DPOTrainer
 
-    from dynact.integrations.transformers import EAFOTrainerCallback
+    from dynact.integrations.transformers import EAFOTrainerCallback  # optional dependency: transformers
 
     out = Path(settings.out)
     policy = copy.deepcopy(sft_model)

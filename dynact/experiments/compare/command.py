@@ -7,26 +7,25 @@ import os
 import platform
 import sys
 import time
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from dynact.compare import plots, runs, stats
-from dynact.compare import records as rec_files
-from dynact.compare.records import RESULTS_FILE, TIMING_FILE, OutputError, write_text
-from dynact.compare.report import fmt, pct, write_report
-from dynact.compare.settings import SweepSettings, build_parser, settings_from_args, split_overrides
+from dynact.experiments.compare import plots, runs, stats
+from dynact.experiments.compare import records as rec_files
+from dynact.experiments.compare.records import RESULTS_FILE, TIMING_FILE, write_text
+from dynact.experiments.compare.report import fmt, pct, write_report
+from dynact.experiments.compare.settings import SweepSettings, build_parser, settings_from_args, split_overrides
+from dynact.experiments.sweep import SweepWriteError
+from dynact.experiments.sweep import run_sweep as engine_run
+from dynact.experiments.sweep.engine import Progress, Sweep
+from dynact.kernels import dispatch as kernel_dispatch
 
 EXIT_FAILED_RUNS = 1
 EXIT_BAD_INPUT = 2
 EXIT_WRITE_ERROR = 3
 EXIT_INTERRUPTED = 130
-
-
-class SweepWriteError(Exception):
-    """The sweep stopped: a file could not be written, or a worker process died (what finished is kept)."""
 
 
 def _summary_line(rec: dict[str, Any]) -> str:
@@ -38,14 +37,24 @@ def _summary_line(rec: dict[str, Any]) -> str:
             f"{rec['steps']} steps, {rec['wall_time_s']:.1f} s ({rec.get('cpu_time_s', 0.0):.1f} s CPU)")
 
 
+def sweep_of(settings: SweepSettings, command: str = "") -> Sweep:
+    """The sweep engine's view of a compare sweep: every (arm, seed), seed by seed (every arm of
+    seed 0, then seed 1, ...), so an interrupted sweep already holds complete pairs."""
+    return Sweep(
+        out=Path(settings.out), layout=rec_files.LAYOUT, identity=settings.identity(),
+        plan=[(arm, seed) for seed in settings.seeds for arm in settings.arms], line=_summary_line,
+        write_results=lambda ok, failed, elapsed: write_results(settings, command, ok, failed, elapsed),
+        label=lambda key: f"{key[0]} seed {key[1]}",
+    )
+
+
 def run_sweep(
     settings: SweepSettings, resume: bool = False, progress: bool = True, command: str = ""
 ) -> dict[str, Any]:
     """Run every (arm, seed) not finished yet, then write ``results.json``, the plots and the report.
 
-    Runs are handed out seed by seed (every arm of seed 0, then seed 1, ...), so an interrupted
-    sweep already holds complete pairs. A run that raises is recorded as failed and redone by
-    ``--resume``. On Ctrl-C or a write error the files are written for the runs finished so far.
+    A run that raises is recorded as failed and redone by ``--resume``. On Ctrl-C or a write
+    error the files are written for the runs finished so far (:func:`dynact.experiments.sweep.run_sweep`).
 
     Returns:
         The results (what ``results.json`` holds).
@@ -53,83 +62,21 @@ def run_sweep(
     Raises:
         ValueError: ``out`` is unusable (not writable, foreign files, locked by another sweep,
             a sweep already there without ``resume``, other settings, a damaged ``sweep.json``).
-        SweepWriteError: a file could not be written mid-sweep.
+        SweepWriteError: a file could not be written, or a worker process died, mid-sweep.
         KeyboardInterrupt: Ctrl-C; every run finished before it is kept.
     """
-    from tqdm.auto import tqdm
 
-    start = time.perf_counter()
-    out = Path(settings.out)
-    rec_files.check_foreign(out)  # before creating anything in a folder that is not a sweep's
-    try:
-        (out / rec_files.RECORDS).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--out {str(out)!r} is not a writable folder ({err.strerror or err}); "
-                         "choose another --out") from None
-    with rec_files.sweep_lock(out):
-        try:
-            records, notes = rec_files.prepare_out(settings, resume)
-        except OutputError as err:
-            raise ValueError(f"--out {str(out)!r} is not a writable folder ({err}); choose another --out") from None
-        plan = [(arm, seed) for seed in settings.seeds for arm in settings.arms]
-        todo = [key for key in plan if key not in records]
-        failed: dict[tuple[str, int], dict] = {}
-        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc="sweep", unit="run",
-                   disable=True if not progress else None, dynamic_ncols=True)
-        for note in notes:
-            bar.write(note)
+    def execute(todo: list, on_done, progress_: Progress) -> None:
         if todo and settings.workers > 1:
-            bar.write(f"{len(todo)} runs in {settings.workers} processes, {settings.threads or 'default'} "
-                      "torch thread(s) each")
-
-        def done(rec: dict[str, Any]) -> None:
-            rec_files.write_text(rec_files.record_path(out, rec["arm"], rec["seed"]), json.dumps(rec))
-            (records if rec["status"] == "ok" else failed)[(rec["arm"], rec["seed"])] = rec
-            bar.update(1)
-            bar.write(_summary_line(rec))
-
-        def started(running: list[tuple[str, int]]) -> None:
-            bar.set_postfix_str("running " + ", ".join(f"{a} seed {s}" for a, s in running))
+            progress_.write(f"{len(todo)} runs in {settings.workers} processes, {settings.threads or 'default'} "
+                            "torch thread(s) each")
 
         def epoch(arm: str, seed: int, k: int) -> None:
-            bar.set_postfix_str(f"{arm} seed {seed}: epoch {k}/{settings.epochs}")
+            progress_.status(f"{arm} seed {seed}: epoch {k}/{settings.epochs}")
 
-        try:
-            runs.execute(settings, todo, done, started, epoch)
-        except OutputError as err:
-            bar.close()
-            partial = _try_partial(settings, command, records, failed, start)
-            raise SweepWriteError(
-                f"{err}. The sweep stopped; {len(records)} finished runs are kept in {out}{partial}. Free space "
-                "or make the folder writable, then continue with the same command and --resume"
-            ) from err
-        except BrokenProcessPool as err:  # a worker was killed (often: out of memory)
-            bar.close()
-            partial = _try_partial(settings, command, records, failed, start)
-            raise SweepWriteError(
-                f"a worker process died ({err}; often out of memory: try fewer --workers). The sweep stopped; "
-                f"{len(records)} finished runs are kept in {out}{partial}; continue with the same command and --resume"
-            ) from err
-        except KeyboardInterrupt:
-            bar.close()
-            if records:
-                _try_partial(settings, command, records, failed, start)
-            raise
-        finally:
-            bar.close()
-        try:
-            return write_results(settings, command, records, failed, time.perf_counter() - start)
-        except OutputError as err:
-            raise SweepWriteError(f"{err}. Every run finished and its record is kept in {out}/{rec_files.RECORDS}; "
-                                  "free space or fix the folder, then rerun with --resume to write the report") from err
+        runs.execute(settings, todo, on_done, progress_.started, epoch)
 
-
-def _try_partial(settings, command, records, failed, start) -> str:
-    try:
-        write_results(settings, command, records, failed, time.perf_counter() - start)
-    except OutputError as err:
-        return f"; the partial report could not be written either ({err})"
-    return " and report.md / results.json show them"
+    return engine_run(sweep_of(settings, command), execute, resume=resume, progress=progress)
 
 
 def cpu_model() -> str:
@@ -149,8 +96,6 @@ def environment(settings: SweepSettings) -> dict[str, Any]:
     import lightning
     import torch
 
-    from dynact import _kernels
-
     accel = str(settings.trainer_kwargs.get("accelerator", "auto"))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and accel in ("auto", "gpu", "cuda") else None
     threads = settings.threads or torch.get_num_threads()
@@ -158,7 +103,7 @@ def environment(settings: SweepSettings) -> dict[str, Any]:
     machine = gpu or (f"{cpu}, {os.cpu_count()} hardware threads; {settings.workers} run(s) at once with {threads} "
                       f"torch thread{'s' if threads > 1 else ''} each")
     return {"machine": machine, "cpu": cpu, "cpu_threads": os.cpu_count(), "gpu": gpu,
-            "workers": settings.workers, "torch_threads": threads, "kernels": _kernels.MODE,
+            "workers": settings.workers, "torch_threads": threads, "kernels": kernel_dispatch.MODE,
             "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "lightning": lightning.__version__}
 

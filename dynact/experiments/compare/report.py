@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from dynact.compare.records import PNG_ACC, PNG_DELTA, PNG_LAYERS, RECORDS, REPORT_FILE, write_text
-from dynact.compare.stats import PLATEAU_EPOCHS, layer_order
+from dynact.experiments.compare.records import PNG_ACC, PNG_DELTA, PNG_LAYERS, RECORDS, REPORT_FILE, write_text
+from dynact.experiments.compare.stats import PLATEAU_EPOCHS, layer_order
 
 DISPLAY = {"relu": "ReLU", "crrelu": "CRReLU", "eafo": "EAFO (dynamic)", "gelu": "GELU", "elu": "ELU",
            "prelu": "PReLU", "celu": "CELU", "silu": "SiLU", "mish": "Mish"}
@@ -184,12 +184,10 @@ def layer_table(results: dict[str, Any]) -> list[str]:
     return rows
 
 
-def write_report(out: Path, results: dict[str, Any], timing: Optional[dict[str, Any]] = None) -> Path:
-    """Write ``report.md`` for ``results`` (and ``timing``, optional) into ``out``."""
-    out = Path(out)
+def _header(results: dict[str, Any]) -> list[str]:
+    """The report's title and the paragraph on what was run, where, and how to read the figures."""
     settings, env = results["settings"], results["environment"]
-    runs = results["runs"]
-    done = [r for r in runs if r["status"] == "ok"]
+    done = [r for r in results["runs"] if r["status"] == "ok"]
     first = done[0] if done else {}
     sizes = first.get("data_sizes") or {}
     data = (f"{sizes['train']:,} training / {sizes['val']:,} validation images, a stratified split drawn "
@@ -197,8 +195,7 @@ def write_report(out: Path, results: dict[str, Any], timing: Optional[dict[str, 
     steps = f" ({first['steps']} optimizer steps)" if "steps" in first else ""
     trainer = ", ".join(f"{k}={v}" for k, v in settings["trainer_kwargs"].items())
     planned = len(settings["arms"]) * len(settings["seeds"])
-    walls = timing or {}
-    lines = [
+    return [
         f"# dynact compare: {settings['task']}, {first.get('model', settings['model'])}",
         "",
         f"What this is: {settings['about']}. Data: {data}. Model: {first.get('model', settings['model'])}. "
@@ -213,6 +210,41 @@ def write_report(out: Path, results: dict[str, Any], timing: Optional[dict[str, 
         "differences. The plateau row is each run's top-1 change over its last epochs. The layer measures "
         "are EAFOCallback's at its last update: the dead mass (where the activation is flat) and the "
         "entropy that does not change when the output is rescaled.",
+    ]
+
+
+def _runs_section(results: dict[str, Any], walls: dict[str, Any]) -> list[str]:
+    """Every run's row, then where the TensorBoard runs and records are and what the command took."""
+    lines = [
+        "## Runs",
+        "",
+        "| arm | seed | top-1 % | top-5 % | NLL | best top-1 % | steps | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results["runs"]:
+        lines.append(
+            f"| {r['arm']} | {r['seed']} | {pct(r.get('top1_final'))} | {pct(r.get('top5_final'))} | "
+            f"{fmt(r.get('nll_final'))} | {pct(r.get('top1_best'))} | {r.get('steps', 'n/a')} | {_status(r)} |"
+        )
+    total, cpu = walls.get("sweep_s"), walls.get("command_cpu_s")
+    return [
+        *lines,
+        "",
+        f"TensorBoard: `tensorboard --logdir {results['settings']['out']}` (runs `<arm>/seed<k>`; the CUSTOM "
+        f"SCALARS tab overlays the arms' means per layer). Per-run records: `{RECORDS}/`. Command: "
+        f"`{results['command']}`"
+        + (f"; it took {total:.0f} s of wall time" if total else "")
+        + (f" and {cpu:.0f} s of CPU time (all processes; wall time on a shared machine also counts waiting)."
+           if cpu else "."),
+        "",
+    ]
+
+
+def write_report(out: Path, results: dict[str, Any], timing: Optional[dict[str, Any]] = None) -> Path:
+    """Write ``report.md`` for ``results`` (and ``timing``, optional) into ``out``."""
+    walls = timing or {}
+    lines = [
+        *_header(results),
         "",
         *table(results, walls),
         "",
@@ -226,7 +258,7 @@ def write_report(out: Path, results: dict[str, Any], timing: Optional[dict[str, 
         "",
         plateau_sentence(results),
         "",
-        "![paired top-1 differences of every comparison, one dot per seed]({})".format(PNG_DELTA),
+        f"![paired top-1 differences of every comparison, one dot per seed]({PNG_DELTA})",
         "",
         f"![validation top-1 vs epoch]({PNG_ACC})",
         "",
@@ -236,27 +268,9 @@ def write_report(out: Path, results: dict[str, Any], timing: Optional[dict[str, 
         "",
         f"![per-layer measures vs epoch]({PNG_LAYERS})",
         "",
-        "## Runs",
-        "",
-        "| arm | seed | top-1 % | top-5 % | NLL | best top-1 % | steps | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        *_runs_section(results, walls),
     ]
-    for r in runs:
-        lines.append(
-            f"| {r['arm']} | {r['seed']} | {pct(r.get('top1_final'))} | {pct(r.get('top5_final'))} | "
-            f"{fmt(r.get('nll_final'))} | {pct(r.get('top1_best'))} | {r.get('steps', 'n/a')} | {_status(r)} |"
-        )
-    total, cpu = walls.get("sweep_s"), walls.get("command_cpu_s")
-    lines += [
-        "",
-        f"TensorBoard: `tensorboard --logdir {settings['out']}` (runs `<arm>/seed<k>`; the CUSTOM SCALARS tab "
-        f"overlays the arms' means per layer). Per-run records: `{RECORDS}/`. Command: `{results['command']}`"
-        + (f"; it took {total:.0f} s of wall time" if total else "")
-        + (f" and {cpu:.0f} s of CPU time (all processes; wall time on a shared machine also counts waiting)."
-           if cpu else "."),
-        "",
-    ]
-    path = out / REPORT_FILE
+    path = Path(out) / REPORT_FILE
     write_text(path, "\n".join(lines))
     return path
 

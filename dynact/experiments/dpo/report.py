@@ -17,9 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from dynact.dpo.models import CONTROL_ARM
-from dynact.dpo.settings import DPOSettings
-from dynact.reporting import mean_std, paired_interval, write_text
+from dynact.experiments.dpo.models import CONTROL_ARM
+from dynact.experiments.dpo.settings import DPOSettings
+from dynact.experiments.reporting import mean_std, paired_interval, write_text
 
 __all__ = ["METRICS", "summarize", "write_report", "write_results"]
 
@@ -125,6 +125,26 @@ def _layer_order(name: str) -> list:
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
 
 
+def _runs_section(results: dict[str, Any]) -> list[str]:
+    """Every run's row, then where the TensorBoard runs and records are and the command."""
+    lines = [
+        "## Runs",
+        "",
+        "| activation | β | seed | eval margin | eval accuracy | eval loss | accepted EAFO updates "
+        "| wall time, s | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results["runs"]:
+        status = r["status"] if r["status"] != "failed" else "failed: " + str(r.get("error"))[:100].replace("|", "/")
+        lines.append(
+            f"| {_name(r['arm'])} | {r['beta']:g} | {r['seed']} | {_fmt(r.get('eval_margin'))} | "
+            f"{_fmt(r.get('eval_accuracy'))} | {_fmt(r.get('eval_loss'))} | {r.get('accepted_updates', 'n/a')} | "
+            f"{_fmt(r.get('wall_time_s'), 1)} | {status} |")
+    return [*lines, "", f"TensorBoard: `tensorboard --logdir {results['settings']['out']}` (one run per activation "
+            "× β × seed, and one per SFT). Per-run records: `runs/`. "
+            f"Command: `{results['command']}`.", ""]
+
+
 def write_report(out: str | os.PathLike, results: dict[str, Any]) -> Path:
     """Write ``report.md`` for ``results`` into ``out``."""
     out = Path(out)
@@ -171,21 +191,8 @@ def write_report(out: str | os.PathLike, results: dict[str, Any]) -> Path:
         "",
         f"![per-layer figures]({_PNG_LAYERS})",
         "",
-        "## Runs",
-        "",
-        "| activation | β | seed | eval margin | eval accuracy | eval loss | accepted EAFO updates "
-        "| wall time, s | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        *_runs_section(results),
     ]
-    for r in results["runs"]:
-        status = r["status"] if r["status"] != "failed" else "failed: " + str(r.get("error"))[:100].replace("|", "/")
-        lines.append(
-            f"| {_name(r['arm'])} | {r['beta']:g} | {r['seed']} | {_fmt(r.get('eval_margin'))} | "
-            f"{_fmt(r.get('eval_accuracy'))} | {_fmt(r.get('eval_loss'))} | {r.get('accepted_updates', 'n/a')} | "
-            f"{_fmt(r.get('wall_time_s'), 1)} | {status} |")
-    lines += ["", f"TensorBoard: `tensorboard --logdir {settings['out']}` (one run per activation × β × seed, "
-              "and one per SFT). Per-run records: `runs/`. "
-              f"Command: `{results['command']}`.", ""]
     path = out / "report.md"
     write_text(path, "\n".join(lines))
     return path
@@ -271,9 +278,10 @@ def _environment() -> dict[str, Any]:
     }
 
 
-def write_results(settings: DPOSettings, command: str, ok: dict, all_records: dict,
+def write_results(settings: DPOSettings, command: str, ok: dict, failed: dict,
                   sizes: Optional[dict[str, int]] = None) -> dict[str, Any]:
-    """Gather the runs in plan order, summarise, plot, and write ``results.json`` and ``report.md``."""
+    """Gather the runs in plan order (the finished ones in ``ok``, the failed in ``failed``, by
+    ``(arm, beta, seed)``), summarise, plot, and write ``results.json`` and ``report.md``."""
     from dataclasses import asdict
 
     out = Path(settings.out)
@@ -282,8 +290,8 @@ def write_results(settings: DPOSettings, command: str, ok: dict, all_records: di
         for arm in settings.arms:
             for beta in settings.betas:
                 key = (arm, beta, seed)
-                runs.append(ok.get(key) or all_records.get(key)
-                            or {"arm": arm, "beta": beta, "seed": seed, "status": "not run"})
+                rec = ok.get(key) or failed.get(key) or {"arm": arm, "beta": beta, "seed": seed, "status": "not run"}
+                runs.append({k: v for k, v in rec.items() if k != "settings"})
     previous = out / "results.json"
     if sizes is None and previous.is_file():  # a resume with nothing left to run
         sizes = json.loads(previous.read_text()).get("data_sizes")

@@ -2,10 +2,11 @@
 
 Every arm x beta x seed: SFT on the chosen responses, then DPO against a frozen copy of the SFT
 model, with TRL's trainers; a report in the shape of the paper's Table 4. See
-:mod:`dynact.dpo` for what each arm is and what lands in ``--out``.
+:mod:`dynact.experiments.dpo` for what each arm is and what lands in ``--out``.
 
-Exit codes: 0 done; 1 some runs failed (recorded, redone by ``--resume``); 2 bad input, found
-before any training; 130 interrupted (finished runs kept).
+Exit codes (as ``dynact compare``'s): 0 done; 1 some runs failed (recorded, redone by
+``--resume``); 2 bad input or an unusable ``--out``, found before any training; 3 a file could
+not be written mid-sweep (finished runs kept); 130 interrupted (finished runs kept).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Optional
 
-from dynact.dpo.data import DATASETS
-from dynact.dpo.settings import PAPER_BETAS, DPOSettings
+from dynact.experiments.dpo import runs, sweep
+from dynact.experiments.dpo.data import DATASETS
+from dynact.experiments.dpo.settings import PAPER_BETAS, DPOSettings
+from dynact.experiments.sweep import SweepWriteError
 
 __all__ = ["main", "build_parser"]
 
@@ -28,6 +31,7 @@ _DESCRIPTION = (
     "is a 2-minute smoke check on CPU with a tiny random GPT-2; it says nothing about the paper's claim."
 )
 
+_EXIT_WRITE_ERROR = 3  # a file could not be written mid-sweep (finished runs kept)
 _EXIT_INTERRUPTED = 130
 
 
@@ -106,8 +110,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     missing = [m for m in ("transformers", "trl", "datasets", "tokenizers", "accelerate") if find_spec(m) is None]
     if missing:
         parser.error(f"needs {', '.join(missing)}: pip install 'dynact[hf]'")
-    from dynact.dpo import runs, sweep
-
     start = time.perf_counter()
     prep = None
     try:
@@ -123,8 +125,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                                   prep=prep)
     except ValueError as err:  # --out problems, raised before any training
         parser.error(str(err))
+    except SweepWriteError as err:
+        print(f"dynact dpo: {err}", file=sys.stderr)
+        return _EXIT_WRITE_ERROR
     except KeyboardInterrupt:
-        done = len(sweep.load_records(Path(settings.out)))
+        done = sum(1 for r in sweep.load_records(settings).values() if r["status"] == "ok")
         print(f"\ninterrupted: {done} finished runs are kept in {settings.out}; continue with:\n  {command} --resume",
               file=sys.stderr)
         return _EXIT_INTERRUPTED
@@ -140,9 +145,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _all_done(settings: DPOSettings) -> bool:
-    from dynact.dpo.sweep import load_records
-
-    records = load_records(Path(settings.out))
+    records = sweep.load_records(settings)
     return all(records.get((a, b, s), {}).get("status") == "ok"
                for a in settings.arms for b in settings.betas for s in settings.seeds)
 

@@ -14,18 +14,13 @@ it ends), ``<arm>/beta<b>/seed<k>/`` and ``<arm>/sft/seed<k>/`` (TensorBoard), `
 ``report.md``, ``metrics_vs_beta.png`` and ``layers.png``; ``--resume`` continues an interrupted
 sweep.
 
-Modules: :mod:`~dynact.dpo.settings` (the paper's recipe and the offline preset),
-:mod:`~dynact.dpo.data`, :mod:`~dynact.dpo.models`, :mod:`~dynact.dpo.runs`,
-:mod:`~dynact.dpo.sweep`, :mod:`~dynact.dpo.report`, :mod:`~dynact.dpo.command`.
+Modules: :mod:`~dynact.experiments.dpo.settings` (the paper's recipe and the offline preset),
+:mod:`~dynact.experiments.dpo.data`, :mod:`~dynact.experiments.dpo.models`, :mod:`~dynact.experiments.dpo.runs`,
+:mod:`~dynact.experiments.dpo.sweep`, :mod:`~dynact.experiments.dpo.report`, :mod:`~dynact.experiments.dpo.command`.
 """
 
-from dynact.dpo.settings import DPOSettings
+from dynact.experiments.dpo.command import main
+from dynact.experiments.dpo.settings import DPOSettings
 
 __all__ = ["DPOSettings", "main"]
 
-
-def main(argv=None) -> int:
-    """``dynact dpo`` (see :mod:`dynact.dpo.command`)."""
-    from dynact.dpo.command import main as _main
-
-    return _main(argv)

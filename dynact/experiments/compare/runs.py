@@ -26,8 +26,10 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from dynact.compare.records import RECORD_VERSION, clear_run_files
-from dynact.compare.settings import DYNAMIC_ARM, SweepSettings, import_class
+from dynact.callbacks import EAFOCallback
+from dynact.experiments.compare.records import RECORD_VERSION, clear_run_files
+from dynact.experiments.compare.settings import DYNAMIC_ARM, SweepSettings, import_class
+from dynact.experiments.models import ImageClassifier
 
 #: Per-layer measures kept from ``EAFOCallback.metrics`` (``docs/math.md``, "Per-layer measures").
 MEASURES = ("dead", "entropy", "entropy_scale_free", "log_slope", "std", "eps", "outside")
@@ -47,8 +49,6 @@ def make_datamodule(settings: SweepSettings, seed: int):
 
 
 def make_model(settings: SweepSettings, arm: str):
-    from dynact.models import ImageClassifier
-
     # The dynamic arm starts from ReLU; the callback turns its activations into EAFOActivation.
     act = "relu" if arm == DYNAMIC_ARM else arm
     return ImageClassifier(arch=settings.model, act=act, **settings.model_kwargs)
@@ -57,8 +57,6 @@ def make_model(settings: SweepSettings, arm: str):
 def make_eafo_callback(settings: SweepSettings, arm: str):
     """The callback of one arm: it updates the dynamic arm and only measures the static ones."""
     from torch import nn
-
-    from dynact.callbacks import EAFOCallback
 
     kwargs: dict[str, Any] = {"every_n_steps": settings.every_n_steps, **settings.callback_kwargs}
     if arm == DYNAMIC_ARM:

@@ -17,6 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from lightning.pytorch import Trainer
+
+from dynact.activations import activation_names, resolve_activation
+from dynact.callbacks import EAFOCallback
+from dynact.experiments.models import ImageClassifier, model_names
+
 #: ``task -> defaults``. ``config`` names a file in the repository's ``examples/configs``;
 #: otherwise the data module's and ``ImageClassifier``'s own defaults are the paper's recipe and
 #: ``model`` adds the task's geometry. ``epochs`` and ``seeds``: the sweep's default size;
@@ -45,19 +51,19 @@ TASKS: dict[str, dict[str, Any]] = {
         "about": "scikit-learn's 8x8 digits (small data); a check on a small task, not the paper's setting",
     },
     "cifar10": {
-        "data": "dynact.data.CIFAR10DataModule",
+        "data": "dynact.experiments.data.CIFAR10DataModule",
         "model": {"arch": "vit_tiny", "num_classes": 10, "img_size": 32, "patch_size": 4},
         "epochs": 100,
         "about": "CIFAR-10 with the paper's recipe (Appendix E)",
     },
     "cifar100": {
-        "data": "dynact.data.CIFAR100DataModule",
+        "data": "dynact.experiments.data.CIFAR100DataModule",
         "model": {"arch": "vit_tiny", "num_classes": 100, "img_size": 32, "patch_size": 4},
         "epochs": 100,
         "about": "CIFAR-100 with the paper's recipe (Appendix E)",
     },
     "imagenet": {
-        "data": "dynact.data.ImageNetDataModule",
+        "data": "dynact.experiments.data.ImageNetDataModule",
         "model": {"arch": "vit_tiny", "num_classes": 1000, "img_size": 224, "patch_size": 16},
         "epochs": 100,
         "about": "ImageNet-1K with the paper's recipe (Appendix E)",
@@ -184,7 +190,7 @@ def import_class(path: str):
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as err:
         raise ValueError(
-            f"cannot import {path!r} ({err}); give a full class path such as dynact.data.DigitsDataModule"
+            f"cannot import {path!r} ({err}); give a full class path such as dynact.experiments.data.DigitsDataModule"
         ) from err
 
 
@@ -254,7 +260,6 @@ def _check_keys(group: str, given: dict[str, Any], target, where: str) -> None:
 
 
 def _arm_list(text: str) -> list[str]:
-    from dynact.activations import activation_names, resolve_activation
 
     arms = [a.strip().lower() for a in text.split(",") if a.strip()]
     if not arms:
@@ -286,8 +291,6 @@ _EPILOG = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dynact.activations import activation_names
-    from dynact.models import model_names
 
     p = argparse.ArgumentParser(prog="dynact compare", description=_DESCRIPTION, epilog=_EPILOG)
     p.add_argument("--task", default="digits", choices=list(TASKS), help="data set (default: digits, offline)")
@@ -319,12 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from_args(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> SweepSettings:
-    """Validate the command line and resolve the sweep's settings; raises ValueError, trains nothing."""
-    from dynact.models import ImageClassifier, model_names
-
-    arms = _arm_list(args.arms)
-    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+def _check_flags(args: argparse.Namespace, arms: list[str]) -> str:
+    """The counts are at least 1 and the control is an arm; returns the control."""
     for flag in ("epochs", "every_n_steps", "threads", "workers"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -333,17 +332,27 @@ def settings_from_args(args: argparse.Namespace, overrides: dict[str, dict[str, 
     if control not in arms:
         raise ValueError(f"--control {control!r} is not among --arms ({', '.join(arms)}); "
                          "add it or pick one of the arms")
+    return control
+
+
+def _base(args: argparse.Namespace, task: dict[str, Any]) -> tuple[dict[str, Any], Optional[str]]:
+    """The task's or ``--config``'s data, model and trainer settings, and the config's path."""
+    if args.config is None and "config" not in task:
+        return {"data_class": task["data"], "data_kwargs": {}, "model_kwargs": dict(task["model"]),
+                "trainer_kwargs": {}}, None
+    config_path = Path(args.config).expanduser() if args.config else _find_config(task["config"])
+    if not config_path.is_file():
+        raise ValueError(f"--config {str(config_path)!r} does not exist")
+    return load_config(config_path), str(config_path.resolve())
+
+
+def settings_from_args(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> SweepSettings:
+    """Validate the command line and resolve the sweep's settings; raises ValueError, trains nothing."""
+    arms = _arm_list(args.arms)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    control = _check_flags(args, arms)
     task = TASKS[args.task]
-    if args.config is not None or "config" in task:
-        config_path = Path(args.config).expanduser() if args.config else _find_config(task["config"])
-        if not config_path.is_file():
-            raise ValueError(f"--config {str(config_path)!r} does not exist")
-        base = load_config(config_path)
-        config = str(config_path.resolve())
-    else:
-        base = {"data_class": task["data"], "data_kwargs": {}, "model_kwargs": dict(task["model"]),
-                "trainer_kwargs": {}}
-        config = None
+    base, config = _base(args, task)
     model_kwargs = _merge(base["model_kwargs"], overrides["model"])
     model = (args.model or model_kwargs.get("arch") or "vit_tiny").strip().lower()
     if model not in model_names():
@@ -353,35 +362,22 @@ def settings_from_args(args: argparse.Namespace, overrides: dict[str, dict[str, 
     _check_keys("model", overrides["model"], ImageClassifier.__init__, "ImageClassifier")
     data_class = import_class(base["data_class"])
     _check_keys("data", overrides["data"], data_class.__init__, data_class.__name__)
-    from lightning.pytorch import Trainer
-
     trainer_kwargs = {k: v for k, v in base["trainer_kwargs"].items() if k not in _RESERVED["trainer"]}
     # The config's split seed gives way to the run's seed (each seed draws its own split).
     data_kwargs = {k: v for k, v in base["data_kwargs"].items() if k not in _RESERVED["data"]}
     _check_keys("trainer", overrides["trainer"], Trainer.__init__, "lightning's Trainer")
-    from dynact.callbacks import EAFOCallback
-
     _check_keys("callback", overrides["callback"], EAFOCallback.__init__, "EAFOCallback")
-    trainer_kwargs = _merge(_merge(_TRAINER_DEFAULTS, trainer_kwargs), overrides["trainer"])
     threads = args.threads or task.get("threads")
     seeds = seeds or list(range(task.get("seeds", 3)))
     return SweepSettings(
-        task=args.task,
-        model=model,
-        arms=arms,
-        seeds=seeds,
-        epochs=args.epochs or task["epochs"],
-        out=str(Path(args.out).expanduser()),
-        control=control,
+        task=args.task, model=model, arms=arms, seeds=seeds, epochs=args.epochs or task["epochs"],
+        out=str(Path(args.out).expanduser()), control=control,
         every_n_steps=args.every_n_steps or task.get("every_n_steps", 200),
         callback_kwargs=_merge(task.get("callback", {}), overrides["callback"]),
-        config=config,
-        data_class=base["data_class"],
-        data_kwargs=_merge(data_kwargs, overrides["data"]),
+        config=config, data_class=base["data_class"], data_kwargs=_merge(data_kwargs, overrides["data"]),
         model_kwargs=model_kwargs,
-        trainer_kwargs=trainer_kwargs,
-        threads=threads,
-        workers=min(args.workers or _default_workers(task, threads), len(arms) * len(seeds)),
+        trainer_kwargs=_merge(_merge(_TRAINER_DEFAULTS, trainer_kwargs), overrides["trainer"]),
+        threads=threads, workers=min(args.workers or _default_workers(task, threads), len(arms) * len(seeds)),
         about=task["about"] if args.config is None else f"{args.task} with the settings of {config}",
     )
 

@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from dynact.conversion import convert_like_state_dict
-from dynact.models.vit import create_model
+from dynact.experiments.models.vit import create_model
 
 __all__ = ["ImageClassifier"]
 

@@ -1,4 +1,4 @@
-"""``dynact train``: Lightning's CLI over :class:`~dynact.models.ImageClassifier` and any data module.
+"""``dynact train``: Lightning's CLI over :class:`~dynact.experiments.models.ImageClassifier` and any data module.
 
 Every Trainer flag and YAML config works, as with any ``LightningCLI``::
 
@@ -25,10 +25,10 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
-import dynact.data  # noqa: F401  (imported so that --data accepts short names, e.g. DigitsDataModule)
+import dynact.experiments.data  # noqa: F401  (imported so that --data accepts short names, e.g. DigitsDataModule)
 from dynact.activations import activation_names
 from dynact.callbacks import EAFOCallback
-from dynact.models import ImageClassifier
+from dynact.experiments.models import ImageClassifier
 from dynact.summary import trainer_result_line
 
 __all__ = ["main", "build_cli", "dynact_help"]
