@@ -17,15 +17,11 @@ from dynact.experiments.compare import records as rec_files
 from dynact.experiments.compare.records import RESULTS_FILE, TIMING_FILE, write_text
 from dynact.experiments.compare.report import fmt, pct, write_report
 from dynact.experiments.compare.settings import SweepSettings, build_parser, settings_from_args, split_overrides
-from dynact.experiments.sweep import SweepWriteError
 from dynact.experiments.sweep import run_sweep as engine_run
-from dynact.experiments.sweep.engine import Progress, Sweep
+from dynact.experiments.sweep.engine import Progress, Sweep, run_command
 from dynact.kernels import dispatch as kernel_dispatch
 
-EXIT_FAILED_RUNS = 1
 EXIT_BAD_INPUT = 2
-EXIT_WRITE_ERROR = 3
-EXIT_INTERRUPTED = 130
 
 
 def _summary_line(rec: dict[str, Any]) -> str:
@@ -220,22 +216,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         parser.error(str(err))
     command = "dynact compare " + " ".join(args_in)
-    try:
-        results = run_sweep(settings, resume=args.resume, progress=not args.no_progress, command=command)
-    except ValueError as err:  # --out problems, raised before any training
-        parser.error(str(err))
-    except SweepWriteError as err:
-        print(f"dynact compare: {err}", file=sys.stderr)
-        return EXIT_WRITE_ERROR
-    except KeyboardInterrupt:
-        done = len(rec_files.load_records(Path(settings.out), settings)[0])
-        print(f"\ninterrupted: {done} finished runs are kept in {settings.out}; continue with:\n"
-              f"  {command} --resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
     out = Path(settings.out)
-    print(f"report: {out / rec_files.REPORT_FILE}  results: {out / RESULTS_FILE}")
-    failed = [r for r in results["runs"] if r["status"] == "failed"]
-    if failed:
-        print(f"{len(failed)} runs failed; fix the cause and rerun with --resume to redo them", file=sys.stderr)
-        return EXIT_FAILED_RUNS
-    return 0
+    results, code = run_command(
+        "dynact compare", parser, command, out,
+        run=lambda: run_sweep(settings, resume=args.resume, progress=not args.no_progress, command=command),
+        done=lambda: len(rec_files.load_records(out, settings)[0]))
+    if results is not None:
+        print(f"report: {out / rec_files.REPORT_FILE}  results: {out / RESULTS_FILE}")
+    return code

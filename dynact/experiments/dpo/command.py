@@ -21,7 +21,7 @@ from typing import Optional
 from dynact.experiments.dpo import runs, sweep
 from dynact.experiments.dpo.data import DATASETS
 from dynact.experiments.dpo.settings import PAPER_BETAS, DPOSettings
-from dynact.experiments.sweep import SweepWriteError
+from dynact.experiments.sweep.engine import run_command
 
 __all__ = ["main", "build_parser"]
 
@@ -30,9 +30,6 @@ _DESCRIPTION = (
     "arms by evaluation reward margin, accuracy and loss (the paper's Table 4). The default (--data offline) "
     "is a 2-minute smoke check on CPU with a tiny random GPT-2; it says nothing about the paper's claim."
 )
-
-_EXIT_WRITE_ERROR = 3  # a file could not be written mid-sweep (finished runs kept)
-_EXIT_INTERRUPTED = 130
 
 
 def _floats(text: str) -> list[float]:
@@ -120,28 +117,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         parser.error(str(err))
     command = "dynact dpo " + " ".join(args_in)
-    try:
-        results = sweep.run_sweep(settings, resume=args.resume, progress=not args.no_progress, command=command,
-                                  prep=prep)
-    except ValueError as err:  # --out problems, raised before any training
-        parser.error(str(err))
-    except SweepWriteError as err:
-        print(f"dynact dpo: {err}", file=sys.stderr)
-        return _EXIT_WRITE_ERROR
-    except KeyboardInterrupt:
-        done = sum(1 for r in sweep.load_records(settings).values() if r["status"] == "ok")
-        print(f"\ninterrupted: {done} finished runs are kept in {settings.out}; continue with:\n  {command} --resume",
-              file=sys.stderr)
-        return _EXIT_INTERRUPTED
-    if not sweep.is_main_process():
-        return 0
     out = Path(settings.out)
-    print(f"report: {out / 'report.md'}  results: {out / 'results.json'}  ({time.perf_counter() - start:.0f} s)")
-    failed = [r for r in results["runs"] if r["status"] == "failed"]
-    if failed:
-        print(f"{len(failed)} runs failed; fix the cause and rerun with --resume to redo them", file=sys.stderr)
-        return 1
-    return 0
+    results, code = run_command(
+        "dynact dpo", parser, command, out,
+        run=lambda: sweep.run_sweep(settings, resume=args.resume, progress=not args.no_progress, command=command,
+                                    prep=prep),
+        done=lambda: sum(1 for r in sweep.load_records(settings).values() if r["status"] == "ok"))
+    if results is not None and sweep.is_main_process():
+        print(f"report: {out / 'report.md'}  results: {out / 'results.json'}  ({time.perf_counter() - start:.0f} s)")
+    return code
 
 
 def _all_done(settings: DPOSettings) -> bool:

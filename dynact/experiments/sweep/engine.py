@@ -16,7 +16,9 @@ and writes.
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -28,6 +30,12 @@ from dynact.experiments.sweep import folder
 from dynact.experiments.sweep.folder import Key, Layout
 
 OnDone = Callable[[dict[str, Any]], None]
+
+#: A command's exit codes: some runs failed (redo them with ``--resume``); a file could not be
+#: written mid-sweep (finished runs kept); Ctrl-C (finished runs kept). Bad input is argparse's 2.
+EXIT_FAILED_RUNS = 1
+EXIT_WRITE_ERROR = 3
+EXIT_INTERRUPTED = 130
 
 
 class Progress:
@@ -184,3 +192,31 @@ def failed_record(layout: Layout, key: Key, identity: dict[str, Any], err: BaseE
 
 
 __all__ = ["Execute", "Progress", "Sweep", "SweepWriteError", "failed_record", "finished", "open_folder", "run_sweep"]
+
+
+def run_command(name: str, parser: argparse.ArgumentParser, command: str, out: Path,
+                run: Callable[[], Any], done: Callable[[], int]) -> tuple[Any, int]:
+    """A command's sweep, with the outcome a user sees: ``(results, exit code)``.
+
+    ``run`` runs the sweep; ``done`` counts the finished runs kept in ``out`` (for the Ctrl-C
+    message). A ``ValueError`` (a bad ``--out``, raised before any training) is the parser's error
+    (exit 2); :class:`SweepWriteError` prints its message and gives :data:`EXIT_WRITE_ERROR`; Ctrl-C
+    names the finished runs and the ``--resume`` command and gives :data:`EXIT_INTERRUPTED`; a
+    finished sweep with failed runs gives :data:`EXIT_FAILED_RUNS`, otherwise 0.
+    """
+    try:
+        results = run()
+    except ValueError as err:
+        parser.error(str(err))
+    except SweepWriteError as err:
+        print(f"{name}: {err}", file=sys.stderr)
+        return None, EXIT_WRITE_ERROR
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {done()} finished runs are kept in {out}; continue with:\n  {command} --resume",
+              file=sys.stderr)
+        return None, EXIT_INTERRUPTED
+    failed = sum(1 for r in (results or {}).get("runs", []) if r["status"] == "failed")
+    if failed:
+        print(f"{failed} runs failed; fix the cause and rerun with --resume to redo them", file=sys.stderr)
+        return results, EXIT_FAILED_RUNS
+    return results, 0
