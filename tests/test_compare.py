@@ -562,6 +562,7 @@ def test_every_pair_is_reported_with_bonferroni_intervals_and_seed_ranges_resume
         verdict = next(ln for ln in report.splitlines()
                        if ln.startswith(f"- **{names[pair['arm']]}**") and names[pair["against"]] in ln)
         assert word in verdict and "98.33% interval" in verdict
+        assert 0.0 <= d["repeat"] <= 1.0 and f"would say so again with probability about {d['repeat']:.2f}" in verdict
     assert "makes 3 comparisons" in report and "Bonferroni" in report and "seeds 3-5" in report
     # the plateau sentence names the run that moved most, recomputed here from the records
     moved = {(r["arm"], r["seed"]): r["epochs"][-1]["acc1"] - r["epochs"][-6]["acc1"] for r in results["runs"]}

@@ -118,7 +118,9 @@ def comparisons_sentence(results: dict[str, Any]) -> str:
     return (f"The report makes {c['count']} comparisons, so each interval is Bonferroni-adjusted: a Student-t "
             f"interval at {_level(results)} ({100 * c['family_confidence']:.0f}% / {c['count']} of the risk each), "
             f"so that all {c['count']} hold together with {100 * c['family_confidence']:.0f}% confidence. "
-            "A verdict says better or worse only when its interval excludes 0.")
+            "A verdict says better or worse only when its interval excludes 0, and each gives the chance that "
+            "a repeat of the sweep would give it again (a verdict at the edge of its interval repeats about "
+            "half the time).")
 
 
 def verdicts(results: dict[str, Any]) -> list[str]:
@@ -142,7 +144,8 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             word = f"not distinguishable from {other} at n={d['n']}"
         lines.append(f"- **{arm}** is {word}: top-1 {pct(d['mean'], sign=True)} points, {level} interval "
                      f"[{pct(low, sign=True)}, {pct(high, sign=True)}] (±{pct(d['half_width'])}) over {d['n']} "
-                     "paired seeds.")
+                     f"paired seeds; a repeat (other seeds, another machine) would say so again with "
+                     f"probability about {d['repeat']:.2f}.")
     return lines
 
 
