@@ -583,5 +583,9 @@ def test_every_pair_is_reported_with_bonferroni_intervals_and_seed_ranges_resume
     assert timing["kernels"] == _kernels.MODE and f"dynact kernels {_kernels.MODE}" in report
     assert set(timing["runs_cpu"]) == {f"{a}-seed{s}" for a in ("relu", "crrelu", "eafo") for s in (3, 4, 5)}
     assert all(v > 0 for v in timing["runs_cpu"].values()) and timing["command_cpu_s"] > 0
+    # the resume added its own time to the first attempt's: the folder's total, not the last call's
+    first, second = timing["attempts"]
+    assert timing["sweep_s"] == pytest.approx(first["sweep_s"] + second["sweep_s"]) and first["sweep_s"] > 0
+    assert "over 2 attempts (--resume)" in report
     data = (out / "paired_differences.png").read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 5_000

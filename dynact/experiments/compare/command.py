@@ -114,6 +114,23 @@ def _process_cpu_s() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def _attempts(out: Path, elapsed: float) -> dict[str, Any]:
+    """``sweep_s`` and ``command_cpu_s`` summed over every attempt that wrote this folder (a
+    ``--resume`` adds its own to what the earlier ones spent, so a resume that trains nothing
+    keeps the sweep's time), and ``attempts``, each attempt's own figures."""
+    try:
+        before = json.loads((out / TIMING_FILE).read_text())
+        attempts = before.get("attempts") or [{k: before[k] for k in ("written", "sweep_s", "command_cpu_s")}]
+        attempts = [a for a in attempts if all(isinstance(a.get(k), (int, float)) for k in ("sweep_s", "command_cpu_s"))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        attempts = []  # a first attempt, or a damaged file: this attempt's figures alone
+    attempts.append({"written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "sweep_s": elapsed,
+                     # this process since it started (imports included) and its worker processes once finished
+                     "command_cpu_s": _process_cpu_s()})
+    return {"sweep_s": sum(a["sweep_s"] for a in attempts), "command_cpu_s": sum(a["command_cpu_s"] for a in attempts),
+            "attempts": attempts}
+
+
 def write_results(settings: SweepSettings, command: str, ok: dict, failed: dict, elapsed: float) -> dict[str, Any]:
     """``results.json`` (every number of the experiment, and only those: the same command gives
     the same file), ``timing.json`` (wall times), the plots, the TensorBoard overlay and the report."""
@@ -152,9 +169,7 @@ def write_results(settings: SweepSettings, command: str, ok: dict, failed: dict,
         "cpu_threads": env["cpu_threads"],
         "torch": env["torch"],
         "kernels": env["kernels"],
-        "sweep_s": elapsed,
-        # this process since it started (imports included) and its worker processes once finished
-        "command_cpu_s": _process_cpu_s(),
+        **_attempts(out, elapsed),
         "wall_time_mean": per_arm(walls),
         "cpu_time_mean": per_arm(cpus),
         "runs": walls,

@@ -237,6 +237,7 @@ def _runs_section(results: dict[str, Any], walls: dict[str, Any]) -> list[str]:
         f"SCALARS tab overlays the arms' means per layer). Per-run records: `{RECORDS}/`. Command: "
         f"`{results['command']}`"
         + (f"; it took {total:.0f} s of wall time" if total else "")
+        + (f" over {len(walls['attempts'])} attempts (--resume)" if len(walls.get("attempts", ())) > 1 else "")
         + (f" and {cpu:.0f} s of CPU time (all processes; wall time on a shared machine also counts waiting)."
            if cpu else "."),
         "",
