@@ -121,7 +121,8 @@ def _attempts(out: Path, elapsed: float) -> dict[str, Any]:
     try:
         before = json.loads((out / TIMING_FILE).read_text())
         attempts = before.get("attempts") or [{k: before[k] for k in ("written", "sweep_s", "command_cpu_s")}]
-        attempts = [a for a in attempts if all(isinstance(a.get(k), (int, float)) for k in ("sweep_s", "command_cpu_s"))]
+        numbers = ("sweep_s", "command_cpu_s")
+        attempts = [a for a in attempts if all(isinstance(a.get(k), (int, float)) for k in numbers)]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         attempts = []  # a first attempt, or a damaged file: this attempt's figures alone
     attempts.append({"written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "sweep_s": elapsed,
