@@ -22,7 +22,7 @@ measures and accuracy sit side by side), and writes into ``--out``:
 Example::
 
     dynact compare                                    # digits, relu/crrelu/eafo, 50 seeds, CPU
-    dynact compare --seeds 100:140 --out check        # the same design on 40 other seeds
+    dynact compare --seeds 50:100 --out check         # the same design on 50 other seeds
     dynact compare --task cifar10 --model vit_tiny --arms relu,crrelu,eafo,gelu,elu,prelu,celu,silu,mish \\
         --seeds 3 --epochs 100 --out cifar10_vit_tiny \\
         --data.root data --data.download true --trainer.accelerator gpu --trainer.precision bf16-mixed

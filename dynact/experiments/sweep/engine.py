@@ -191,7 +191,6 @@ def failed_record(layout: Layout, key: Key, identity: dict[str, Any], err: BaseE
             "traceback": traceback.format_exc(limit=-12), **extra}
 
 
-__all__ = ["Execute", "Progress", "Sweep", "SweepWriteError", "failed_record", "finished", "open_folder", "run_sweep"]
 
 
 def run_command(name: str, parser: argparse.ArgumentParser, command: str, out: Path,
@@ -220,3 +219,7 @@ def run_command(name: str, parser: argparse.ArgumentParser, command: str, out: P
         print(f"{failed} runs failed; fix the cause and rerun with --resume to redo them", file=sys.stderr)
         return results, EXIT_FAILED_RUNS
     return results, 0
+
+
+__all__ = ["EXIT_FAILED_RUNS", "EXIT_INTERRUPTED", "EXIT_WRITE_ERROR", "Execute", "Progress", "Sweep",
+           "SweepWriteError", "failed_record", "finished", "open_folder", "run_command", "run_sweep"]
