@@ -20,6 +20,7 @@ record (by an older dynact) is recognised from its keys: ``<layer>.s`` is an
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
@@ -29,6 +30,7 @@ from dynact.activations import CRReLU, activation_types, find_activations, resol
 from dynact.records import RECORD_FORMAT as RECORD_FORMAT  # re-exported: its old home
 from dynact.records import RECORD_KEY, class_path, describe, describe_activation, init_settings, mark, record
 from dynact.records import _record_hook as _record_hook  # pickles of marked models (torch.save) name it here
+from dynact.sites import CallSites
 from dynact.spline import EAFOActivation
 
 __all__ = ["to_eafo", "convert_like", "convert_like_state_dict", "describe", "describe_activation", "record"]
@@ -88,6 +90,8 @@ def _accept_replaced_state(module, state_dict, prefix, local_metadata, strict, m
 def _resolve(entry: Mapping) -> Any:
     """The registry factory that builds ``entry``'s module."""
     path, name = entry.get("class"), entry.get("name")
+    if path == class_path(CallSites):
+        return CallSites
     if name:
         try:
             factory = resolve_activation(name)
@@ -108,6 +112,9 @@ def _matches(module: nn.Module, entry: Mapping) -> bool:
     """Whether ``module`` already is what ``entry`` describes (class, settings and base)."""
     if class_path(type(module)) != entry.get("class"):
         return False
+    if "calls" in entry:
+        calls = entry["calls"]
+        return len(module.calls) == len(calls) and all(_matches(m, e) for m, e in zip(module.calls, calls, strict=True))
     settings = init_settings(module)
     if any(settings.get(k, v) != v for k, v in dict(entry.get("kwargs") or {}).items() if k != "inplace"):
         return False
@@ -121,6 +128,8 @@ def _build(entry: Mapping, old: Optional[nn.Module]) -> nn.Module:
     reused as the base when it is the recorded base, so its settings and parameters stay."""
     factory = _resolve(entry)
     kwargs = dict(entry.get("kwargs") or {})
+    if "calls" in entry:  # the first site keeps the fresh module, the others get copies of it
+        return mark(CallSites(_build(e, old if i == 0 else copy.deepcopy(old)) for i, e in enumerate(entry["calls"])))
     if "base" not in entry:
         return mark(factory(**kwargs))
     base_entry = entry["base"]

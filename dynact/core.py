@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Iterable, Literal, Optional, Union
 
 import torch
@@ -38,6 +38,8 @@ from dynact.conversion import record, to_eafo
 from dynact.density import Density, sum_states
 from dynact.distributed import is_distributed, single_thread
 from dynact.options import ESTIMATORS, RANK_SEED_STRIDE, validate_options
+from dynact.registry import activation_types, elementwise, family_of
+from dynact.sites import recomputing, split_call_sites
 from dynact.spline import EAFOActivation
 from dynact.update_guards import Skip, gathered, nonfinite_tensors, overflows, restore
 
@@ -90,6 +92,9 @@ class _Layer:
     skips: dict[str, int] = field(default_factory=dict)
     # dtype of the inputs last sampled: an update must not make the activation overflow it.
     in_dtype: torch.dtype = torch.float32
+    # Calls sampled in the current window (a site that runs k times as often as the others is
+    # likely k call sites that could not be told apart; see _check_calls).
+    calls: int = 0
 
     @property
     def skipped(self) -> int:
@@ -211,7 +216,17 @@ class ActivationOptimizer:
         collect_eval: bool = False,
         seed: int = 0,
         rank: Optional[int] = None,
+        sites: Literal["call", "module"] = "call",
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"ActivationOptimizer: model must be a torch.nn.Module, got {type(model).__name__}: {model!r}"
+            )
+        if sites not in ("call", "module"):
+            raise ValueError(f"sites must be 'call' (one activation per call site) or 'module', got sites={sites!r}")
+        _refuse_second_plugin(model)
+        self.sites = sites
+        self._origin = _caller()
         self.options = validate_options(
             every_n_steps=every_n_steps, estimator=estimator, mode=mode, eta=eta, bins=bins,
             sample_size=sample_size, window=window, convert=convert, init_range=init_range,
@@ -230,25 +245,68 @@ class ActivationOptimizer:
         self.densities: dict[str, Density] = {}
         self.global_step = 0
         self.num_updates = 0
+        #: ``{name: k}`` of the modules called at k places per forward that were split into k
+        #: sites (:func:`dynact.sites.split_call_sites`); empty with ``sites="module"``.
+        self.split = split_call_sites(model, stateful=self.mode != "monitor") if sites == "call" else {}
         self.converted = self._convert(model)
-        for name, module in find_activations(model):
+        for name, module in _unique_activations(model):
             dynamic = isinstance(module, EAFOActivation) and self.mode != "monitor"
             self._layers[name] = _Layer(name, module, dynamic, self._new_estimator(*self.init_range))
+        self._warned_calls: set[str] = set()
+        self._checked_eps = False
         self.attach()
-        if not self._layers and self.rank == 0:
+        if self.rank == 0:
+            self._warn_setup(model)
+
+    def _warn_setup(self, model: nn.Module) -> None:
+        """The warnings of a plugin that will not do what was likely meant (rank 0 only)."""
+        if not self._layers:
             warnings.warn(
                 "ActivationOptimizer found no activation modules to measure; it hooks modules of "
                 f"the activation registry ({', '.join(activations.activation_names())}), not "
                 "functions such as F.relu. Use nn.ReLU() etc. in the model.",
-                stacklevel=2,
+                stacklevel=3,
             )
-        elif self.rank == 0 and self.mode != "monitor" and not any(layer.dynamic for layer in self._layers.values()):
+        elif self.mode != "monitor" and not any(layer.dynamic for layer in self._layers.values()):
+            asked = tuple(t.__name__ for t in self.convert)
             warnings.warn(
                 f"ActivationOptimizer: none of the {len(self._layers)} activation modules is an "
-                "EAFOActivation, so it only measures. To enable updates, convert some, e.g. "
-                "convert=(torch.nn.GELU,), or build the model with act='eafo'.",
-                stacklevel=2,
+                f"EAFOActivation, so it only measures (convert={asked} matched none of them). The model has: "
+                f"{_present(model)}. Pass one of those names (or classes) in convert=..., e.g. convert=(\"gelu\",) "
+                "for every GELU variant, or build the model with act='eafo'.",
+                stacklevel=3,
             )
+        self._checked_eps = self._warn_frozen(stacklevel=4)  # warned once is enough
+
+    def _warn_frozen(self, stacklevel: int) -> bool:
+        """Warn if a converted layer's learnable eps does not require grad (rank 0); True if it did."""
+        frozen = [layer.name for layer in self._layers.values() if layer.dynamic and layer.module.learn_eps
+                  and not layer.module.eps.requires_grad]
+        if frozen and self.rank == 0:
+            warnings.warn(
+                f"ActivationOptimizer: eps of {len(frozen)} converted layer(s) does not require grad (e.g. "
+                f"{frozen[0]!r}; PEFT's get_peft_model freezes every parameter outside its adapters), so it is "
+                "not trained. Build the plugin after get_peft_model, or call "
+                "act_opt.train_eps() before building the weight optimizer.",
+                stacklevel=stacklevel,
+            )
+        return bool(frozen)
+
+    def __repr__(self) -> str:
+        return (f"ActivationOptimizer(every_n_steps={self.every_n_steps}, mode={self.mode!r}, "
+                f"layers={len(self._layers)}) created at {self._origin}")
+
+    def train_eps(self) -> list[str]:
+        """Make every converted layer's ``eps`` trainable again (``requires_grad=True``), e.g. after
+        PEFT's ``get_peft_model`` froze it; returns the layers changed. Call it before the
+        weight optimizer is built, so that the optimizer sees them."""
+        changed = []
+        for layer in self._layers.values():
+            eps = getattr(layer.module, "eps", None)
+            if layer.dynamic and layer.module.learn_eps and isinstance(eps, nn.Parameter) and not eps.requires_grad:
+                eps.requires_grad_(True)
+                changed.append(layer.name)
+        return changed
 
     # ------------------------------------------------------------------ public API
     @property
@@ -281,9 +339,13 @@ class ActivationOptimizer:
             the figures of this step's update, or an empty dict if no update was due.
         """
         self.global_step = self.global_step + 1 if global_step is None else int(global_step)
+        if not self._checked_eps:  # PEFT may have frozen eps after this plugin was built
+            self._checked_eps = True
+            self._warn_frozen(stacklevel=3)
         updated: dict[str, float] = {}
         self._collecting = False  # the update's own evaluations of the modules are not data
         if self.global_step > 0 and self.global_step % self.every_n_steps == 0:
+            self._check_calls()
             with single_thread(torch.device("cpu")):  # O(bins) grid work: no thread wake-ups
                 updated = self._update_all()
         self._collecting = self._in_window(self.global_step)
@@ -298,7 +360,8 @@ class ActivationOptimizer:
         """Hook the layers again after :meth:`remove` (nothing happens to hooked layers)."""
         for layer in self._layers.values():
             if layer.handle is None:
-                layer.handle = layer.module.register_forward_pre_hook(partial(self._collect, layer))
+                _drop_dead_hooks(layer.module)
+                layer.handle = layer.module.register_forward_pre_hook(_SampleHook(self, layer))
         self._collecting = self._in_window(self.global_step)
 
     def remove(self) -> None:
@@ -310,10 +373,12 @@ class ActivationOptimizer:
         self._collecting = False
 
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer's own state (estimators, counters, sampling generators).
+        """The optimizer's own state (estimators, counters, sampling generators) and a copy of
+        every dynamic activation's tensors (``"activations"``).
 
-        The spline buffers are in the model's ``state_dict``. Under data parallelism this is
-        the calling process's state: save rank 0's.
+        The spline buffers are also in the model's ``state_dict``; the copy here is what restores
+        them where the model's checkpoint leaves them out (a PEFT adapter checkpoint). Under data
+        parallelism this is the calling process's state: save rank 0's.
         """
         return {
             "global_step": self.global_step,
@@ -327,6 +392,12 @@ class ActivationOptimizer:
                     "skips": dict(layer.skips),
                 }
                 for name, layer in self._layers.items()
+            },
+            # The dynamic activations themselves (spline, grid, eps, base): a PEFT adapter checkpoint
+            # holds only the adapters, so a resume restores the activations from here.
+            "activations": {
+                name: {k: v.detach().cpu().clone() for k, v in layer.module.state_dict().items()}
+                for name, layer in self._layers.items() if layer.dynamic
             },
         }
 
@@ -361,6 +432,11 @@ class ActivationOptimizer:
             if own:
                 layer.estimator.load_state_dict(layer_state["estimator"])
                 layer.extrema = layer_state["extrema"]
+        for name, tensors in state.get("activations", {}).items():
+            layer = self._layers.get(name)
+            if layer is not None and layer.dynamic:
+                with torch.no_grad():
+                    layer.module.load_state_dict(tensors)
         self._collecting = self._in_window(self.global_step)
 
     # ------------------------------------------------------------------ conversion
@@ -370,9 +446,11 @@ class ActivationOptimizer:
             return converted
         # Outermost activations only: an EAFOActivation's own base is never converted. The
         # module itself becomes the base: its settings and parameters stay.
-        for name, module in find_activations(model):
+        for name, module, names in _unique_activations(model, every_name=True):
             if any(isinstance(module, k) for k in self.convert):
-                model.set_submodule(name, to_eafo(module))
+                new = to_eafo(module)
+                for other in names:  # a module registered under several names stays one module
+                    model.set_submodule(other, new)
                 converted.append(name)
         if converted:
             record(model)  # a Hugging Face model's config says what was converted (dynact.conversion)
@@ -394,8 +472,9 @@ class ActivationOptimizer:
 
     def _collect(self, layer: _Layer, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook: feed ``sample_size`` random input values to the layer's estimator."""
-        if not self._collecting or not (module.training or self.collect_eval):
-            return
+        if not self._collecting or not (module.training or self.collect_eval) or recomputing():
+            return  # a checkpointed segment's recomputation replays calls already sampled
+        layer.calls += 1
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0 or x.is_meta:
             return
@@ -413,6 +492,28 @@ class ActivationOptimizer:
             ends = ends.amax(dim=1)
             prev = layer.extrema
             layer.extrema = ends if prev is None else torch.maximum(prev.to(ends.device), ends)
+
+    def _check_calls(self) -> None:
+        """Warn (once per layer) about a layer that ran a whole multiple of the other layers' calls
+        in the window: most likely one module called at several places that
+        :func:`dynact.sites.split_call_sites` could not count."""
+        counts = {name: layer.calls for name, layer in self._layers.items() if layer.calls > 0}
+        for layer in self._layers.values():
+            layer.calls = 0
+        if len(counts) < 2 or self.rank != 0:
+            return
+        least = min(counts.values())
+        for name, n in counts.items():
+            if n >= 2 * least and n % least == 0 and name not in self._warned_calls:
+                self._warned_calls.add(name)
+                warnings.warn(
+                    f"ActivationOptimizer: layer {name!r} ran {n // least} times as often as the least-called "
+                    "layer in the last window, so it is probably one module called at several places per forward "
+                    "that dynact could not count (its forward could not be traced with torch.fx); those calls "
+                    "share one density and one spline. Give each call its own module in the model to measure them "
+                    "apart.",
+                    stacklevel=4,
+                )
 
     # ------------------------------------------------------------------ update
     def _update_all(self) -> dict[str, float]:
@@ -544,7 +645,7 @@ class ActivationOptimizer:
         return act.update(density, mode=self.mode, eta=self.eta)
 
     def _layer_metrics(self, layer: _Layer, density: Density, record: Optional[dict]) -> dict[str, float]:
-        stats = eafo.output_stats(layer.module, density)
+        stats = eafo.output_stats(elementwise(layer.module), density)
         out = {tag(name, layer.name): stats[name] for name in LOGGED_STATS}
         out[tag("outside", layer.name)] = (
             layer.module.outside_mass(density) if isinstance(layer.module, EAFOActivation) else density.outside
@@ -562,6 +663,77 @@ class ActivationOptimizer:
 
 
 # ---------------------------------------------------------------------- helpers
+class _SampleHook:
+    """The forward pre-hook of one measured layer, calling its plugin's ``_collect``.
+
+    A copy of the model (``copy.deepcopy``, ``pickle``, ``torch.save``) must not carry a live
+    copy of the plugin: the copy of this hook is a dead one, which does nothing, removes itself
+    at its first call and is removed when a new plugin hooks the module."""
+
+    def __init__(self, owner: Optional["ActivationOptimizer"], layer: Optional[_Layer]) -> None:
+        self.owner, self.layer = owner, layer
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if self.owner is None:
+            _drop_dead_hooks(module)
+            return None
+        return self.owner._collect(self.layer, module, args)
+
+    def __deepcopy__(self, memo: dict) -> "_SampleHook":
+        return _SampleHook(None, None)
+
+    def __reduce__(self):
+        return (_SampleHook, (None, None))
+
+
+def _drop_dead_hooks(module: nn.Module) -> None:
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if isinstance(hook, _SampleHook) and hook.owner is None:
+            del module._forward_pre_hooks[key]
+
+
+def _refuse_second_plugin(model: nn.Module) -> None:
+    """One plugin per model: two would sample, update and log the same layers twice."""
+    for name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, _SampleHook) and hook.owner is not None:
+                raise ValueError(
+                    f"this model already has a dynact plugin: {hook.owner!r} (it hooks {name or 'the model'!r}). "
+                    "Use one plugin per model: call .remove() on the first (EAFOCallback / EAFOTrainerCallback: "
+                    "use one callback) before building another."
+                )
+
+
+def _caller() -> str:
+    """``file:line`` of the user code that built the plugin (the first frame outside dynact)."""
+    frame = sys._getframe(1)
+    while frame is not None and ("/dynact/" in frame.f_code.co_filename or "\\dynact\\" in frame.f_code.co_filename):
+        frame = frame.f_back
+    return "<unknown>" if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def _unique_activations(model: nn.Module, every_name: bool = False) -> list:
+    """The activation modules of ``model`` (:func:`find_activations`), each once under its first
+    name; with ``every_name``, ``(name, module, all its names)``. :class:`~dynact.sites.CallSites`
+    dispatchers are not activations themselves: their call sites are."""
+    firsts: dict[int, tuple[str, nn.Module, list[str]]] = {}
+    kinds = tuple(activation_types())
+    for name, module in find_activations(model):
+        if isinstance(module, kinds):
+            firsts.setdefault(id(module), (name, module, []))[2].append(name)
+    if every_name:
+        return list(firsts.values())
+    return [(name, module) for name, module, _ in firsts.values()]
+
+
+def _present(model: nn.Module) -> str:
+    """The activation classes in ``model`` with their counts and the name that converts each."""
+    counts: dict[type, int] = {}
+    for _, module in _unique_activations(model):
+        counts[type(module)] = counts.get(type(module), 0) + 1
+    return ", ".join(f"{n} x {cls.__name__} (convert={family_of(cls)!r})" for cls, n in counts.items()) or "none"
+
+
 def around(q_lo: float, q_hi: float) -> tuple[float, float]:
     """A grid around the central mass ``[q_lo, q_hi]`` with a margin on each side."""
     pad = max(_GRID_MARGIN * (q_hi - q_lo), _MIN_HALF_WIDTH * max(1.0, abs(q_lo), abs(q_hi)))

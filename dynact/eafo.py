@@ -112,11 +112,7 @@ def _evaluate(fn: Callable, x: torch.Tensor, *, grad: bool) -> tuple[torch.Tenso
             d1 = d2 = zeros.detach()
         else:
             (d1,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-            if d1.requires_grad:
-                (d2,) = torch.autograd.grad(d1.sum(), x, allow_unused=True)
-                d2 = zeros if d2 is None else d2
-            else:
-                d2 = zeros
+            d2 = _second(d1, x, zeros)
     out = (y.detach(), d1.detach(), d2.detach())
     for name, t in zip(("values", "first derivative", "second derivative"), out, strict=False):
         if not bool(torch.isfinite(t).all()):
@@ -126,6 +122,25 @@ def _evaluate(fn: Callable, x: torch.Tensor, *, grad: bool) -> tuple[torch.Tenso
                 "restrict the density's [lo, hi] to where the activation is defined"
             )
     return out
+
+
+#: Most distinct slopes of a function taken as piecewise linear (its f'' is 0 between kinks).
+_PIECEWISE_SLOPES = 8
+
+
+def _second(d1: torch.Tensor, x: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """f'' from f' by autograd. Some piecewise-linear ops have no double backward
+    (``hardsigmoid``); their f'' is 0 between the kinks (autograd's convention at a kink, as for
+    ReLU), so a function with at most a few distinct slopes gets 0. Any other error is raised."""
+    if not d1.requires_grad:
+        return zeros
+    try:
+        (d2,) = torch.autograd.grad(d1.sum(), x, allow_unused=True)
+    except RuntimeError as err:
+        if "not implemented" not in str(err) or torch.unique(d1.detach()).numel() > _PIECEWISE_SLOPES:
+            raise
+        return zeros
+    return zeros if d2 is None else d2
 
 
 def derivatives(f: Activation, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Optional, Union
 
-from dynact import activations
 from dynact.activations import activation_types
 from dynact.density import KDE, MIN_BINS, Histogram, check_grid
+from dynact.registry import family_types
 from dynact.spline import EAFOActivation
 
 __all__ = ["ESTIMATORS", "MODES", "validate_options", "convert_types"]
@@ -73,18 +73,29 @@ def _positive_int(name: str, value: Any, most: Optional[int] = None) -> int:
 
 
 def convert_types(convert: Iterable[Union[type, str]]) -> tuple[type, ...]:
-    """Activation module types from types or registry names; ``ValueError`` lists the table."""
+    """Activation module types from types or registry names; ``ValueError`` lists the table.
+
+    A name stands for its family (:func:`dynact.registry.family_types`): ``"gelu"`` is every
+    GELU variant, ``"silu"`` ``nn.SiLU`` and transformers' ``SiLUActivation``. A type stands for
+    itself and its subclasses."""
     if isinstance(convert, (str, type)):
         convert = (convert,)
+    if convert is None or not isinstance(convert, Iterable):
+        raise TypeError(f"convert must be a tuple of activation types or names, got convert={convert!r}")
     registry = activation_types()
     types: list[type] = []
     for item in convert:
-        kind = activations.resolve_activation(item) if isinstance(item, str) else item
-        if not (isinstance(kind, type) and kind in registry) or issubclass(kind, EAFOActivation):
+        try:
+            kinds = family_types(item) if isinstance(item, str) else (item,)
+        except ValueError:
+            kinds = ()
+        if not kinds or any(not isinstance(k, type) or k not in registry or issubclass(k, EAFOActivation)
+                            for k in kinds):
             raise ValueError(
                 f"convert must hold activation module types of the registry (or their names): "
                 f"{', '.join(f'{n} ({t.__module__}.{t.__name__})' for t, n in registry.items())}; "
-                f"got {item!r}. Use convert=() to leave the model's activations as they are."
+                f"got {item!r}. Register another class with dynact.activations.register_activation, "
+                "or use convert=() to leave the model's activations as they are."
             )
-        types.append(kind)
-    return tuple(types)
+        types.extend(kinds)
+    return tuple(dict.fromkeys(types))

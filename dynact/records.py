@@ -68,7 +68,8 @@ def describe_activation(module: nn.Module) -> dict[str, Any]:
     """The record of one activation module: JSON data that :func:`convert_like` rebuilds it from.
 
     ``{"class": <import path>, "name": <registry name or None>, "kwargs": {...}}``, plus
-    ``"base"`` (the base's record) for a module that wraps one (:class:`~dynact.EAFOActivation`).
+    ``"base"`` (the base's record) for a module that wraps one (:class:`~dynact.EAFOActivation`),
+    and ``"calls"`` (each call site's record) for a :class:`~dynact.sites.CallSites`.
     """
     entry: dict[str, Any] = {
         "class": class_path(type(module)),
@@ -78,6 +79,8 @@ def describe_activation(module: nn.Module) -> dict[str, Any]:
     base = getattr(module, "base", None)
     if getattr(type(module), "wraps_base", False) and isinstance(base, nn.Module):
         entry["base"] = describe_activation(base)
+    if getattr(type(module), "wraps_calls", False):  # dynact.sites.CallSites: one record per call site
+        entry["calls"] = [describe_activation(call) for call in module.calls]
     return entry
 
 
@@ -115,6 +118,13 @@ def _is_hf_config(config: Any) -> bool:
     return hf is not None and isinstance(config, getattr(hf, "PretrainedConfig", ()))
 
 
+def _is_hf_model(module: nn.Module) -> bool:
+    # Only a transformers model saves its config: PEFT's wrappers (PeftModel, LoraModel) show the
+    # wrapped model's config too, but their names (base_model.model.*) are not the saved model's.
+    hf = sys.modules.get("transformers")
+    return hf is not None and isinstance(module, getattr(hf, "PreTrainedModel", ()))
+
+
 def record(model: nn.Module) -> None:
     """Write :func:`describe` into the ``config`` of every Hugging Face model in ``model``
     (``config.dynact = {"format": 1, "modules": {...}}``, names relative to that model), so
@@ -123,7 +133,7 @@ def record(model: nn.Module) -> None:
     activations loses a stale ``config.dynact``. Does nothing for other models."""
     seen: set[int] = set()
     for sub in model.modules():  # outermost first: a config shared with submodels is the outer model's
-        config = getattr(sub, "config", None)
+        config = getattr(sub, "config", None) if _is_hf_model(sub) else None
         if not _is_hf_config(config) or id(config) in seen:
             continue
         seen.add(id(config))

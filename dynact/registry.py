@@ -18,9 +18,14 @@ __all__ = [
     "ActSpec",
     "activation_names",
     "activation_types",
+    "channels",
+    "elementwise",
+    "family_of",
+    "family_types",
     "find_activations",
     "make_activation",
     "register_activation",
+    "register_timm_activations",
     "register_transformers_activations",
     "resolve_activation",
     "tensor_device",
@@ -39,11 +44,43 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "softplus": nn.Softplus,
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
+    "relu6": nn.ReLU6,  # MobileNetV2
+    "leaky_relu": nn.LeakyReLU,
+    "hardswish": nn.Hardswish,  # MobileNetV3
+    "hardsigmoid": nn.Hardsigmoid,  # MobileNetV3's squeeze-excitation gates
+    "selu": nn.SELU,
     # "crrelu" (dynact.activations.CRReLU) and "eafo" (dynact.spline.EAFOActivation) register
     # themselves, in that order: both modules build on this one.
 }
 
 ActSpec = Union[str, type, Callable[..., nn.Module], nn.Module, None]
+
+
+#: Names that belong to a family other than their own: the family's name converts them too
+#: (``convert=("gelu",)`` converts ``nn.GELU``, GPT-2's ``NewGELUActivation``, BERT's
+#: ``GELUActivation`` and timm's ``GELU``; ``convert=("silu",)`` Llama's ``SiLUActivation``).
+#: A member's own name converts its class alone.
+_FAMILY: dict[str, str] = {}
+
+
+def family_types(name: str) -> tuple[type, ...]:
+    """The module classes that the activation name ``name`` stands for when converting: its own
+    class and, for a family's name (``"gelu"``, ``"silu"``, ``"mish"``, ...), every registered
+    variant of it (transformers' and timm's classes, once those libraries are loaded).
+
+    Raises:
+        ValueError: ``name`` is not a registered activation name.
+    """
+    key = name.strip().lower()
+    resolve_activation(key)
+    members = [key] + [n for n, head in _FAMILY.items() if head == key and n in _REGISTRY]
+    return tuple(dict.fromkeys(f for n in members if isinstance(f := _REGISTRY[n], type)))
+
+
+def family_of(cls: type) -> str | None:
+    """The name that converts ``cls`` together with its variants (``NewGELUActivation -> "gelu"``)."""
+    name = activation_types().get(cls)
+    return None if name is None else _FAMILY.get(name, name)
 
 
 def activation_names() -> list[str]:
@@ -52,14 +89,18 @@ def activation_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def register_activation(name: str, factory: Callable[..., nn.Module]) -> None:
+def register_activation(name: str, factory: Callable[..., nn.Module], family: str | None = None) -> None:
     """Add ``factory`` (a class or a function building an ``nn.Module``) under ``name``.
 
     Names are lower case. A class registered here is also an activation type: models' modules
     of that class are found by :func:`find_activations` and measured by the training plugin.
-    ``dynact.spline`` registers ``"eafo"`` this way.
+    ``dynact.spline`` registers ``"eafo"`` this way. ``family`` (a registered name, e.g.
+    ``"gelu"``) makes that name convert this class too (:func:`family_types`).
     """
-    _REGISTRY[name.lower()] = factory
+    key = name.strip().lower()
+    _REGISTRY[key] = factory
+    if family is not None and family.strip().lower() != key:
+        _FAMILY[key] = family.strip().lower()
 
 
 def resolve_activation(spec: ActSpec) -> Callable[..., nn.Module] | None:
@@ -155,14 +196,25 @@ def find_activations(model: nn.Module, types: Iterable[type] | None = None) -> l
 #: tanh-approximate, Llama's ``silu_hf`` stays SiLU. (``ACT2CLS``'s torch classes, ``nn.ReLU``,
 #: ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid``, ``nn.PReLU``, are in the registry already.)
 _TRANSFORMERS_ACTIVATIONS = {
-    "gelu_new": "NewGELUActivation",
+    "gelu_new": "NewGELUActivation",  # GPT-2
     "gelu_fast": "FastGELUActivation",
     "quick_gelu": "QuickGELUActivation",
     "gelu_pytorch_tanh": "GELUTanh",
+    "gelu_pytorch_tanh_old": "PytorchGELUTanh",
     "gelu_accurate": "AccurateGELUActivation",
-    "gelu_hf": "GELUActivation",
+    "gelu_hf": "GELUActivation",  # BERT
+    "gelu_10": "ClippedGELUActivation",
     "silu_hf": "SiLUActivation",  # Llama, Mistral, Qwen MLPs
     "mish_hf": "MishActivation",
+    "laplace": "LaplaceActivation",
+    "relu2": "ReLUSquaredActivation",
+    "xielu": "XIELUActivation",
+}
+#: The family each transformers name belongs to (see :func:`family_types`).
+_TRANSFORMERS_FAMILIES = {
+    "gelu_new": "gelu", "gelu_fast": "gelu", "quick_gelu": "gelu", "gelu_pytorch_tanh": "gelu",
+    "gelu_pytorch_tanh_old": "gelu", "gelu_accurate": "gelu", "gelu_hf": "gelu", "gelu_10": "gelu",
+    "silu_hf": "silu", "mish_hf": "mish",
 }
 
 
@@ -187,7 +239,42 @@ def register_transformers_activations() -> list[str]:
     for name, cls_name in _TRANSFORMERS_ACTIVATIONS.items():
         cls = getattr(hf, cls_name, None)
         if isinstance(cls, type) and _REGISTRY.get(name) is not cls:
-            register_activation(name, cls)
+            register_activation(name, cls, _TRANSFORMERS_FAMILIES.get(name))
+            added.append(name)
+    return added
+
+
+# ----------------------------------------------------------------------------- timm
+#: timm's own activation classes (``timm.layers.activations``), by the name dynact gives them and
+#: the family they join. timm's ConvNeXt builds ``act_layer="gelu"`` as its own ``GELU`` class.
+_TIMM_ACTIVATIONS = {
+    "gelu_timm": ("GELU", "gelu"),
+    "gelu_tanh_timm": ("GELUTanh", "gelu"),
+    "quick_gelu_timm": ("QuickGELU", "gelu"),
+    "swish_timm": ("Swish", "silu"),
+    "mish_timm": ("Mish", "mish"),
+    "sigmoid_timm": ("Sigmoid", "sigmoid"),
+    "tanh_timm": ("Tanh", "tanh"),
+    "hardswish_timm": ("HardSwish", "hardswish"),
+    "hardsigmoid_timm": ("HardSigmoid", "hardsigmoid"),
+    "hard_mish_timm": ("HardMish", None),
+}
+_TIMM_SEEN = False
+
+
+def register_timm_activations() -> list[str]:
+    """Add timm's own activation classes (:data:`_TIMM_ACTIVATIONS`) to the registry; return the
+    names added. Runs by itself once ``timm.layers`` has been imported (any timm model imports
+    it). Raises :class:`ImportError` without timm."""
+    import timm.layers.activations as tl
+
+    global _TIMM_SEEN
+    _TIMM_SEEN = True
+    added = []
+    for name, (cls_name, family) in _TIMM_ACTIVATIONS.items():
+        cls = getattr(tl, cls_name, None)
+        if isinstance(cls, type) and _REGISTRY.get(name) is not cls and cls not in _REGISTRY.values():
+            register_activation(name, cls, family)
             added.append(name)
     return added
 
@@ -206,3 +293,36 @@ def _register_loaded_libraries() -> None:
 
     if "transformers.activations" in sys.modules and not _TRANSFORMERS_SEEN:
         register_transformers_activations()
+    if "timm.layers.activations" in sys.modules and not _TIMM_SEEN:
+        register_timm_activations()
+
+
+# ----------------------------------------------------------------------------- per-channel bases
+def channels(module: nn.Module) -> int:
+    """The channel count of an activation with per-channel parameters (``nn.PReLU(num_parameters=C)``):
+    the length of its longest one-dimensional parameter; 1 for an elementwise activation."""
+    return max((p.numel() for p in module.parameters() if p.dim() == 1), default=1)
+
+
+class ChannelMean(nn.Module):
+    """``mean_c f_c(x)`` of an activation ``f`` with ``C`` per-channel parameter sets, as a
+    function of one value at a time (what :func:`elementwise` returns for such an ``f``)."""
+
+    def __init__(self, f: nn.Module, c: int) -> None:
+        super().__init__()
+        self.f, self.c = f, int(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x.reshape(-1, 1).expand(-1, self.c)).mean(dim=1).reshape(x.shape)
+
+
+def elementwise(f: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``f`` as a function of one value at a time, for the EAFO numerics on a density's grid.
+
+    An activation with per-channel parameters (``C`` channels) cannot run on a 1-D grid; its
+    function is taken as the mean over its channels, ``mean_c f_c(x)`` (:class:`ChannelMean`):
+    every channel sees the layer's one measured density, weighted alike. Elementwise
+    activations pass through.
+    """
+    c = channels(f) if isinstance(f, nn.Module) else 1
+    return ChannelMean(f, c) if c > 1 else f

@@ -41,7 +41,7 @@ from dynact.kernels.reference import (
     _tables,
 )
 from dynact.records import always_recorded
-from dynact.registry import ActSpec, activation_types, make_activation, register_activation
+from dynact.registry import ActSpec, activation_types, elementwise, make_activation, register_activation
 
 __all__ = ["EAFOActivation", "DEFAULT_KNOTS"]
 
@@ -240,10 +240,11 @@ class EAFOActivation(nn.Module):
         )
 
     # ------------------------------------------------------------------ float64 views for dynact.eafo
-    def _base64(self, device: torch.device) -> nn.Module:
-        return copy.deepcopy(self.base).to(device=device, dtype=torch.float64)
+    def _base64(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        # A base with per-channel parameters (PReLU(C)) enters the numerics as its channel mean.
+        return elementwise(copy.deepcopy(self.base).to(device=device, dtype=torch.float64))
 
-    def _view(self, s: torch.Tensor, base64: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _view(self, s: torch.Tensor, base64: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
         """The activation with knot values ``s`` as a float64 function (what forward computes)."""
         s64 = s.detach().to(torch.float64)
         lo, hi = self.lo.detach().double(), self.hi.detach().double()

@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from dynact.registry import channels
 from dynact.spline import EAFOActivation
 
 __all__ = ["Skip", "overflows", "nonfinite_tensors", "gathered", "restore"]
@@ -38,6 +39,9 @@ def overflows(act: EAFOActivation, dtype: torch.dtype) -> bool:
     big = torch.finfo(dtype).max
     x = act.knot_positions(torch.float64).clamp(-big, big)
     x = torch.cat([x, x.new_tensor([-big, big])]).to(dtype)
+    c = channels(act)
+    if c > 1:  # a per-channel base (PReLU(C)) takes the channels on dim 1
+        x = x[:, None].expand(-1, c)
     with torch.no_grad():
         y, y0 = act(x), act.base(x)
     return bool((~torch.isfinite(y) & torch.isfinite(y0)).any())

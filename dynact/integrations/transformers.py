@@ -52,7 +52,10 @@ class EAFOTrainerCallback(TrainerCallback):
       ``on_log``: ``report_to``'s TensorBoard, W&B, MLflow, ... callbacks, which the ``Trainer``
       registers before the user's, the progress printer and the user's own loggers), so
       ``callbacks=[eafo]`` is all it takes.
-    - ``on_save``: the core's state (estimators, counters, generators) goes to
+    - ``on_init_end`` also makes the converted layers' ``eps`` trainable again if PEFT froze them
+      (TRL's ``peft_config=`` wraps the model inside the ``Trainer``'s ``__init__``).
+    - ``on_save``: the core's state (estimators, counters, generators, and a copy of the
+      dynamic activations, which a PEFT adapter checkpoint leaves out) goes to
       ``checkpoint-<step>/`` :data:`STATE_FILE`; the spline buffers are in the model's
       weights. ``on_train_begin`` of a resumed run (``train(resume_from_checkpoint=...)``)
       loads it back from the checkpoint of the step the ``Trainer`` resumed at.
@@ -150,6 +153,9 @@ class EAFOTrainerCallback(TrainerCallback):
             if model is None:
                 raise ValueError("EAFOTrainerCallback: the Trainer has no model yet; pass it to the callback")
             self.attach(_unwrap(model))
+        # A Trainer given a peft_config (TRL) has frozen every non-adapter parameter by now; the
+        # optimizer is built later, in train(), so eps can still be made trainable.
+        self.optimizer.train_eps()
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Optional[nn.Module] = None, **kwargs):
