@@ -298,8 +298,9 @@ class EAFOActivation(nn.Module):
             entropies are the mixed entropies (``output_stats(...)["entropy"]``, nats) of the
             activation before and after the call on ``density`` (equal when refused);
             ``change`` is the largest absolute change of the function on the knots (0 when
-            refused). ``iterate`` adds ``objective_before`` and ``objective_after`` (its
-            objective ``J``) and reports in ``eta`` the step size used after backtracking.
+            refused). ``iterate`` adds ``objective_before``, ``objective_after``,
+            ``objective_restored`` (its objective ``J``) and ``feasible_before``, and reports in
+            ``eta`` the step size used after backtracking.
         """
         if mode == "refresh":
             return self.refresh(density)
@@ -383,9 +384,14 @@ class EAFOActivation(nn.Module):
         why and what to do. ``eta`` may be negative (ascent, to check the guard).
 
         Returns:
-            the :meth:`update` record, plus ``objective_before``/``objective_after`` (``J`` at the
-            point the step starts from and at its result; NaN where the activation folds where
-            its base rises) and ``feasible_before`` (whether the state met the bounds already).
+            the :meth:`update` record, plus ``objective_before``/``objective_after`` (``J`` of the
+            module as the step finds it and as it leaves it, so on one density a step's
+            ``objective_before`` is the previous step's ``objective_after``; NaN where the
+            activation folds where its base rises), ``feasible_before`` (whether the state met
+            the bounds already) and ``objective_restored`` (``J`` of the state's projection onto
+            the bounds, where the descent starts: ``objective_before`` when ``feasible_before``,
+            NaN when the bounds cannot be met). A step that restores the bounds may raise ``J``:
+            only the descent from the projection is guaranteed not to.
         """
         eta, max_log_change = _iterate_args(eta, max_change, max_log_change, min_ratio, max_ratio, min_slope,
                                             backtrack)
@@ -395,7 +401,7 @@ class EAFOActivation(nn.Module):
         h0 = eafo.output_stats(self._view(old, base64), d)["entropy"]
         record = dict(mode="iterate", accepted=False, reason="", entropy_before=h0, entropy_after=h0,
                       change=0.0, eta=eta, objective_before=math.nan, objective_after=math.nan,
-                      feasible_before=False)
+                      objective_restored=math.nan, feasible_before=False)
         problem = self._slope_problem(record, d, base64, float(min_ratio), float(max_ratio), float(min_slope),
                                       min_eps)
         if problem is not None:
@@ -422,7 +428,8 @@ class EAFOActivation(nn.Module):
     def _apply_step(self, record: dict, step: dict, d: Density, base64: nn.Module) -> None:
         """Copy :func:`~dynact._slopes.take_step`'s result into ``record``; write ``s`` if accepted."""
         record.update(reason=step["reason"], objective_before=step["objective_before"],
-                      objective_after=step["objective_after"], feasible_before=step["feasible_before"],
+                      objective_after=step["objective_after"], objective_restored=step["objective_restored"],
+                      feasible_before=step["feasible_before"],
                       eta=record["eta"] * step["scale"])
         if step["accepted"]:
             self._write(step["s"])
