@@ -384,17 +384,12 @@ class EAFOActivation(nn.Module):
         why and what to do. ``eta`` may be negative (ascent, to check the guard).
 
         Returns:
-            the :meth:`update` record, plus ``objective_before``/``objective_after`` (``J`` of the
-            module as the step finds it and as it leaves it, so on one density a step's
-            ``objective_before`` is the previous step's ``objective_after``; NaN where the
-            activation folds where its base rises), ``feasible_before`` (whether the state met
-            the bounds already) and ``objective_restored`` (``J`` of the state's projection onto
-            the bounds, where the descent starts: ``objective_before`` when ``feasible_before``,
-            NaN when the bounds cannot be met). A step that restores the bounds may raise ``J``:
-            only the descent from the projection is guaranteed not to.
+            the :meth:`update` record, plus ``objective_before``/``objective_after`` (``J`` of the module as
+            the step finds and leaves it, so one step's ``objective_after`` is the next one's
+            ``objective_before``; NaN where it folds where its base rises), ``feasible_before`` (whether
+            it met the bounds) and ``objective_restored`` (``J`` of its projection onto them).
         """
-        eta, max_log_change = _iterate_args(eta, max_change, max_log_change, min_ratio, max_ratio, min_slope,
-                                            backtrack)
+        eta, max_log_change = _iterate_args(eta, max_change, max_log_change, min_ratio, max_ratio, min_slope, backtrack)
         d = self._prepare(density)
         base64 = self._base64(d.grid.device)
         old = self.s.detach().to(torch.float64)
