@@ -314,11 +314,14 @@ def take_step(problem: SlopeProblem, old: torch.Tensor, eta: float, max_log_chan
               backtrack: int) -> dict:
     """One update of :meth:`EAFOActivation.iterate` on ``problem``: restore, then descend.
 
-    Returns ``dict(s, accepted, reason, objective_before, objective_after, change, scale, feasible_before)``
-    with ``s`` the new knot values (``None`` when refused).
+    Returns ``dict(s, accepted, reason, objective_before, objective_after, objective_restored, change, scale,
+    feasible_before)`` with ``s`` the new knot values (``None`` when refused). ``objective_before`` is
+    ``J(old)``, so it equals the previous update's ``objective_after`` on the same density;
+    ``objective_restored`` is ``J`` at ``old``'s projection onto the bounds (``old`` itself when it
+    meets them), where the descent starts.
     """
     out = dict(s=None, accepted=False, reason="", objective_before=math.nan, objective_after=math.nan,
-               change=0.0, scale=0.0, feasible_before=False)
+               objective_restored=math.nan, change=0.0, scale=0.0, feasible_before=False)
     projected, why = problem.restore(old)
     if projected is None:
         out["reason"] = why
@@ -345,6 +348,7 @@ def _restore_part_way(problem: SlopeProblem, old: torch.Tensor, projected: torch
     new = problem.stored(old + t * (projected - old))
     out.update(s=new, accepted=True, change=abs(problem.eps) * float((new - old).abs().max()),
                objective_before=problem.objective_of(old), objective_after=problem.objective_of(new),
+               objective_restored=problem.objective_of(projected),
                reason=f"restoring the slope bounds ({problem.describe(old)}): moved {t:.0%} of the "
                       f"way, within the trust region {limit:.3g}; the next updates go on")
     return out
@@ -354,8 +358,10 @@ def _descend(problem: SlopeProblem, old: torch.Tensor, start: torch.Tensor, move
              eta: float, max_log_change: float, limit: float, backtrack: int, out: dict) -> dict:
     """The descent part of :func:`take_step` from ``start`` (``old`` itself, or its projection onto
     the bounds ``moved`` away from it): backtracking on the objective, inside the trust region."""
-    j0 = problem.objective_of(start)
-    out["objective_before"] = out["objective_after"] = j0
+    j0 = out["objective_restored"] = problem.objective_of(start)
+    # The record reports the module's own point (``old``), where the previous update ended, not
+    # the projection the descent starts from: a refused step ends where it started.
+    out["objective_before"] = out["objective_after"] = j0 if feasible else problem.objective_of(old)
     if not math.isfinite(j0):
         out["reason"] = f"{problem.describe(start)}: lower eps or refresh first"
         return out

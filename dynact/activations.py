@@ -8,13 +8,13 @@ them from. CRReLU registers itself here as ``"crrelu"``.
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynact._args import flag, real_number
 from dynact.kernels import dispatch
 from dynact.records import always_recorded, mark, record
 from dynact.registry import (
@@ -114,10 +114,10 @@ class CRReLU(nn.Module):
 
     def __init__(self, eps: float = 0.01, learnable: bool = True) -> None:
         super().__init__()
-        if not math.isfinite(float(eps)):
-            raise ValueError(f"CRReLU: eps must be a finite number, got {eps!r}")
+        eps = real_number("CRReLU", "eps", eps)
+        learnable = flag("CRReLU", "learnable", learnable)
         # Shape (1,), not 0-d: FSDP2 (fully_shard) cannot shard 0-d parameters.
-        value = torch.tensor([float(eps)])
+        value = torch.tensor([eps])
         if learnable:
             self.eps = nn.Parameter(value)
         else:

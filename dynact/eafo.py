@@ -30,6 +30,7 @@ import torch
 from scipy.interpolate import PchipInterpolator
 from torch import nn
 
+from dynact._args import real_number, shown
 from dynact.density import Density
 
 __all__ = [
@@ -152,6 +153,9 @@ def derivatives(f: Activation, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     Returns:
         ``(f(x), f'(x), f''(x))``, each shaped like ``x``.
     """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"eafo.derivatives: x must be a tensor of points, got x={shown(x)} ({type(x).__name__}); "
+                        "wrap it with torch.tensor(..., dtype=torch.float64)")
     return _evaluate(_as_function(f, x.device), x, grad=True)
 
 
@@ -196,10 +200,10 @@ def correction(f: Activation, density: Density, flat_tol: float = FLAT_TOL, tape
         ``(B,)`` float64 tensor.
     """
     density = _check_density(density)
-    if not (math.isfinite(float(taper)) and taper >= 0):
-        raise ValueError(f"taper must be a finite number >= 0 (0: no taper), got taper={taper!r}")
+    taper = real_number("eafo.correction", "taper", taper, low=0.0, need="a finite number >= 0 (0: no taper)")
+    flat_tol = real_number("eafo.correction", "flat_tol", flat_tol, low=0.0)
     _, d1, d2 = derivatives(f, density.grid)
-    return _correction_from(density, d1, d2, flat_tol, float(taper))
+    return _correction_from(density, d1, d2, flat_tol, taper)
 
 
 #: Tail mass (each side) beyond which method "g" leaves the inverse as it is: the step is
@@ -276,9 +280,8 @@ def step(f: Activation, density: Density, eta: float, method: str = "x", flat_to
     density = _check_density(density)
     if method not in ("x", "g"):
         raise ValueError(f"method must be 'x' or 'g', got {method!r}")
-    eta = float(eta)
-    if not math.isfinite(eta):
-        raise ValueError(f"eta must be a finite number, got {eta!r}")
+    eta = real_number("eafo.step", "eta", eta)
+    flat_tol = real_number("eafo.step", "flat_tol", flat_tol, low=0.0)
     y, d1, d2 = derivatives(f, density.grid)
     if method == "x":
         return y + eta * _correction_from(density, d1, d2, flat_tol)
@@ -396,10 +399,8 @@ def _discrete_entropy(bin_mass: torch.Tensor, delta: float) -> float:
 def _resolve_delta(density: Density, delta: float | None) -> float:
     if delta is None:
         return density.step
-    delta = float(delta)
-    if not (math.isfinite(delta) and delta > 0):
-        raise ValueError(f"delta must be a positive number (the output resolution), got {delta!r}")
-    return delta
+    return real_number("eafo.output_entropy", "delta", delta, low=0.0, low_open=True,
+                       need="a positive number (the output resolution)")
 
 
 def _cell_masses(density: Density) -> torch.Tensor:
@@ -493,6 +494,7 @@ def output_stats(f: Activation, density: Density, flat_tol: float = FLAT_TOL) ->
     The density is renormalised to its grid (mass outside ``[lo, hi]`` is not pushed).
     """
     density = _check_density(density)
+    flat_tol = real_number("eafo.output_stats", "flat_tol", flat_tol, low=0.0)
     fn = _as_function(f, density.grid.device)
     fe, _, _ = _evaluate(fn, density.edges, grad=False)
     mass = _cell_masses(density)
@@ -527,9 +529,9 @@ def wafbc(density: Density, lower: float = 0.0, upper: float = 1.0) -> torch.Ten
         ``(B,)`` values on ``density.grid``; wrap with :class:`Tabulated` to evaluate elsewhere.
     """
     density = _check_density(density)
-    lower, upper = float(lower), float(upper)
-    if not (math.isfinite(lower) and math.isfinite(upper) and lower < upper):
-        raise ValueError(f"need finite bounds with lower < upper, got lower={lower!r}, upper={upper!r}")
+    lower, upper = real_number("eafo.wafbc", "lower", lower), real_number("eafo.wafbc", "upper", upper)
+    if not lower < upper:
+        raise ValueError(f"eafo.wafbc: need lower < upper, got lower={lower!r}, upper={upper!r}")
     return lower + (upper - lower) * density.cdf()
 
 

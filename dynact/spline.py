@@ -24,13 +24,15 @@ import copy
 import math
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
 from dynact import eafo
+from dynact._args import flag, real_number, shown
 from dynact._slopes import SlopeProblem, finite_arg, take_step
 from dynact.activations import eps_as_vector
-from dynact.density import Density, check_grid
+from dynact.density import MAX_BINS, MIN_BINS, Density, check_grid
 from dynact.kernels import dispatch
 from dynact.kernels.reference import (
     _compute_dtype,
@@ -123,38 +125,20 @@ class EAFOActivation(nn.Module):
         init: Literal["crrelu", "zero"] = "crrelu",
     ) -> None:
         super().__init__()
-        if isinstance(base, str) and base.strip().lower() == "eafo":
-            raise ValueError(
-                "EAFOActivation: base='eafo' would nest the dynamic activation in itself; "
-                "choose a fixed base such as 'relu', 'gelu', 'silu' or 'crrelu'"
-            )
-        lo_f, hi_f, knots = check_grid(lo, hi, knots)
-        if not math.isfinite(float(eps)):
-            raise ValueError(f"EAFOActivation: eps must be a finite number, got eps={eps!r}")
-        if init not in _INITS:
-            raise ValueError(f"EAFOActivation: init must be one of {_INITS}, got init={init!r}")
-        # A configured module (ELU(alpha=0.3), a trained PReLU) is used as it is, settings and
-        # parameters included; names, classes and factories build a fresh one.
-        self.base = base if isinstance(base, nn.Module) else make_activation(base)
-        if isinstance(self.base, EAFOActivation):
-            raise ValueError("EAFOActivation: the base must be a fixed activation, not another EAFOActivation")
-        if getattr(self.base, "inplace", False):
-            # The spline reads the input after the base has run.
-            raise ValueError("EAFOActivation: the base must not work in place; build it with inplace=False")
-        if isinstance(base, str):
-            self.base_name = base
-        elif isinstance(base, nn.Module):
-            self.base_name = activation_types().get(type(base), type(base).__name__)
-        else:
-            self.base_name = getattr(base, "__name__", type(self.base).__name__)
-        self.learn_eps = bool(learn_eps)
+        lo_f, hi_f, knots = _check_knot_grid(lo, hi, knots)
+        eps = real_number("EAFOActivation", "eps", eps)
+        learn_eps = flag("EAFOActivation", "learn_eps", learn_eps)
+        if not isinstance(init, str) or init not in _INITS:
+            raise ValueError(f"EAFOActivation: init must be one of {_INITS}, got init={shown(init)}")
+        self.base, self.base_name = _build_base(base)
+        self.learn_eps = learn_eps
         self.register_buffer("lo", torch.tensor(lo_f))
         self.register_buffer("hi", torch.tensor(hi_f))
         grid = torch.linspace(lo_f, hi_f, knots, dtype=torch.float64)
         s = grid * torch.exp(-0.5 * grid**2) if init == "crrelu" else torch.zeros_like(grid)
         s[0] = s[-1] = 0.0
         self.register_buffer("s", s.float())
-        value = torch.tensor([float(eps)])  # (1,), not 0-d: FSDP2 cannot shard 0-d parameters
+        value = torch.tensor([eps])  # (1,), not 0-d: FSDP2 cannot shard 0-d parameters
         if self.learn_eps:
             self.eps = nn.Parameter(value)
         else:
@@ -299,8 +283,9 @@ class EAFOActivation(nn.Module):
             entropies are the mixed entropies (``output_stats(...)["entropy"]``, nats) of the
             activation before and after the call on ``density`` (equal when refused);
             ``change`` is the largest absolute change of the function on the knots (0 when
-            refused). ``iterate`` adds ``objective_before`` and ``objective_after`` (its
-            objective ``J``) and reports in ``eta`` the step size used after backtracking.
+            refused). ``iterate`` adds ``objective_before``, ``objective_after``,
+            ``objective_restored`` (its objective ``J``) and ``feasible_before``, and reports in
+            ``eta`` the step size used after backtracking.
         """
         if mode == "refresh":
             return self.refresh(density)
@@ -384,19 +369,19 @@ class EAFOActivation(nn.Module):
         why and what to do. ``eta`` may be negative (ascent, to check the guard).
 
         Returns:
-            the :meth:`update` record, plus ``objective_before``/``objective_after`` (``J`` at the
-            point the step starts from and at its result; NaN where the activation folds where
-            its base rises) and ``feasible_before`` (whether the state met the bounds already).
+            the :meth:`update` record, plus ``objective_before``/``objective_after`` (``J`` of the module as
+            the step finds and leaves it, so one step's ``objective_after`` is the next one's
+            ``objective_before``; NaN where it folds where its base rises), ``feasible_before`` (whether
+            it met the bounds) and ``objective_restored`` (``J`` of its projection onto them).
         """
-        eta, max_log_change = _iterate_args(eta, max_change, max_log_change, min_ratio, max_ratio, min_slope,
-                                            backtrack)
+        eta, max_log_change = _iterate_args(eta, max_change, max_log_change, min_ratio, max_ratio, min_slope, backtrack)
         d = self._prepare(density)
         base64 = self._base64(d.grid.device)
         old = self.s.detach().to(torch.float64)
         h0 = eafo.output_stats(self._view(old, base64), d)["entropy"]
         record = dict(mode="iterate", accepted=False, reason="", entropy_before=h0, entropy_after=h0,
                       change=0.0, eta=eta, objective_before=math.nan, objective_after=math.nan,
-                      feasible_before=False)
+                      objective_restored=math.nan, feasible_before=False)
         problem = self._slope_problem(record, d, base64, float(min_ratio), float(max_ratio), float(min_slope),
                                       min_eps)
         if problem is not None:
@@ -423,7 +408,8 @@ class EAFOActivation(nn.Module):
     def _apply_step(self, record: dict, step: dict, d: Density, base64: nn.Module) -> None:
         """Copy :func:`~dynact._slopes.take_step`'s result into ``record``; write ``s`` if accepted."""
         record.update(reason=step["reason"], objective_before=step["objective_before"],
-                      objective_after=step["objective_after"], feasible_before=step["feasible_before"],
+                      objective_after=step["objective_after"], objective_restored=step["objective_restored"],
+                      feasible_before=step["feasible_before"],
                       eta=record["eta"] * step["scale"])
         if step["accepted"]:
             self._write(step["s"])
@@ -479,6 +465,46 @@ class EAFOActivation(nn.Module):
         self._write(new)
         record.update(lo=float(self.lo), hi=float(self.hi), outside_after=self.outside_mass(d))
         return record
+
+
+def _build_base(base: ActSpec) -> tuple[nn.Module, str]:
+    """:class:`EAFOActivation`'s base module and the name it goes by, or an error naming ``base``."""
+    if isinstance(base, str) and base.strip().lower() == "eafo":
+        raise ValueError(
+            "EAFOActivation: base='eafo' would nest the dynamic activation in itself; "
+            "choose a fixed base such as 'relu', 'gelu', 'silu' or 'crrelu'"
+        )
+    if base is None or not (isinstance(base, (str, nn.Module)) or callable(base)):
+        raise TypeError(f"EAFOActivation: base must be a registry name, an activation class or factory, or a "
+                        f"module, got base={shown(base)} ({type(base).__name__})")
+    # A configured module (ELU(alpha=0.3), a trained PReLU) is used as it is, settings and
+    # parameters included; names, classes and factories build a fresh one.
+    try:
+        module = base if isinstance(base, nn.Module) else make_activation(base)
+    except ValueError as e:  # an unknown name, or the base's own constructor refusing
+        raise ValueError(f"EAFOActivation: base={shown(base)}: {e}") from e
+    if isinstance(module, EAFOActivation):
+        raise ValueError("EAFOActivation: the base must be a fixed activation, not another EAFOActivation")
+    if getattr(module, "inplace", False):
+        # The spline reads the input after the base has run.
+        raise ValueError("EAFOActivation: the base must not work in place; build it with inplace=False")
+    if isinstance(base, str):
+        return module, base
+    if isinstance(base, nn.Module):
+        return module, activation_types().get(type(base), type(base).__name__)
+    return module, getattr(base, "__name__", type(module).__name__)
+
+
+def _check_knot_grid(lo, hi, knots) -> tuple[float, float, int]:
+    """:func:`~dynact.density.check_grid` for the knots, its messages speaking of ``knots``."""
+    if isinstance(knots, bool) or not isinstance(knots, (int, np.integer)) or not MIN_BINS <= int(knots) <= MAX_BINS:
+        raise ValueError(
+            f"EAFOActivation: knots must be an integer in [{MIN_BINS}, {MAX_BINS}], got knots={shown(knots)}"
+        )
+    try:
+        return check_grid(lo, hi, int(knots))
+    except ValueError as e:  # lo and hi, or a knot spacing too fine for them
+        raise ValueError(f"EAFOActivation: {e}".replace("bins", "knots")) from None
 
 
 def _iterate_args(eta, max_change, max_log_change, min_ratio, max_ratio, min_slope, backtrack) -> tuple[float, float]:

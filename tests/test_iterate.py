@@ -108,7 +108,7 @@ def test_objective_is_resolution_free(base, source, densities):
     values = []
     for bins in SPREAD[source]:
         rec = EAFOActivation(base, eps=0.01).update(densities[source, bins], mode="iterate")
-        values.append(rec["objective_before"])
+        values.append(rec["objective_restored"])
     assert all(math.isfinite(v) for v in values), values
     assert max(values) - min(values) < 0.01, values
 
@@ -168,3 +168,39 @@ def test_activation_optimizer_iterates_a_silu_model():
         model(torch.randn(512, 4)).sum().backward()
         accepted.append(act_opt.step()["accepted/1"])
     assert sum(accepted) >= 3
+
+
+# Starts for the report's chain: folded ones (eps = 1 folds ELU, CELU and SiLU where they rise),
+# CRReLU's shape (folds beside SiLU's minimum), a flipped correction and a zero one.
+CHAIN_STARTS = [("elu", 1.0, "crrelu"), ("celu", 1.0, "crrelu"), ("silu", 1.0, "crrelu"),
+                ("silu", 0.01, "crrelu"), ("gelu", -0.5, "crrelu"), ("relu", 0.01, "zero")]
+
+
+@pytest.mark.parametrize("start", CHAIN_STARTS, ids=["-".join(map(str, s)) for s in CHAIN_STARTS])
+def test_each_step_starts_where_the_previous_one_ended(start, densities):
+    # The report of step k+1 begins at the module's state that step k left, on the same density:
+    # before the fix a step that restored the bounds reported the projection's objective instead
+    # (ELU, eps = 1: step 7 ended at -0.4295 and step 8 said it began at -0.3880).
+    base, eps, init = start
+    d = densities["exact", 1201]
+    act = EAFOActivation(base, eps=eps, init=init)
+    records = []
+    for _ in range(10):
+        truth = _objective(act, d)  # the module's state before the step, from its outputs
+        rec = act.update(d, mode="iterate")
+        assert rec["objective_before"] == pytest.approx(truth, abs=1e-6, nan_ok=True)
+        records.append(rec)
+    for prev, rec in zip(records, records[1:], strict=False):
+        assert rec["objective_before"] == pytest.approx(prev["objective_after"], abs=1e-12, nan_ok=True)
+    # Where the descent starts: the state itself when it meets the bounds.
+    assert all(r["objective_restored"] == r["objective_before"] for r in records if r["feasible_before"])
+    assert any(not r["feasible_before"] for r in records) or base == "relu"  # restoring steps are covered
+
+
+def test_a_refused_step_reports_the_state_it_leaves_untouched(densities):
+    d = densities["exact", 1201]
+    act = EAFOActivation("elu", init="zero")
+    truth = _objective(act, d)
+    rec = act.update(d, mode="iterate", eta=-0.05)  # ascent: refused
+    assert not rec["accepted"]
+    assert rec["objective_before"] == rec["objective_after"] == pytest.approx(truth, abs=1e-6)

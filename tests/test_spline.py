@@ -96,7 +96,7 @@ def test_every_registry_base_works_through_make_activation(name):
     [
         (dict(base="eafo"), "base='eafo'"),
         (dict(base="nope"), "unknown activation"),
-        (dict(knots=4), "bins must be an integer"),
+        (dict(knots=4), "knots must be an integer"),
         (dict(lo=1.0, hi=-1.0), "lo must be below hi"),
         (dict(eps=float("nan")), "eps must be a finite"),
         (dict(init="gauss"), "init must be one of"),

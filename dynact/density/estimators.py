@@ -74,6 +74,11 @@ class _BinnedEstimator:
         self.lo, self.hi, self.bins = check_grid(lo, hi, bins)
         self.dp_bandwidth = _check_bandwidth(dp_bandwidth, "dp_bandwidth", allow_none=True)
         self.process_group = process_group
+        try:
+            device = None if device is None else torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"{type(self).__name__}: device must be a torch.device or a device name such as 'cpu' "
+                             f"or 'cuda:0', got device={device!r}") from None
         n_nodes = self.bins + 2 * self._pad
         # The one additive state: [bin or node counts | below, above, nonfinite].
         self._state = torch.zeros(n_nodes + _N_COUNTERS, dtype=torch.float64, device=device)

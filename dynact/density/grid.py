@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -173,20 +174,35 @@ class Density:
             dpdf: derivative of ``pdf``; if omitted, a central difference with step ``1e-5``
                 (error ~1e-10 for smooth densities).
 
-        ``outside`` is ``1 - sum(p) * h``, clipped to ``[0, 1]`` (the pdf is taken as normalised).
+        The pdf must be normalised (integrate to 1 over the real line). Its mass on the grid,
+        ``M = sum(p) * h``, is checked: a normalised pdf can exceed 1 there only by the midpoint
+        rule's error, at most ``h`` times the pdf's total variation on the grid (each cell's
+        error is at most ``h`` times the pdf's variation in it). A larger ``M`` means an
+        unnormalised pdf (or a grid too coarse to resolve it) and raises ``ValueError``. An
+        ``M`` below 1 is the mass beyond ``[lo, hi]``: ``outside = 1 - M``, with a warning when
+        it is above one half (most of the pdf off the grid, or a pdf scaled below 1).
+
+        Raises:
+            TypeError: ``pdf`` or ``dpdf`` is not callable.
+            ValueError: the grid is invalid, ``pdf`` returns values of the wrong shape,
+                non-finite or negative ones, or its mass on the grid exceeds 1 (see above).
         """
         lo, hi, bins = check_grid(lo, hi, bins)
+        for name, fn in (("pdf", pdf), ("dpdf", dpdf)):
+            if not callable(fn) and not (name == "dpdf" and fn is None):
+                raise TypeError(f"Density.from_pdf: {name} must be a callable mapping points to densities "
+                                f"(e.g. scipy.stats.norm.pdf), got {name}={fn!r} ({type(fn).__name__})")
         h = (hi - lo) / bins
         grid = lo + h * (torch.arange(bins, dtype=torch.float64) + 0.5)
-        p = _eval(pdf, grid)
+        p = _eval(pdf, grid, "pdf")
         if dpdf is not None:
-            dp = _eval(dpdf, grid)
+            dp = _eval(dpdf, grid, "dpdf")
         else:
             e = 1e-5
-            dp = (_eval(pdf, grid + e) - _eval(pdf, grid - e)) / (2 * e)
+            dp = (_eval(pdf, grid + e, "pdf") - _eval(pdf, grid - e, "pdf")) / (2 * e)
         if not bool(torch.isfinite(p).all()) or not bool(torch.isfinite(dp).all()):
             raise ValueError("pdf returned non-finite values on the grid; check the pdf and [lo, hi]")
-        outside = min(1.0, max(0.0, 1.0 - float(p.sum()) * h))
+        outside = _outside_of(p, h, lo, hi)
         return cls(grid=grid, p=p, dp=dp, count=math.inf, outside=outside, lo=lo, hi=hi)
 
     # ---------------------------------------------------------------- persistence
@@ -217,10 +233,46 @@ class Density:
                    nonfinite=int(state.get("nonfinite", 0)))
 
 
-def _eval(fn: Callable, x: torch.Tensor) -> torch.Tensor:
+def _eval(fn: Callable, x: torch.Tensor, name: str) -> torch.Tensor:
     try:
         out = fn(x)
     except TypeError:
         out = fn(x.numpy())
-    return torch.as_tensor(np.asarray(out) if not isinstance(out, torch.Tensor) else out,
-                           dtype=torch.float64).reshape(x.shape)
+    try:
+        out = torch.as_tensor(np.asarray(out) if not isinstance(out, torch.Tensor) else out, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"Density.from_pdf: {name} must return real numbers, got {type(out).__name__} "
+                         f"{str(out)[:60]}") from None
+    if out.shape != x.shape:
+        raise ValueError(f"Density.from_pdf: {name} must return one value per point (shape {tuple(x.shape)}), "
+                         f"got shape {tuple(out.shape)}")
+    return out
+
+
+#: Mass on the grid below which :meth:`Density.from_pdf` warns: most of the pdf would lie off the grid.
+LOW_MASS = 0.5
+
+
+def _outside_of(p: torch.Tensor, h: float, lo: float, hi: float) -> float:
+    """``1 - sum(p) * h`` for :meth:`Density.from_pdf`, after checking that the pdf's mass fits a
+    normalised pdf: above 1 by at most the midpoint rule's error bound, ``h`` times the total
+    variation (that of the sampled values, with the pdf taken to 0 beyond both ends)."""
+    if bool((p < 0).any()):
+        raise ValueError("Density.from_pdf: pdf returned negative values; a density must be >= 0")
+    mass = float(p.sum()) * h
+    variation = float(p[0] + p[-1] + torch.diff(p).abs().sum())
+    slack = h * variation + 1e-9
+    if mass > 1.0 + slack:
+        raise ValueError(
+            f"Density.from_pdf: the pdf has mass {mass:.6g} on [{lo:g}, {hi:g}] (sum(p) * h), above the 1 of a "
+            f"density by more than the quadrature error allows ({slack:.3g}); normalise the pdf (divide it by "
+            f"its integral, {mass:.6g} here if all its mass is on the grid) or, if it is normalised, use more "
+            "bins so that the grid resolves it"
+        )
+    if mass < LOW_MASS:
+        warnings.warn(
+            f"Density.from_pdf: the pdf has mass {mass:.4g} on [{lo:g}, {hi:g}]: {1 - mass:.0%} of it is taken to lie "
+            "beyond the grid (outside). Widen [lo, hi] if that is so; if the pdf is not normalised, normalise it",
+            stacklevel=3,
+        )
+    return min(1.0, max(0.0, 1.0 - mass))
