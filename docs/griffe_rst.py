@@ -73,7 +73,8 @@ def markdown(text: str) -> str:
                 out += [indent + row for row in _table(lines[i + 1 : end], starts)]
                 i = end + 1
                 continue
-        out.append(lines[i])
+        # An RST literal-block marker ("Data flow::"): the indented block is code in Markdown too.
+        out.append(lines[i][:-1] if lines[i].endswith("::") and lines[i].strip() != "::" else lines[i])
         i += 1
     return "\n".join(out)
 
