@@ -17,6 +17,7 @@ from torch import nn
 from dynact._args import flag, real_number
 from dynact.kernels import dispatch
 from dynact.records import always_recorded, mark, record
+from dynact.sites import split_call_sites
 from dynact.registry import (
     ActSpec,
     activation_names,
@@ -176,8 +177,13 @@ def _as_types(old: Union[type, str, Iterable]) -> tuple[type, ...]:
     return tuple(types)
 
 
-def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]:
+def swap_activations(model: nn.Module, old, new: ActSpec, *, sites: str = "call", **kwargs) -> list[str]:
     """Replace every submodule of the types in ``old`` by a fresh activation from ``new``.
+
+    One activation per call site: a module of those types that the forward calls at k places
+    (torchvision's ``BasicBlock.relu``, a ``self.act`` reused by every block) is first split
+    into k modules (:func:`dynact.sites.split_call_sites`), and each gets its own replacement;
+    ``sites="module"`` keeps such a module one module.
 
     Works anywhere in the module tree (nested modules, ``nn.Sequential``, ``nn.ModuleList``,
     ``nn.ModuleDict``, timm blocks), because it re-assigns attributes on each parent. Modules
@@ -195,6 +201,7 @@ def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]
         model: the model to edit in place.
         old: a module type, a registry name, or an iterable of them.
         new: a registry name, a class or a factory (called with ``**kwargs``).
+        sites: ``"call"`` (one new activation per call site) or ``"module"`` (per module).
 
     Returns:
         The qualified names (as in ``model.named_modules()``) of the replaced modules.
@@ -210,9 +217,17 @@ def swap_activations(model: nn.Module, old, new: ActSpec, **kwargs) -> list[str]
         raise ValueError("swap_activations: new must not be None")
     if isinstance(model, types):
         raise ValueError("swap_activations: the model itself is an activation; build the new one directly")
+    if sites not in ("call", "module"):
+        raise ValueError(f"swap_activations: sites must be 'call' or 'module', got sites={sites!r}")
+    if sites == "call":
+        split_call_sites(model, types=types)
     replaced: list[str] = []
+    done: set[int] = set()
     # Collect first, then edit, so the traversal never sees half-edited state.
     for name, mod in find_activations(model, types):
+        if id(mod) in done:  # registered under several names: one replacement, set where it was found first
+            continue
+        done.add(id(mod))
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if getattr(factory, "wraps_base", False) and "base" not in kwargs:

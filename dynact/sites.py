@@ -153,7 +153,7 @@ def _stateless(module: nn.Module) -> bool:
     return next(iter(module.parameters()), None) is None and next(iter(module.buffers()), None) is None
 
 
-def split_call_sites(model: nn.Module, stateful: bool = True) -> dict[str, int]:
+def split_call_sites(model: nn.Module, stateful: bool = True, types: Optional[tuple[type, ...]] = None) -> dict[str, int]:
     """Give every activation module that ``model``'s forward calls at k > 1 places k modules.
 
     Each such module is replaced, at every name it is registered under, by a :class:`CallSites`
@@ -165,6 +165,7 @@ def split_call_sites(model: nn.Module, stateful: bool = True) -> dict[str, int]:
         model: the model, changed in place.
         stateful: also split modules with parameters or buffers; ``False`` splits only
             stateless ones (the ``state_dict`` keeps its keys; used when only measuring).
+        types: split only modules of these types (default: every activation type).
 
     Returns:
         ``{name: k}`` of the modules split (their first registered name).
@@ -173,7 +174,7 @@ def split_call_sites(model: nn.Module, stateful: bool = True) -> dict[str, int]:
     found: dict[int, list[str]] = {}
     modules: dict[int, nn.Module] = {}
     for name, module in find_activations(model, _activation_kinds()):
-        if isinstance(module, CallSites):
+        if isinstance(module, CallSites) or (types is not None and not isinstance(module, types)):
             continue
         found.setdefault(id(module), []).append(name)
         modules[id(module)] = module

@@ -325,3 +325,78 @@ def test_transformers_gradient_checkpointing_samples_each_value_once():
         act_opt.step()
         counts.append({n: d.count for n, d in act_opt.densities.items()})
     assert counts[0] == counts[1] and set(counts[0].values()) == {512}
+
+
+# ----------------------------------------------------------------------------- point 5: PEFT
+def _peft_gpt2(seed: int):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg)
+    lora = peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0)
+    return model, lambda m: peft.get_peft_model(m, lora)
+
+
+def test_peft_after_the_plugin_warns_that_eps_is_frozen_and_train_eps_unfreezes_it():
+    model, wrap = _peft_gpt2(0)
+    act_opt = ActivationOptimizer(model, convert=("gelu",))
+    model = wrap(model)
+    assert not any(act.eps.requires_grad for act in act_opt.layers.values())
+    with pytest.warns(UserWarning, match="eps of 2 converted layer.*get_peft_model.*train_eps"):
+        act_opt.step()
+    assert act_opt.train_eps() == act_opt.layer_names
+    assert all(act.eps.requires_grad for act in act_opt.layers.values())
+
+
+def test_peft_records_resolve_after_merge_and_adapter_resume_restores_the_activations(tmp_path):
+    from dynact.integrations.transformers import from_pretrained
+
+    model, wrap = _peft_gpt2(0)
+    peft_model = wrap(model)
+    act_opt = ActivationOptimizer(peft_model, every_n_steps=2, window=2, sample_size=256, convert=("gelu",))
+    assert all(act.eps.requires_grad for act in act_opt.layers.values())
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 32, (4, 12))
+    for _ in range(4):
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        act_opt.step()
+    peft_model.eval()
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+    # A resume in a new process: the same model and adapters, the adapter checkpoint, the plugin's state.
+    peft_model.save_pretrained(tmp_path / "adapter")
+    torch.save(act_opt.state_dict(), tmp_path / "dynact.pt")
+    import peft
+
+    base, _ = _peft_gpt2(0)
+    resumed = peft.PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True)
+    again = ActivationOptimizer(resumed, convert=("gelu",))
+    again.load_state_dict(torch.load(tmp_path / "dynact.pt", weights_only=False))
+    resumed.eval()
+    with torch.no_grad():
+        assert torch.allclose(resumed(input_ids=ids).logits, want, atol=1e-6)
+    # Merged and saved as a plain transformers model: the records name the model's own modules.
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = from_pretrained(type(merged), tmp_path / "merged").eval()
+    assert isinstance(reloaded.transformer.h[0].mlp.act, EAFOActivation)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, want, atol=1e-5)
+
+
+def test_swap_activations_gives_every_call_site_its_own_module():
+    torch.manual_seed(0)
+    model = Scaled()
+    names = dynact.swap_activations(model, nn.ReLU, "crrelu")
+    assert names == ["act.calls.0", "act.calls.1", "act.calls.2"]
+    assert len({id(c.eps) for c in model.act.calls}) == 3
+    shared = Scaled()
+    assert dynact.swap_activations(shared, nn.ReLU, "crrelu", sites="module") == ["act"]
+    fresh = Scaled()
+    convert_like_state_dict(fresh, model.state_dict())
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(4, 16)
+    assert torch.equal(fresh(x), model(x))
