@@ -17,7 +17,6 @@ from torch import nn
 from dynact._args import flag, real_number
 from dynact.kernels import dispatch
 from dynact.records import always_recorded, mark, record
-from dynact.sites import split_call_sites
 from dynact.registry import (
     ActSpec,
     activation_names,
@@ -29,6 +28,7 @@ from dynact.registry import (
     resolve_activation,
     tensor_device,
 )
+from dynact.sites import split_call_sites
 
 __all__ = [
     "CRReLU",

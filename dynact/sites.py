@@ -153,7 +153,9 @@ def _stateless(module: nn.Module) -> bool:
     return next(iter(module.parameters()), None) is None and next(iter(module.buffers()), None) is None
 
 
-def split_call_sites(model: nn.Module, stateful: bool = True, types: Optional[tuple[type, ...]] = None) -> dict[str, int]:
+def split_call_sites(
+    model: nn.Module, stateful: bool = True, types: Optional[tuple[type, ...]] = None
+) -> dict[str, int]:
     """Give every activation module that ``model``'s forward calls at k > 1 places k modules.
 
     Each such module is replaced, at every name it is registered under, by a :class:`CallSites`
