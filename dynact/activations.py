@@ -221,6 +221,14 @@ def swap_activations(model: nn.Module, old, new: ActSpec, *, sites: str = "call"
         raise ValueError(f"swap_activations: sites must be 'call' or 'module', got sites={sites!r}")
     if sites == "call":
         split_call_sites(model, types=types)
+    replaced = _replace_each(model, types, factory, kwargs)
+    if replaced:
+        record(model)  # a Hugging Face model's config says what was swapped (dynact.records)
+    return replaced
+
+
+def _replace_each(model: nn.Module, types: tuple[type, ...], factory, kwargs: dict) -> list[str]:
+    """Put a fresh ``factory`` module in place of each module of ``types``; returns their names."""
     replaced: list[str] = []
     done: set[int] = set()
     # Collect first, then edit, so the traversal never sees half-edited state.
@@ -241,6 +249,4 @@ def swap_activations(model: nn.Module, old, new: ActSpec, *, sites: str = "call"
             fresh = fresh.to(device=device)
         setattr(parent, child, mark(fresh))
         replaced.append(name)
-    if replaced:
-        record(model)  # a Hugging Face model's config says what was swapped (dynact.records)
     return replaced
