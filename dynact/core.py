@@ -177,6 +177,8 @@ class ActivationOptimizer:
         max_outside: mass beyond a grid that triggers re-fitting it.
         collect_eval: also sample forward passes made in evaluation mode while a window is open.
         seed: seed of the sampling generator (offset by the process rank).
+        sites: ``"call"`` (default): a module called at k places per forward is k activations
+            (:func:`dynact.sites.split_call_sites`); ``"module"``: one activation per module.
         rank: this process's rank (seeds and state); default: torch.distributed's, else 0.
 
     Valid ranges: ``8 <= bins <= 65536``, ``1 <= sample_size <= 2**20``, ``0 <= seed <= 2**62``,
@@ -222,15 +224,12 @@ class ActivationOptimizer:
             raise TypeError(
                 f"ActivationOptimizer: model must be a torch.nn.Module, got {type(model).__name__}: {model!r}"
             )
-        if sites not in ("call", "module"):
-            raise ValueError(f"sites must be 'call' (one activation per call site) or 'module', got sites={sites!r}")
         _refuse_second_plugin(model)
-        self.sites = sites
         self._origin = _caller()
         self.options = validate_options(
             every_n_steps=every_n_steps, estimator=estimator, mode=mode, eta=eta, bins=bins,
             sample_size=sample_size, window=window, convert=convert, init_range=init_range,
-            max_outside=max_outside, collect_eval=collect_eval, seed=seed,
+            max_outside=max_outside, collect_eval=collect_eval, seed=seed, sites=sites,
         )
         for key, value in self.options.items():
             setattr(self, key, value)
@@ -247,7 +246,7 @@ class ActivationOptimizer:
         self.num_updates = 0
         #: ``{name: k}`` of the modules called at k places per forward that were split into k
         #: sites (:func:`dynact.sites.split_call_sites`); empty with ``sites="module"``.
-        self.split = split_call_sites(model, stateful=self.mode != "monitor") if sites == "call" else {}
+        self.split = split_call_sites(model, stateful=self.mode != "monitor") if self.sites == "call" else {}
         self.converted = self._convert(model)
         for name, module in _unique_activations(model):
             dynamic = isinstance(module, EAFOActivation) and self.mode != "monitor"

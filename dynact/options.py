@@ -19,6 +19,8 @@ __all__ = ["ESTIMATORS", "MODES", "validate_options", "convert_types"]
 
 ESTIMATORS = {"kde": KDE, "hist": Histogram}
 MODES = ("refresh", "iterate", "monitor")
+#: ``"call"``: a module called at k places is k activations (dynact.sites); ``"module"``: one.
+SITES = ("call", "module")
 #: Multiplier separating the sampling seeds of different processes.
 RANK_SEED_STRIDE = 7919
 # Upper bounds of the options: beyond them one update costs seconds and gigabytes.
@@ -30,7 +32,7 @@ _MAX_SEED = 2**62
 
 def validate_options(
     *, every_n_steps, estimator, mode, eta, bins, sample_size, window, convert, init_range, max_outside,
-    collect_eval, seed,
+    collect_eval, seed, sites="call",
 ) -> dict[str, Any]:
     """Check the optimizer's options; returns them normalised. Shared by every front door so
     that a bad value fails when the front door is built, with the accepted values named."""
@@ -58,10 +60,12 @@ def validate_options(
         raise ValueError(f"max_outside must be a fraction in (0, 1), got max_outside={max_outside!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
         raise ValueError(f"seed must be an int in [0, 2**62], got seed={seed!r}")
+    if sites not in SITES:
+        raise ValueError(f"sites must be one of {SITES} (one activation per call site, or per module), got sites={sites!r}")
     return dict(
         every_n_steps=every_n_steps, estimator=estimator, mode=mode, eta=float(eta), bins=bins,
         sample_size=sample_size, window=window, convert=convert_types(convert), init_range=(lo, hi),
-        max_outside=float(max_outside), collect_eval=bool(collect_eval), seed=int(seed),
+        max_outside=float(max_outside), collect_eval=bool(collect_eval), seed=int(seed), sites=sites,
     )
 
 

@@ -142,6 +142,8 @@ class EAFOCallback(Callback):
         collect_eval: also sample forward passes made in evaluation mode (e.g. validation)
             while a window is open.
         seed: seed of the callback's own sampling generator (offset by the process rank).
+        sites: ``"call"`` (default): a module called at k places per forward is k activations
+            (:func:`dynact.sites.split_call_sites`); ``"module"``: one activation per module.
 
     Valid ranges: ``8 <= bins <= 65536``, ``1 <= sample_size <= 2**20``,
     ``0 <= seed <= 2**62``, ``init_range`` within ``[-1e100, 1e100]``.
@@ -176,13 +178,14 @@ class EAFOCallback(Callback):
         max_outside: float = 0.01,
         collect_eval: bool = False,
         seed: int = 0,
+        sites: Literal["call", "module"] = "call",
     ) -> None:
         super().__init__()
         # Checked here, so a bad value fails when the callback is built, not when fit starts.
         self.options = validate_options(
             every_n_steps=every_n_steps, estimator=estimator, mode=mode, eta=eta, bins=bins,
             sample_size=sample_size, window=window, convert=convert, init_range=init_range,
-            max_outside=max_outside, collect_eval=collect_eval, seed=seed,
+            max_outside=max_outside, collect_eval=collect_eval, seed=seed, sites=sites,
         )
         for key, value in self.options.items():
             setattr(self, key, value)
