@@ -61,7 +61,8 @@ def validate_options(
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
         raise ValueError(f"seed must be an int in [0, 2**62], got seed={seed!r}")
     if sites not in SITES:
-        raise ValueError(f"sites must be one of {SITES} (one activation per call site, or per module), got sites={sites!r}")
+        raise ValueError(f"sites must be one of {SITES} (one activation per call site, or per module), "
+                         f"got sites={sites!r}")
     return dict(
         every_n_steps=every_n_steps, estimator=estimator, mode=mode, eta=float(eta), bins=bins,
         sample_size=sample_size, window=window, convert=convert_types(convert), init_range=(lo, hi),
