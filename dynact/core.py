@@ -473,7 +473,8 @@ class ActivationOptimizer:
         """Forward pre-hook: feed ``sample_size`` random input values to the layer's estimator."""
         if not self._collecting or not (module.training or self.collect_eval) or recomputing():
             return  # a checkpointed segment's recomputation replays calls already sampled
-        layer.calls += 1
+        if not torch.compiler.is_compiling():  # a Python counter in a traced hook would recompile
+            layer.calls += 1
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0 or x.is_meta:
             return
