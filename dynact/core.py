@@ -38,7 +38,7 @@ from dynact.conversion import record, to_eafo
 from dynact.density import Density, sum_states
 from dynact.distributed import is_distributed, single_thread
 from dynact.options import ESTIMATORS, RANK_SEED_STRIDE, validate_options
-from dynact.registry import activation_types, elementwise, family_of
+from dynact.registry import activation_types, elementwise, family_of, unregistered_activations
 from dynact.sites import recomputing, split_call_sites
 from dynact.spline import EAFOActivation
 from dynact.update_guards import Skip, gathered, nonfinite_tensors, overflows, restore
@@ -259,11 +259,22 @@ class ActivationOptimizer:
 
     def _warn_setup(self, model: nn.Module) -> None:
         """The warnings of a plugin that will not do what was likely meant (rank 0 only)."""
+        unseen = unregistered_activations(model)
+        if unseen:
+            warnings.warn(
+                f"ActivationOptimizer: the model has activation-like modules dynact does not know, so they are "
+                f"neither measured nor converted: {', '.join(c.__module__ + '.' + c.__qualname__ for c in unseen)}. "
+                f"Register each before building the plugin, e.g. dynact.activations.register_activation("
+                f"{unseen[0].__name__.lower()!r}, {unseen[0].__name__}, family='gelu') (family: the name whose "
+                "conversion should include it).",
+                stacklevel=3,
+            )
         if not self._layers:
             warnings.warn(
                 "ActivationOptimizer found no activation modules to measure; it hooks modules of "
                 f"the activation registry ({', '.join(activations.activation_names())}), not "
-                "functions such as F.relu. Use nn.ReLU() etc. in the model.",
+                "functions such as F.relu. Use nn.ReLU() etc. in the model, or register your activation "
+                "class with dynact.activations.register_activation.",
                 stacklevel=3,
             )
         elif self.mode != "monitor" and not any(layer.dynamic for layer in self._layers.values()):

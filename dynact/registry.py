@@ -29,6 +29,7 @@ __all__ = [
     "register_transformers_activations",
     "resolve_activation",
     "tensor_device",
+    "unregistered_activations",
 ]
 
 
@@ -218,6 +219,12 @@ _TRANSFORMERS_FAMILIES = {
 }
 
 
+#: Activation classes that transformers defines in one model's file rather than in ACT2CLS:
+#: registered when that model's module is loaded. ``name -> (module, class, family)``.
+_TRANSFORMERS_MODEL_ACTIVATIONS = {
+    "bloom_gelu": ("transformers.models.bloom.modeling_bloom", "BloomGelu", "gelu"),
+}
+
 _TRANSFORMERS_SEEN = False  # set once register_transformers_activations has run
 
 
@@ -295,6 +302,30 @@ def _register_loaded_libraries() -> None:
         register_transformers_activations()
     if "timm.layers.activations" in sys.modules and not _TIMM_SEEN:
         register_timm_activations()
+    for name, (module, cls_name, family) in _TRANSFORMERS_MODEL_ACTIVATIONS.items():
+        cls = getattr(sys.modules.get(module), cls_name, None)
+        if name not in _REGISTRY and isinstance(cls, type):
+            register_activation(name, cls, family)
+
+
+#: Words that mark a module class as an activation by its name (for :func:`unregistered_activations`).
+_ACTIVATION_WORDS = ("relu", "gelu", "silu", "swish", "sigmoid", "tanh", "mish", "elu", "softplus", "glu")
+
+
+def unregistered_activations(model: nn.Module) -> list[type]:
+    """Classes of ``model``'s leaf modules whose name says "activation" (``BloomGelu``,
+    ``MyReLU``) but which are not in the registry, so dynact does not see them; register one
+    with :func:`register_activation`."""
+    kinds = tuple(activation_types())
+    found: dict[type, None] = {}
+    for module in model.modules():
+        cls = type(module)
+        name = cls.__name__.lower()
+        if (isinstance(module, kinds) or next(module.children(), None) is not None
+                or not any(word in name for word in _ACTIVATION_WORDS)):
+            continue
+        found[cls] = None
+    return list(found)
 
 
 # ----------------------------------------------------------------------------- per-channel bases

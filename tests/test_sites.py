@@ -210,6 +210,17 @@ def test_names_are_families():
     assert len(ActivationOptimizer(gpt2, convert=("gelu",)).converted) == 2
 
 
+def test_an_activation_class_dynact_does_not_know_is_named_with_the_fix():
+    class MyRelu(nn.Module):
+        def forward(self, x):
+            return x.clamp_min(0)
+
+    model = nn.Sequential(nn.Linear(2, 4), MyRelu(), nn.Linear(4, 2), nn.ReLU())
+    with pytest.warns(UserWarning, match=r"does not know.*MyRelu.*register_activation\('myrelu', MyRelu"):
+        act_opt = ActivationOptimizer(model)
+    assert act_opt.layer_names == ["3"]
+
+
 # ----------------------------------------------------------------------------- point 4: per-channel bases
 def test_channel_prelu_is_measured_and_converted_with_its_channels_averaged():
     torch.manual_seed(0)

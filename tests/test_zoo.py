@@ -115,6 +115,7 @@ ZOO = {
                               intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
     "transformers T5": _hf("T5Config", "T5ForConditionalGeneration", vocab_size=64, d_model=32, d_kv=8, d_ff=64,
                            num_layers=2, num_heads=2, decoder_start_token_id=0),
+    "transformers Bloom": _hf("BloomConfig", "BloomForCausalLM", vocab_size=64, hidden_size=32, n_layer=2, n_head=2),
     "GPT-2 + PEFT LoRA": _gpt2_lora,
     "custom: one GELU called in every block": lambda: (SharedAct(), (torch.randn(16, 8),), lambda o: o),
 }
