@@ -34,10 +34,13 @@ from torch.utils.hooks import RemovableHandle
 
 from dynact import activations, eafo
 from dynact.activations import find_activations
+from dynact.batched import Site, density_of, update_rows
 from dynact.conversion import record, to_eafo
 from dynact.density import Density, sum_states
+from dynact.density.rows import bin_rows, finish_rows, sum_rows
 from dynact.distributed import is_distributed, single_thread
 from dynact.options import ESTIMATORS, RANK_SEED_STRIDE, validate_options
+from dynact.sampling import SampleBank, capacity_for, extremes
 from dynact.spline import EAFOActivation
 from dynact.update_guards import Skip, gathered, nonfinite_tensors, overflows, restore
 
@@ -90,10 +93,49 @@ class _Layer:
     skips: dict[str, int] = field(default_factory=dict)
     # dtype of the inputs last sampled: an update must not make the activation overflow it.
     in_dtype: torch.dtype = torch.float32
+    # This layer's row in the optimizer's SampleBank (None until its hook first samples).
+    slot: Optional[int] = None
+    bank: Optional[SampleBank] = None
 
     @property
     def skipped(self) -> int:
         return sum(self.skips.values())
+
+
+def _get_estimator(layer: _Layer) -> Any:
+    # Reading a layer's estimator bins what its hook has buffered first, so that its counts
+    # and state_dict hold the whole window so far.
+    _flush(layer)
+    return layer._estimator
+
+
+def _set_estimator(layer: _Layer, estimator: Any) -> None:
+    # A new estimator starts empty: buffered values of the old one are dropped with it.
+    bank, slot = getattr(layer, "bank", None), getattr(layer, "slot", None)
+    if bank is not None and slot is not None:
+        bank.clear(slot)
+    layer._estimator = estimator
+
+
+# The dataclass's __init__ assigns `estimator` through this property.
+_Layer.estimator = property(_get_estimator, _set_estimator)
+
+
+def _flush(layer: _Layer) -> None:
+    """Bin the values buffered for ``layer`` into its estimator and its extremes (eager)."""
+    bank, slot = layer.bank, layer.slot
+    if bank is None or slot is None:
+        return
+    values, n = bank.filled(slot)
+    bank.clear(slot)
+    if n == 0:
+        return
+    with torch.no_grad():
+        sample = values[:n]
+        layer._estimator.update(sample)
+        ends = extremes(sample.unsqueeze(0), torch.tensor([n], device=sample.device))[0]
+        prev = layer.extrema
+        layer.extrema = ends if prev is None else torch.maximum(prev.to(ends.device), ends)
 
 
 class ActivationOptimizer:
@@ -399,39 +441,109 @@ class ActivationOptimizer:
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0 or x.is_meta:
             return
-        # A few thousand values: extra intra-op threads only add wake-up latency.
-        with torch.no_grad(), single_thread(x.device):
+        # Three small ops: random positions, their values, a copy into the layer's buffer; the
+        # update bins all layers' buffers at once (dynact.sampling).
+        with torch.no_grad():
             x = x.detach()
-            idx = torch.randint(x.numel(), (self.sample_size,), device=x.device, generator=self._generator(x.device))
-            # Index without flattening: a non-contiguous input would be copied whole.
-            sample = (x.reshape(-1)[idx] if x.is_contiguous() else x[torch.unravel_index(idx, x.shape)]).float()
-            layer.estimator.update(sample)
+            bank = self.__dict__.get("_bank")
+            if bank is None or layer.slot is None or not bank.ready(layer.slot, x.device):
+                bank = self._prepare_sampling(layer, x.device)
+            if torch.compiler.is_compiling():
+                bank.write_traced(layer.slot, x)
+            else:
+                bank.write(layer.slot, x, self._generator, partial(_flush, layer))
             layer.in_dtype = x.dtype
-            # Track the extremes of the finite values (for growing the grid) without a host sync;
-            # every non-finite value becomes -inf (nan_to_num's default would make -inf finite).
-            ends = torch.stack([-sample, sample]).nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
-            ends = ends.amax(dim=1)
-            prev = layer.extrema
-            layer.extrema = ends if prev is None else torch.maximum(prev.to(ends.device), ends)
+
+    @torch.compiler.disable
+    def _prepare_sampling(self, layer: _Layer, device: torch.device) -> SampleBank:
+        """The sample bank, with a row for ``layer`` on ``device`` (eager even under torch.compile:
+        a traced call then finds its buffers in place)."""
+        bank = self.__dict__.get("_bank")
+        if bank is None:
+            capacity = capacity_for(self.sample_size, self.window)
+            bank = self._bank = SampleBank(self.sample_size, capacity, self.seed + RANK_SEED_STRIDE * self.rank)
+        if layer.slot is None:
+            layer.bank, layer.slot = bank, bank.new_slot()
+        bank.prepare(layer.slot, device)
+        return bank
 
     # ------------------------------------------------------------------ update
     def _update_all(self) -> dict[str, float]:
         self.num_updates += 1
         layers = list(self._layers.values())
-        # One collective for all layers, in the same order on every process: counts summed, the
-        # extremes of the finite values maxed (None where no process saw one).
-        states, extrema = _reduce_windows(layers)
         metrics: dict[str, float] = {}
         self.densities = {}
-        for layer, state, ends in zip(layers, states, extrema, strict=False):
-            with gathered(layer.module):  # FSDP2-sharded parameters read whole, on every process alike
-                used = self._update_layer(layer, state, ends, metrics)
+        batch, rest = _split_batch(layers)
+        for layer in rest:
+            _flush(layer)  # before the batch's window empties every buffer
+        if batch:
+            self._update_batch(batch, metrics)
+        if rest:
+            # One collective for these layers, in the same order on every process: counts summed,
+            # the extremes of the finite values maxed (None where no process saw one).
+            states, extrema = _reduce_windows(rest)
+            for layer, state, ends in zip(rest, states, extrema, strict=True):
+                self._update_one(layer, state, ends, metrics)
+        for layer in layers:
             metrics[tag("skipped", layer.name)] = float(layer.skipped)
-            if used is not None:
-                self.densities[layer.name] = used
             layer.extrema = None
         self._metrics = metrics
         return dict(metrics)
+
+    def _update_one(self, layer: _Layer, state: torch.Tensor, ends: Optional[torch.Tensor],
+                    metrics: dict[str, float]) -> None:
+        with gathered(layer.module):  # FSDP2-sharded parameters read whole, on every process alike
+            used = self._update_layer(layer, state, ends, metrics)
+        if used is not None:
+            self.densities[layer.name] = used
+
+    def _update_batch(self, layers: list[_Layer], metrics: dict[str, float]) -> None:
+        """Update ``layers`` (one estimator kind and size) together (:func:`dynact.batched.update_rows`);
+        a layer the common path does not cover is updated alone, from the same window."""
+        states, ends, grids = self._window_states(layers)
+        est = layers[0]._estimator
+        rows = finish_rows(est._kind, est.bins, states, grids[:, 0], grids[:, 1],
+                           getattr(est, "bandwidth", "silverman"), est.dp_bandwidth)
+        sites = [Site(layer.module, layer.dynamic, layer.in_dtype) for layer in layers]
+        out = update_rows(sites, rows, ends, self.mode, self.max_outside)
+        cleared, targets, values = [], [], []
+        for i, layer in enumerate(layers):
+            if not out.done[i]:
+                row = ends[i].detach().float().cpu()
+                self._update_one(layer, states[i].cpu(), row if bool(torch.isfinite(row).all()) else None, metrics)
+                continue
+            metrics[tag("nonfinite", layer.name)] = out.nonfinite[i]
+            metrics.update({tag(name, layer.name): value for name, value in out.figures[i].items()})
+            self.densities[layer.name] = density_of(rows, i, out)
+            cleared.append(layer._estimator.additive_state)
+            if out.new_s[i] is not None:
+                targets.append(layer.module.s)
+                values.append(out.new_s[i].to(device=layer.module.s.device, dtype=layer.module.s.dtype))
+        with torch.no_grad():
+            if cleared:
+                torch._foreach_zero_(cleared)
+            if targets:
+                torch._foreach_copy_(targets, values)
+
+    def _window_states(self, layers: list[_Layer]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The windows of ``layers`` as rows: estimator counts plus the buffered samples binned,
+        summed across processes (one collective), the ``[-min, max]`` of their finite values
+        maxed, and the grids ``[lo, hi]``; the buffers are emptied. Nothing is read back."""
+        bank = self.__dict__.get("_bank")
+        device = _update_device(bank, layers)
+        grids = torch.tensor([[layer._estimator.lo, layer._estimator.hi] for layer in layers],
+                             dtype=torch.float64, device=device)
+        est = layers[0]._estimator
+        states = torch.stack([layer._estimator.additive_state.to(device) for layer in layers])
+        ends = torch.stack([torch.full((2,), -math.inf, device=device) if layer.extrema is None
+                            else layer.extrema.detach().float().to(device) for layer in layers])
+        if bank is not None:
+            values, filled = bank.gather([layer.slot for layer in layers], device)
+            states = states + bin_rows(est._kind, est.bins, values, filled, grids[:, 0], grids[:, 1])
+            ends = torch.maximum(ends, extremes(values, filled))
+            bank.clear()
+        states, ends = sum_rows(states, ends)
+        return states, ends, grids
 
     def _update_layer(
         self, layer: _Layer, state: torch.Tensor, ends: Optional[torch.Tensor], metrics: dict[str, float]
@@ -590,3 +702,30 @@ def _reduce_windows(layers: list[_Layer]) -> tuple[list[torch.Tensor], list[Opti
     ])
     states, extremes = sum_states([layer.estimator for layer in layers], ends)
     return states, [row if bool(torch.isfinite(row).all()) else None for row in extremes]
+
+
+def _split_batch(layers: list[_Layer]) -> tuple[list[_Layer], list[_Layer]]:
+    """The layers whose estimators share the first one's kind, size and bandwidths (updated
+    together), and the others (updated one at a time)."""
+    if not layers:
+        return [], []
+
+    def config(layer: _Layer) -> tuple:
+        est = layer._estimator
+        return type(est), est.bins, getattr(est, "bandwidth", None), est.dp_bandwidth, est.process_group
+
+    first = config(layers[0])
+    if first[4] is not None:  # a custom process group: the one-layer path reduces over it
+        return [], list(layers)
+    batch = [layer for layer in layers if config(layer) == first]
+    return batch, [layer for layer in layers if config(layer) != first]
+
+
+def _update_device(bank: Optional[SampleBank], layers: list[_Layer]) -> torch.device:
+    """Where a batched update runs: where the layers' samples are (the first device with any),
+    else where the first estimator's counts are."""
+    if bank is not None:
+        for layer in layers:
+            if layer.slot is not None and bank.device_of[layer.slot] is not None:
+                return bank.device_of[layer.slot]
+    return layers[0]._estimator.device

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ from dynact.density.estimators import (
     _MIN_BANDWIDTH_BINS,
     _N_COUNTERS,
     _NONFINITE,
+    _want_sync,
 )
 from dynact.density.kernels import (
     _DP_AMISE,
@@ -35,8 +37,9 @@ from dynact.density.kernels import (
     _PILOT_MIN_BINS,
     _locate,
 )
+from dynact.distributed import collective_device
 
-__all__ = ["Rows", "bin_rows", "finish_rows", "state_size"]
+__all__ = ["Rows", "bin_rows", "finish_rows", "state_size", "sum_rows"]
 
 _ABOVE = _BELOW + 1
 # Elements binned per block: bounds the temporaries as the estimators' chunks do.
@@ -257,3 +260,24 @@ def _convolve_rows(m: torch.Tensor, kernels: list[tuple[torch.Tensor, int]]) -> 
     size = 1 << (n + 2 * reach - 1).bit_length()
     out = torch.fft.irfft(torch.fft.rfft(m, size).unsqueeze(1) * torch.fft.rfft(k, size), size)
     return list(out[:, :, reach : reach + n].unbind(1))
+
+
+def sum_rows(states: torch.Tensor, maxima: torch.Tensor, sync: bool | None = None,
+             group: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~dynact.density.sum_states` for stacked states: ``(rows, size)`` states summed and
+    ``(rows, 2)`` maxima maxed across processes in one ``all_reduce``, both back on the states'
+    device (float64), with nothing read back to the host. One process: returned as they are."""
+    import torch.distributed as dist
+
+    maxima = maxima.to(torch.float64)
+    if not _want_sync(sync, group):
+        return states, maxima
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    device = collective_device(group)
+    block = torch.zeros((world, *maxima.shape), dtype=torch.float64, device=device)
+    block[rank] = maxima.to(device)
+    buf = torch.cat([states.to(device=device, dtype=torch.float64).reshape(-1), block.reshape(-1)])
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    summed, block = buf.split([states.numel(), block.numel()])
+    return (summed.view(states.shape).to(states.device),
+            block.view(world, *maxima.shape).amax(0).to(states.device))
