@@ -265,9 +265,10 @@ class _Splines:
 
 def _spline_state(plan: _Plan, sites: list[Site], device: torch.device) -> _Splines:
     acts = [s.module if isinstance(s.module, EAFOActivation) else None for s in sites]
-    knots = max((a.knots for a in acts if a is not None), default=2)
+    plain = [a is not None and _plain_spline(a) for a in acts]
+    knots = max((a.knots for a, ok in zip(acts, plain, strict=True) if ok), default=2)
     zeros = torch.zeros(knots, dtype=torch.float32, device=device)
-    same = [a is not None and a.knots == knots for a in acts]
+    same = [ok and a.knots == knots for a, ok in zip(acts, plain, strict=True)]
     s = torch.stack([a.s.detach().to(device) if ok else zeros for a, ok in zip(acts, same, strict=True)])
     one = torch.zeros(1, dtype=torch.float32, device=device)
     lo, hi, eps = (torch.cat([getattr(a, name).detach().reshape(1).to(device) if ok else one

@@ -27,6 +27,7 @@ from dynact.density.estimators import (
     _MIN_BANDWIDTH_BINS,
     _N_COUNTERS,
     _NONFINITE,
+    _ROUNDOFF,
     _want_sync,
 )
 from dynact.density.kernels import (
@@ -168,7 +169,8 @@ def finish_rows(kind: str, bins: int, states: torch.Tensor, lo: torch.Tensor, hi
         dp = _convolve_rows(nodes, [(dp_bw / h, 1)])[0] / (safe * h * h)
     grid = lo.unsqueeze(1) + h * (torch.arange(bins, dtype=torch.float64, device=states.device) + 0.5)
     spilled = (counters[:, _BELOW] + counters[:, _ABOVE]) / safe.squeeze(1)
-    outside = torch.maximum(spilled, 1.0 - p.sum(1) * h.squeeze(1)).clamp(0.0, 1.0)
+    shortfall = 1.0 - p.sum(1) * h.squeeze(1)
+    outside = torch.maximum(spilled, shortfall.where(shortfall > _ROUNDOFF, 0.0)).clamp(0.0, 1.0)
     ok = (total > 0) & torch.isfinite(p).all(1) & torch.isfinite(dp).all(1) & (p >= 0).all(1)
     return Rows(p=p, dp=dp, grid=grid, lo=lo, hi=hi, total=total, outside=outside,
                 nonfinite=counters[:, _NONFINITE], ok=ok)
