@@ -96,6 +96,7 @@ class _Layer:
     # This layer's row in the optimizer's SampleBank (None until its hook first samples).
     slot: Optional[int] = None
     bank: Optional[SampleBank] = None
+    device: Optional[torch.device] = None  # where its row is (the hook's input's device)
 
     @property
     def skipped(self) -> int:
@@ -237,6 +238,9 @@ class ActivationOptimizer:
         ['dead/1']
     """
 
+    #: Where the hooks buffer their samples (built at the first sampled call).
+    _bank: Optional[SampleBank] = None
+
     def __init__(
         self,
         model: nn.Module,
@@ -329,6 +333,9 @@ class ActivationOptimizer:
             with single_thread(torch.device("cpu")):  # O(bins) grid work: no thread wake-ups
                 updated = self._update_all()
         self._collecting = self._in_window(self.global_step)
+        bank = self._bank
+        if self._collecting and bank is not None and bank.traced_once:
+            bank.draw_ahead(self._generator)  # positions for the next traced calls
         return updated
 
     def set_step(self, global_step: int) -> None:
@@ -445,9 +452,9 @@ class ActivationOptimizer:
         # update bins all layers' buffers at once (dynact.sampling).
         with torch.no_grad():
             x = x.detach()
-            bank = self.__dict__.get("_bank")
-            if bank is None or layer.slot is None or not bank.ready(layer.slot, x.device):
-                bank = self._prepare_sampling(layer, x.device)
+            bank = self._bank
+            if bank is None or layer.device != x.device:
+                bank = self._prepare_sampling(layer, x, torch.compiler.is_compiling())
             if torch.compiler.is_compiling():
                 bank.write_traced(layer.slot, x)
             else:
@@ -455,16 +462,18 @@ class ActivationOptimizer:
             layer.in_dtype = x.dtype
 
     @torch.compiler.disable
-    def _prepare_sampling(self, layer: _Layer, device: torch.device) -> SampleBank:
-        """The sample bank, with a row for ``layer`` on ``device`` (eager even under torch.compile:
-        a traced call then finds its buffers in place)."""
-        bank = self.__dict__.get("_bank")
+    def _prepare_sampling(self, layer: _Layer, x: torch.Tensor, traced: bool) -> SampleBank:
+        """The sample bank, with a row for ``layer`` on ``x``'s device (eager even under
+        torch.compile: a traced call then finds its buffers and positions in place)."""
+        bank = self._bank
         if bank is None:
-            capacity = capacity_for(self.sample_size, self.window)
-            bank = self._bank = SampleBank(self.sample_size, capacity, self.seed + RANK_SEED_STRIDE * self.rank)
+            bank = self._bank = SampleBank(self.sample_size, capacity_for(self.sample_size, self.window))
         if layer.slot is None:
             layer.bank, layer.slot = bank, bank.new_slot()
-        bank.prepare(layer.slot, device)
+        elif bank.ready(layer.slot, x.device):
+            return bank  # a compiled frame traced before the bank existed calls this again: no new draw
+        bank.prepare(layer.slot, x, self._generator, traced)
+        layer.device = x.device
         return bank
 
     # ------------------------------------------------------------------ update
@@ -529,7 +538,7 @@ class ActivationOptimizer:
         """The windows of ``layers`` as rows: estimator counts plus the buffered samples binned,
         summed across processes (one collective), the ``[-min, max]`` of their finite values
         maxed, and the grids ``[lo, hi]``; the buffers are emptied. Nothing is read back."""
-        bank = self.__dict__.get("_bank")
+        bank = self._bank
         device = _update_device(bank, layers)
         grids = torch.tensor([[layer._estimator.lo, layer._estimator.hi] for layer in layers],
                              dtype=torch.float64, device=device)

@@ -8,10 +8,13 @@ pass (:func:`dynact.density.rows.bin_rows`).
 
 Eager calls draw positions from a ``torch.Generator`` and count what they wrote on the host
 (no synchronisation); a site whose buffer is full bins it into its estimator first, so no value
-of a window is lost. Calls traced by ``torch.compile`` cannot use a generator or a host
-counter: they draw positions from a counter-based hash of a per-site tensor counter and write
-round the buffer at a tensor position, so the graph holds no Python number that changes
-between calls (a window that brings more than ``capacity`` values keeps the latest ones).
+of a window is lost. A call traced by ``torch.compile`` can neither draw from a generator nor
+keep a host counter. It takes positions drawn ahead, outside the graph, by the same generator
+calls an eager call would make (:meth:`SampleBank.draw_ahead`, once per step: the same positions
+as in eager mode when each site runs once per step), and writes round its buffer at a tensor
+position. So the graph holds no Python number that changes between calls, and a compiled model
+samples what the eager one samples (a window that brings more than ``capacity`` values keeps the
+latest ones).
 """
 
 from __future__ import annotations
@@ -25,8 +28,6 @@ __all__ = ["SampleBank", "capacity_for"]
 
 # Buffers hold at most this many values per site (float32): 2 MiB.
 _MAX_CAPACITY = 2**19
-_MASK32 = 0xFFFFFFFF
-_MIX = 0x45D9F3B  # a 32-bit integer hash multiplier (products stay below 2**59 in int64)
 
 
 def capacity_for(sample_size: int, window: int) -> int:
@@ -34,23 +35,6 @@ def capacity_for(sample_size: int, window: int) -> int:
     ``_MAX_CAPACITY``, else as many whole calls as fit (at least one)."""
     calls = max(1, min(window, _MAX_CAPACITY // sample_size))
     return sample_size * calls
-
-
-def _hash32(k: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mix of the low 32 bits of ``k`` (int64 in, int64 in [0, 2**32) out)."""
-    k = k & _MASK32
-    k = ((k >> 16) ^ k) * _MIX & _MASK32
-    k = ((k >> 16) ^ k) * _MIX & _MASK32
-    return (k >> 16) ^ k
-
-
-def hashed_positions(counter: torch.Tensor, salt: int, n: int, numel) -> torch.Tensor:
-    """``n`` pseudo-random positions in ``[0, numel)`` from the int64 ``counter`` (0-d) and a
-    per-site ``salt``: traceable tensor arithmetic, no generator, nothing read back."""
-    key = counter + torch.arange(n, device=counter.device)
-    low = _hash32(key ^ salt)
-    high = _hash32(_hash32(key >> 32) ^ low ^ (salt >> 32))
-    return ((high << 31) | (low >> 1)) % numel
 
 
 class SampleBank:
@@ -61,19 +45,24 @@ class SampleBank:
     device) counts what traced calls wrote.
     """
 
-    def __init__(self, sample_size: int, capacity: int, seed: int) -> None:
-        self.sample_size, self.capacity, self.seed = int(sample_size), int(capacity), int(seed)
+    def __init__(self, sample_size: int, capacity: int) -> None:
+        self.sample_size, self.capacity = int(sample_size), int(capacity)
         self.values: dict[torch.device, torch.Tensor] = {}
         self.pos: dict[torch.device, torch.Tensor] = {}
-        self.draws: dict[torch.device, torch.Tensor] = {}
+        #: Positions drawn ahead for traced calls, ``(sites, sample_size)`` int64 per device.
+        self.ahead: dict[torch.device, torch.Tensor] = {}
         self.pending: list[int] = []
         self.device_of: list[Optional[torch.device]] = []
-        #: Whether a traced call wrote (then a flush reads the traced counts back).
-        self.traced = False
+        #: Elements of each site's input at its latest traced call (what draw_ahead draws for).
+        self.numel: list[int] = []
+        #: Whether a traced call wrote since the last clear (then flushes read the traced counts
+        #: back), and whether one ever did (then positions are drawn ahead every sampled step).
+        self.traced = self.traced_once = False
 
     def new_slot(self) -> int:
         self.pending.append(0)
         self.device_of.append(None)
+        self.numel.append(0)
         return len(self.pending) - 1
 
     def ready(self, slot: int, device: torch.device) -> bool:
@@ -81,10 +70,24 @@ class SampleBank:
         values = self.values.get(device)
         return values is not None and values.shape[0] > slot
 
-    def prepare(self, slot: int, device: torch.device) -> None:
-        """Allocate (or grow) ``device``'s buffer so that it holds ``slot``."""
-        self._rows(device)
-        self.device_of[slot] = device
+    def prepare(self, slot: int, x: torch.Tensor, generator: Callable[[torch.device], torch.Generator],
+                traced: bool) -> None:
+        """Allocate (or grow) the buffers of ``x``'s device so that they hold ``slot``; for a
+        ``traced`` call on ``x`` also draw its positions (this runs eagerly, before it)."""
+        self._rows(x.device)
+        self.device_of[slot] = x.device
+        self.numel[slot] = x.numel()
+        if traced:
+            self.ahead[x.device][slot] = torch.randint(x.numel(), (self.sample_size,), device=x.device,
+                                                       generator=generator(x.device))
+
+    def draw_ahead(self, generator: Callable[[torch.device], torch.Generator]) -> None:
+        """Draw the positions of every site's next traced call (eager, once per sampled step), in
+        slot order, with the calls an eager forward would make."""
+        for slot, (device, numel) in enumerate(zip(self.device_of, self.numel, strict=True)):
+            if device is not None and numel > 0:
+                self.ahead[device][slot] = torch.randint(numel, (self.sample_size,), device=device,
+                                                         generator=generator(device))
 
     def _rows(self, device: torch.device) -> torch.Tensor:
         """The buffer of ``device``, grown to every slot so far (zeros for new rows)."""
@@ -93,11 +96,11 @@ class SampleBank:
         if values is None or values.shape[0] < sites:
             grown = torch.zeros((sites, self.capacity), dtype=torch.float32, device=device)
             pos = torch.zeros(sites, dtype=torch.int64, device=device)
-            draws = torch.arange(sites, dtype=torch.int64, device=device) << 40
+            ahead = torch.zeros((sites, self.sample_size), dtype=torch.int64, device=device)
             if values is not None:
                 old = values.shape[0]
-                grown[:old], pos[:old], draws[:old] = values, self.pos[device], self.draws[device]
-            self.values[device], self.pos[device], self.draws[device] = grown, pos, draws
+                grown[:old], pos[:old], ahead[:old] = values, self.pos[device], self.ahead[device]
+            self.values[device], self.pos[device], self.ahead[device] = grown, pos, ahead
         return self.values[device]
 
     def write(self, slot: int, x: torch.Tensor, generator: Callable[[torch.device], torch.Generator],
@@ -125,16 +128,14 @@ class SampleBank:
         the slot must be :meth:`ready` on ``x``'s device."""
         device = x.device
         rows = self.values[device]
-        self.traced = True
-        pos, draws = self.pos[device], self.draws[device]
-        size = self.sample_size
-        salt = (self.seed * 1_000_003 + slot) & (2**62 - 1)
-        idx = hashed_positions(draws[slot], salt, size, x.numel())
+        self.traced = self.traced_once = True
+        self.numel[slot] = x.numel()
+        pos, size = self.pos[device], self.sample_size
+        idx = self.ahead[device][slot] % x.numel()  # in range even where the input shrank
         sample = x.reshape(-1)[idx] if x.is_contiguous() else x[torch.unravel_index(idx, x.shape)]
         at = (pos[slot] + torch.arange(size, device=device)) % self.capacity
         rows[slot].index_copy_(0, at, sample.to(torch.float32))
         pos[slot] += size
-        draws[slot] += size
 
     def filled(self, slot: int) -> tuple[torch.Tensor, int]:
         """``(values, n)`` of one slot for a flush: its buffer and how many values count (reads
@@ -158,9 +159,10 @@ class SampleBank:
             elif slot < pos.shape[0]:
                 pos[slot] = 0
 
-    def gather(self, slots: list[Optional[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(values, filled)`` of ``slots`` on ``device``: ``(len(slots), capacity)`` samples and
-        the ``(len(slots),)`` count of each row that counts (0 for ``None``); no read back."""
+    def gather(self, slots: list[Optional[int]], device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(values, filled)`` of ``slots`` on ``device``: ``(len(slots), width)`` samples and the
+        ``(len(slots),)`` count of each row that counts (0 for ``None``), or None where every row
+        is full (known on the host when no traced call wrote); no read back."""
         n = len(slots)
         devices = {self.device_of[s] for s in slots if s is not None}
         # Columns that may hold values: the most any eager call wrote, unless a traced call wrote.
@@ -168,6 +170,8 @@ class SampleBank:
         if slots == list(range(n)) and devices == {device} and device in self.values:
             # Every site wrote, in order, on this device: the buffer itself, no copy.
             rows = self.values[device][:n, :width]
+            if not self.traced and all(count == width for count in self.pending[:n]):
+                return rows, None
             filled = torch.tensor(self.pending[:n], device=device) + self.pos[device][:n]
             return rows, filled.clamp_max_(width)
         values = torch.zeros((n, self.capacity), dtype=torch.float32, device=device)
@@ -187,9 +191,9 @@ class SampleBank:
 def extremes(values: torch.Tensor, filled: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(rows, 2)`` ``[-min, max]`` of the finite values among each row's first ``filled``
     (all of them if None); ``-inf`` where there is none."""
-    use = torch.isfinite(values)
     if filled is not None:
-        use &= torch.arange(values.shape[1], device=values.device) < filled.unsqueeze(1)
-    top = values.masked_fill(~use, -math.inf).amax(dim=1)
-    bottom = values.masked_fill(~use, math.inf).amin(dim=1)
+        unused = torch.arange(values.shape[1], device=values.device) >= filled.unsqueeze(1)
+        values = values.masked_fill(unused, math.nan)
+    top = torch.nan_to_num(values, nan=-math.inf, posinf=-math.inf, neginf=-math.inf).amax(dim=1)
+    bottom = torch.nan_to_num(values, nan=math.inf, posinf=math.inf, neginf=math.inf).amin(dim=1)
     return torch.stack([-bottom, top], dim=1)

@@ -54,7 +54,7 @@ def state_size(kind: str, bins: int) -> int:
 
 # ---------------------------------------------------------------------------- binning
 @torch.no_grad()
-def bin_rows(kind: str, bins: int, values: torch.Tensor, filled: torch.Tensor, lo: torch.Tensor,
+def bin_rows(kind: str, bins: int, values: torch.Tensor, filled: torch.Tensor | None, lo: torch.Tensor,
              hi: torch.Tensor) -> torch.Tensor:
     """The additive states of ``rows`` estimators fed with the first ``filled[r]`` values of row ``r``.
 
@@ -62,7 +62,8 @@ def bin_rows(kind: str, bins: int, values: torch.Tensor, filled: torch.Tensor, l
         kind: ``"kde"`` or ``"histogram"``.
         bins: the estimators' bin count.
         values: ``(rows, n)`` float32 samples; entries at or beyond ``filled`` are ignored.
-        filled: ``(rows,)`` integer tensor, how many leading values of each row count.
+        filled: ``(rows,)`` integer tensor, how many leading values of each row count (None:
+            all of them).
         lo, hi: ``(rows,)`` float64 grid ends.
 
     Returns:
@@ -77,16 +78,19 @@ def bin_rows(kind: str, bins: int, values: torch.Tensor, filled: torch.Tensor, l
     cols = torch.arange(n, device=values.device)
     for start in range(0, rows, step):
         part = slice(start, start + step)
-        out[part] = _bin_block(kind, bins, values[part], filled[part], lo[part], hi[part], cols)
+        out[part] = _bin_block(kind, bins, values[part], None if filled is None else filled[part], lo[part],
+                               hi[part], cols)
     return out
 
 
 def _bin_block(kind, bins, values, filled, lo, hi, cols):
-    # Unused slots become -inf: binned nowhere, counted as non-finite, and that count taken off.
-    unused = cols >= filled.unsqueeze(1)
-    x = values.masked_fill(unused, -math.inf)
-    s, off, counts = _locate(x, lo.unsqueeze(1), hi.unsqueeze(1), bins)
-    counts[:, _NONFINITE] -= unused.sum(1).to(torch.float64)
+    if filled is None:
+        s, off, counts = _locate(values, lo.unsqueeze(1), hi.unsqueeze(1), bins)
+    else:
+        # Unused slots become -inf: binned nowhere, counted as non-finite, and that count taken off.
+        unused = cols >= filled.unsqueeze(1)
+        s, off, counts = _locate(values.masked_fill(unused, -math.inf), lo.unsqueeze(1), hi.unsqueeze(1), bins)
+        counts[:, _NONFINITE] -= unused.sum(1).to(torch.float64)
     nodes = _kde_nodes(s, off, bins) if kind == "kde" else _hist_nodes(s, off, bins)
     return torch.cat([nodes, counts], dim=1)
 
@@ -94,7 +98,8 @@ def _bin_block(kind, bins, values, filled, lo, hi, cols):
 def _scatter(idx: torch.Tensor, width: int, weights: list[torch.Tensor | None]) -> list[torch.Tensor]:
     """Per-row ``index_add`` of ``(rows, n)`` indices into ``(rows, width)`` float64 sums."""
     rows = idx.shape[0]
-    flat = (idx.to(torch.int64) + width * torch.arange(rows, device=idx.device).unsqueeze(1)).reshape(-1)
+    offsets = width * torch.arange(rows, dtype=idx.dtype, device=idx.device).unsqueeze(1)
+    flat = idx.add_(offsets).reshape(-1)  # int32: rows * width stays far below 2**31
     out = []
     for w in weights:
         acc = torch.zeros(rows * width, dtype=torch.float64, device=idx.device)
