@@ -11,9 +11,11 @@ are thin adapters over it:
 
 Data flow::
 
-    forward pre-hook -> random subsample (float32) -> streaming estimator (per layer)
-    every N optimizer steps: estimators summed across processes -> Density
-        -> EAFOActivation.update (dynamic layers) -> dynact.eafo.output_stats -> metrics()
+    forward pre-hook -> random subsample (float32) -> the layer's row of a sample buffer
+    every N optimizer steps: all buffers binned at once (dynact.density.rows), summed across
+        processes -> densities as (layers, bins) -> one batched refresh and output_stats for
+        all layers (dynact.batched) -> metrics(); a layer the batched path does not cover
+        (a skip, a grid to re-fit or move, iterate) -> EAFOActivation.update alone
 
 The math lives in :mod:`dynact.eafo`, :mod:`dynact.density` and :mod:`dynact.spline`; this
 module only schedules it.
@@ -152,9 +154,11 @@ class ActivationOptimizer:
 
     During the ``window`` optimizer steps before each update, a forward pre-hook takes
     ``sample_size`` random values of each layer's input (on the model's device, float32) and
-    feeds them to the layer's streaming density estimator; no activation tensor is kept and
-    the global RNG is not touched. Hooks ignore modules in evaluation mode unless
-    ``collect_eval=True``.
+    copies them into the layer's row of a preallocated buffer (three small ops, no host
+    synchronisation; under ``torch.compile`` the same positions, drawn ahead); no activation
+    tensor is kept and the global RNG is not touched. Hooks ignore modules in evaluation mode
+    unless ``collect_eval=True``. At the update every layer's window is binned, and every
+    layer updated, in one batched pass with one read back to the host.
 
     Call :meth:`step` once after every optimizer step. Every ``every_n_steps`` steps each
     layer's estimator is summed across processes and turned into a
