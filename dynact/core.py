@@ -11,9 +11,11 @@ are thin adapters over it:
 
 Data flow::
 
-    forward pre-hook -> random subsample (float32) -> streaming estimator (per layer)
-    every N optimizer steps: estimators summed across processes -> Density
-        -> EAFOActivation.update (dynamic layers) -> dynact.eafo.output_stats -> metrics()
+    forward pre-hook -> random subsample (float32) -> the layer's row of a sample buffer
+    every N optimizer steps: all buffers binned at once (dynact.density.rows), summed across
+        processes -> densities as (layers, bins) -> one batched refresh and output_stats for
+        all layers (dynact.batched) -> metrics(); a layer the batched path does not cover
+        (a skip, a grid to re-fit or move, iterate) -> EAFOActivation.update alone
 
 The math lives in :mod:`dynact.eafo`, :mod:`dynact.density` and :mod:`dynact.spline`; this
 module only schedules it.
@@ -26,6 +28,7 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Iterable, Literal, Optional, Union
 
 import torch
@@ -34,11 +37,14 @@ from torch.utils.hooks import RemovableHandle
 
 from dynact import activations, eafo
 from dynact.activations import find_activations
+from dynact.batched import Site, density_of, update_rows
 from dynact.conversion import record, to_eafo
 from dynact.density import Density, sum_states
+from dynact.density.rows import bin_rows, finish_rows, sum_rows
 from dynact.distributed import is_distributed, single_thread
 from dynact.options import ESTIMATORS, RANK_SEED_STRIDE, validate_options
 from dynact.registry import activation_types, elementwise, family_of, unregistered_activations
+from dynact.sampling import SampleBank, capacity_for, extremes
 from dynact.sites import recomputing, split_call_sites
 from dynact.spline import EAFOActivation
 from dynact.update_guards import Skip, gathered, nonfinite_tensors, overflows, restore
@@ -95,10 +101,50 @@ class _Layer:
     # Calls sampled in the current window (a site that runs k times as often as the others is
     # likely k call sites that could not be told apart; see _check_calls).
     calls: int = 0
+    # This layer's row in the optimizer's SampleBank (None until its hook first samples).
+    slot: Optional[int] = None
+    bank: Optional[SampleBank] = None
+    device: Optional[torch.device] = None  # where its row is (the hook's input's device)
 
     @property
     def skipped(self) -> int:
         return sum(self.skips.values())
+
+
+def _get_estimator(layer: _Layer) -> Any:
+    # Reading a layer's estimator bins what its hook has buffered first, so that its counts
+    # and state_dict hold the whole window so far.
+    _flush(layer)
+    return layer._estimator
+
+
+def _set_estimator(layer: _Layer, estimator: Any) -> None:
+    # A new estimator starts empty: buffered values of the old one are dropped with it.
+    bank, slot = getattr(layer, "bank", None), getattr(layer, "slot", None)
+    if bank is not None and slot is not None:
+        bank.clear(slot)
+    layer._estimator = estimator
+
+
+# The dataclass's __init__ assigns `estimator` through this property.
+_Layer.estimator = property(_get_estimator, _set_estimator)
+
+
+def _flush(layer: _Layer) -> None:
+    """Bin the values buffered for ``layer`` into its estimator and its extremes (eager)."""
+    bank, slot = layer.bank, layer.slot
+    if bank is None or slot is None:
+        return
+    values, n = bank.filled(slot)
+    bank.clear(slot)
+    if n == 0:
+        return
+    with torch.no_grad():
+        sample = values[:n]
+        layer._estimator.update(sample)
+        ends = extremes(sample.unsqueeze(0), torch.tensor([n], device=sample.device))[0]
+        prev = layer.extrema
+        layer.extrema = ends if prev is None else torch.maximum(prev.to(ends.device), ends)
 
 
 class ActivationOptimizer:
@@ -114,9 +160,11 @@ class ActivationOptimizer:
 
     During the ``window`` optimizer steps before each update, a forward pre-hook takes
     ``sample_size`` random values of each layer's input (on the model's device, float32) and
-    feeds them to the layer's streaming density estimator; no activation tensor is kept and
-    the global RNG is not touched. Hooks ignore modules in evaluation mode unless
-    ``collect_eval=True``.
+    copies them into the layer's row of a preallocated buffer (three small ops, no host
+    synchronisation; under ``torch.compile`` the same positions, drawn ahead); no activation
+    tensor is kept and the global RNG is not touched. Hooks ignore modules in evaluation mode
+    unless ``collect_eval=True``. At the update every layer's window is binned, and every
+    layer updated, in one batched pass with one read back to the host.
 
     Call :meth:`step` once after every optimizer step. Every ``every_n_steps`` steps each
     layer's estimator is summed across processes and turned into a
@@ -201,6 +249,9 @@ class ActivationOptimizer:
         >>> sorted(k for k in updated if k.startswith("dead/"))
         ['dead/1']
     """
+
+    #: Where the hooks buffer their samples (built at the first sampled call).
+    _bank: Optional[SampleBank] = None
 
     def __init__(
         self,
@@ -359,6 +410,9 @@ class ActivationOptimizer:
             with single_thread(torch.device("cpu")):  # O(bins) grid work: no thread wake-ups
                 updated = self._update_all()
         self._collecting = self._in_window(self.global_step)
+        bank = self._bank
+        if self._collecting and bank is not None and bank.traced_once:
+            bank.draw_ahead(self._generator)  # positions for the next traced calls
         return updated
 
     def set_step(self, global_step: int) -> None:
@@ -489,20 +543,33 @@ class ActivationOptimizer:
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0 or x.is_meta:
             return
-        # A few thousand values: extra intra-op threads only add wake-up latency.
-        with torch.no_grad(), single_thread(x.device):
+        # Three small ops: random positions, their values, a copy into the layer's buffer; the
+        # update bins all layers' buffers at once (dynact.sampling).
+        with torch.no_grad():
             x = x.detach()
-            idx = torch.randint(x.numel(), (self.sample_size,), device=x.device, generator=self._generator(x.device))
-            # Index without flattening: a non-contiguous input would be copied whole.
-            sample = (x.reshape(-1)[idx] if x.is_contiguous() else x[torch.unravel_index(idx, x.shape)]).float()
-            layer.estimator.update(sample)
+            bank = self._bank
+            if bank is None or layer.device != x.device:
+                bank = self._prepare_sampling(layer, x, torch.compiler.is_compiling())
+            if torch.compiler.is_compiling():
+                bank.write_traced(layer.slot, x)
+            else:
+                bank.write(layer.slot, x, self._generator, partial(_flush, layer))
             layer.in_dtype = x.dtype
-            # Track the extremes of the finite values (for growing the grid) without a host sync;
-            # every non-finite value becomes -inf (nan_to_num's default would make -inf finite).
-            ends = torch.stack([-sample, sample]).nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
-            ends = ends.amax(dim=1)
-            prev = layer.extrema
-            layer.extrema = ends if prev is None else torch.maximum(prev.to(ends.device), ends)
+
+    @torch.compiler.disable
+    def _prepare_sampling(self, layer: _Layer, x: torch.Tensor, traced: bool) -> SampleBank:
+        """The sample bank, with a row for ``layer`` on ``x``'s device (eager even under
+        torch.compile: a traced call then finds its buffers and positions in place)."""
+        bank = self._bank
+        if bank is None:
+            bank = self._bank = SampleBank(self.sample_size, capacity_for(self.sample_size, self.window))
+        if layer.slot is None:
+            layer.bank, layer.slot = bank, bank.new_slot()
+        elif bank.ready(layer.slot, x.device):
+            return bank  # a compiled frame traced before the bank existed calls this again: no new draw
+        bank.prepare(layer.slot, x, self._generator, traced)
+        layer.device = x.device
+        return bank
 
     def _check_calls(self) -> None:
         """Warn (once per layer) about a layer that ran a whole multiple of the other layers' calls
@@ -530,20 +597,79 @@ class ActivationOptimizer:
     def _update_all(self) -> dict[str, float]:
         self.num_updates += 1
         layers = list(self._layers.values())
-        # One collective for all layers, in the same order on every process: counts summed, the
-        # extremes of the finite values maxed (None where no process saw one).
-        states, extrema = _reduce_windows(layers)
         metrics: dict[str, float] = {}
         self.densities = {}
-        for layer, state, ends in zip(layers, states, extrema, strict=False):
-            with gathered(layer.module):  # FSDP2-sharded parameters read whole, on every process alike
-                used = self._update_layer(layer, state, ends, metrics)
+        batch, rest = _split_batch(layers)
+        for layer in rest:
+            _flush(layer)  # before the batch's window empties every buffer
+        if batch:
+            self._update_batch(batch, metrics)
+        if rest:
+            # One collective for these layers, in the same order on every process: counts summed,
+            # the extremes of the finite values maxed (None where no process saw one).
+            states, extrema = _reduce_windows(rest)
+            for layer, state, ends in zip(rest, states, extrema, strict=True):
+                self._update_one(layer, state, ends, metrics)
+        for layer in layers:
             metrics[tag("skipped", layer.name)] = float(layer.skipped)
-            if used is not None:
-                self.densities[layer.name] = used
             layer.extrema = None
         self._metrics = metrics
         return dict(metrics)
+
+    def _update_one(self, layer: _Layer, state: torch.Tensor, ends: Optional[torch.Tensor],
+                    metrics: dict[str, float]) -> None:
+        with gathered(layer.module):  # FSDP2-sharded parameters read whole, on every process alike
+            used = self._update_layer(layer, state, ends, metrics)
+        if used is not None:
+            self.densities[layer.name] = used
+
+    def _update_batch(self, layers: list[_Layer], metrics: dict[str, float]) -> None:
+        """Update ``layers`` (one estimator kind and size) together (:func:`dynact.batched.update_rows`);
+        a layer the common path does not cover is updated alone, from the same window."""
+        states, ends, grids = self._window_states(layers)
+        est = layers[0]._estimator
+        rows = finish_rows(est._kind, est.bins, states, grids[:, 0], grids[:, 1],
+                           getattr(est, "bandwidth", "silverman"), est.dp_bandwidth)
+        sites = [Site(layer.module, layer.dynamic, layer.in_dtype) for layer in layers]
+        out = update_rows(sites, rows, ends, self.mode, self.max_outside)
+        cleared, targets, values = [], [], []
+        for i, layer in enumerate(layers):
+            if not out.done[i]:
+                row = ends[i].detach().float().cpu()
+                self._update_one(layer, states[i].cpu(), row if bool(torch.isfinite(row).all()) else None, metrics)
+                continue
+            metrics[tag("nonfinite", layer.name)] = out.nonfinite[i]
+            metrics.update({tag(name, layer.name): value for name, value in out.figures[i].items()})
+            self.densities[layer.name] = density_of(rows, i, out)
+            cleared.append(layer._estimator.additive_state)
+            if out.new_s[i] is not None:
+                targets.append(layer.module.s)
+                values.append(out.new_s[i].to(device=layer.module.s.device, dtype=layer.module.s.dtype))
+        with torch.no_grad():
+            if cleared:
+                torch._foreach_zero_(cleared)
+            if targets:
+                torch._foreach_copy_(targets, values)
+
+    def _window_states(self, layers: list[_Layer]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The windows of ``layers`` as rows: estimator counts plus the buffered samples binned,
+        summed across processes (one collective), the ``[-min, max]`` of their finite values
+        maxed, and the grids ``[lo, hi]``; the buffers are emptied. Nothing is read back."""
+        bank = self._bank
+        device = _update_device(bank, layers)
+        grids = torch.tensor([[layer._estimator.lo, layer._estimator.hi] for layer in layers],
+                             dtype=torch.float64, device=device)
+        est = layers[0]._estimator
+        states = torch.stack([layer._estimator.additive_state.to(device) for layer in layers])
+        ends = torch.stack([torch.full((2,), -math.inf, device=device) if layer.extrema is None
+                            else layer.extrema.detach().float().to(device) for layer in layers])
+        if bank is not None:
+            values, filled = bank.gather([layer.slot for layer in layers], device)
+            states = states + bin_rows(est._kind, est.bins, values, filled, grids[:, 0], grids[:, 1])
+            ends = torch.maximum(ends, extremes(values, filled))
+            bank.clear()
+        states, ends = sum_rows(states, ends)
+        return states, ends, grids
 
     def _update_layer(
         self, layer: _Layer, state: torch.Tensor, ends: Optional[torch.Tensor], metrics: dict[str, float]
@@ -773,3 +899,30 @@ def _reduce_windows(layers: list[_Layer]) -> tuple[list[torch.Tensor], list[Opti
     ])
     states, extremes = sum_states([layer.estimator for layer in layers], ends)
     return states, [row if bool(torch.isfinite(row).all()) else None for row in extremes]
+
+
+def _split_batch(layers: list[_Layer]) -> tuple[list[_Layer], list[_Layer]]:
+    """The layers whose estimators share the first one's kind, size and bandwidths (updated
+    together), and the others (updated one at a time)."""
+    if not layers:
+        return [], []
+
+    def config(layer: _Layer) -> tuple:
+        est = layer._estimator
+        return type(est), est.bins, getattr(est, "bandwidth", None), est.dp_bandwidth, est.process_group
+
+    first = config(layers[0])
+    if first[4] is not None:  # a custom process group: the one-layer path reduces over it
+        return [], list(layers)
+    batch = [layer for layer in layers if config(layer) == first]
+    return batch, [layer for layer in layers if config(layer) != first]
+
+
+def _update_device(bank: Optional[SampleBank], layers: list[_Layer]) -> torch.device:
+    """Where a batched update runs: where the layers' samples are (the first device with any),
+    else where the first estimator's counts are."""
+    if bank is not None:
+        for layer in layers:
+            if layer.slot is not None and bank.device_of[layer.slot] is not None:
+                return bank.device_of[layer.slot]
+    return layers[0]._estimator.device

@@ -47,6 +47,9 @@ _MIN_BANDWIDTH_BINS = 2.0
 _CHUNK_CPU = 2**18
 _CHUNK_OTHER = 2**22
 
+# A shortfall of the grid's mass below this is the convolution's round-off, not mass outside.
+_ROUNDOFF = 1e-14
+
 # Region counters that follow the bins in the packed state.
 _BELOW, _ABOVE, _NONFINITE = 0, 1, 2
 _N_COUNTERS = 3
@@ -217,7 +220,8 @@ class _BinnedEstimator:
         grid = self.lo + h * (torch.arange(self.bins, dtype=torch.float64, device=state.device) + 0.5)
         # The kernel may carry mass past the grid's ends (values at or near them, or a wide
         # bandwidth): count it as outside too, so the masses always add up to one.
-        outside = max((counters[_BELOW] + counters[_ABOVE]) / total, 1.0 - float(p.sum()) * h)
+        shortfall = 1.0 - float(p.sum()) * h
+        outside = max((counters[_BELOW] + counters[_ABOVE]) / total, shortfall if shortfall > _ROUNDOFF else 0.0)
         return Density(
             grid=grid,
             p=p,

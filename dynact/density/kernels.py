@@ -87,24 +87,34 @@ def _plug_in_dp_width(nodes: torch.Tensor, total: float, scale: float, h: float)
     return h * (_DP_AMISE / (-psi10 * total)) ** (1 / 11)
 
 
-def _locate(x: torch.Tensor, lo: float, hi: float, bins: int):
+def _locate(x: torch.Tensor, lo, hi, bins: int):
     """Positions of one chunk in bin units, and where each value went.
+
+    ``lo`` and ``hi`` are floats, or float64 tensors that broadcast against ``x`` (one grid per
+    row of a ``(rows, n)`` chunk); tensors keep a traced caller free of guards on their values.
+    Either way the arithmetic is ``x``'s dtype, with the ends rounded to it, so a row binned
+    with tensor ends lands exactly where a float call puts it.
 
     Returns ``s`` (``(x - lo) / h`` clamped to ``[0, bins]``; 0 for non-finite values),
     ``off`` (1.0 for values that are outside or non-finite, else 0.0) and float64 counts
-    ``[below, above, nonfinite]``. Only clamps and arithmetic (no masks, ``where`` or
-    boolean indexing): cheap on CPU, and no synchronisation on accelerators.
+    ``[below, above, nonfinite]`` (``(..., 3)``, summed over the last dimension). Only clamps
+    and arithmetic (no masks, ``where`` or boolean indexing): cheap on CPU, and no
+    synchronisation on accelerators.
     """
     span = hi - lo
+    low, high, scale = lo - span, hi + span, bins / span
+    if isinstance(span, torch.Tensor):
+        lo, hi, low, high, scale = (t.to(x.dtype) for t in (lo, hi, low, high, scale))
     # Bounding x keeps (x - lo)/h finite for huge finite values; NaN passes through.
-    xc = x.clamp(lo - span, hi + span).nan_to_num_(lo)
+    xc = x.clamp(low, high).nan_to_num_(0.0)
     bad = torch.sub(x, x).nan_to_num_(1.0)  # x - x is NaN exactly for NaN and +-Inf
-    xc.addcmul_(bad, xc, value=-1.0).add_(bad, alpha=lo)  # park non-finite values at lo
+    xc.addcmul_(bad, xc, value=-1.0)  # park non-finite values at lo
+    xc = xc.addcmul_(bad, lo) if isinstance(lo, torch.Tensor) else xc.add_(bad, alpha=lo)
     # Indicators from the sign of an exact float difference: ceil(clamp(d, 0, 1)) = [d > 0].
     below = torch.rsub(xc, lo).clamp_(0.0, 1.0).ceil_()
     above = torch.sub(xc, hi).clamp_(0.0, 1.0).ceil_()
-    counts = torch.stack([below.sum(), above.sum(), bad.sum()]).to(torch.float64)
-    s = xc.sub_(lo).mul_(bins / span).clamp_(0.0, float(bins))
+    counts = torch.stack([below.sum(-1), above.sum(-1), bad.sum(-1)], dim=-1).to(torch.float64)
+    s = xc.sub_(lo).mul_(scale).clamp_(0.0, float(bins))
     off = above.add_(below).add_(bad)
     return s, off, counts
 
