@@ -27,7 +27,7 @@ from torch import nn
 
 from dynact.density import Density
 from dynact.density.rows import Rows
-from dynact.eafo import FLAT_TOL, _float64_module
+from dynact.eafo import FLAT_TOL, _float64_module, _second
 from dynact.registry import activation_types
 from dynact.spline import TAPER, EAFOActivation
 
@@ -243,9 +243,8 @@ def _evaluate(plan: _Plan, x: torch.Tensor, grad: bool) -> tuple[torch.Tensor, t
             out = base(xs).to(torch.float64)
             if grad and out.requires_grad:
                 (g1,) = torch.autograd.grad(out.sum(), xs, create_graph=True)
-                g2 = torch.autograd.grad(g1.sum(), xs, allow_unused=True)[0] if g1.requires_grad else None
                 d1.index_copy_(0, idx, g1.detach())
-                d2.index_copy_(0, idx, torch.zeros_like(xs) if g2 is None else g2.detach())
+                d2.index_copy_(0, idx, _second(g1, xs, torch.zeros_like(xs)).detach())
         y.index_copy_(0, idx, out.detach())
     return y, d1, d2
 
