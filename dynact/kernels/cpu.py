@@ -101,6 +101,56 @@ inline float exp_nonpositive(float t) {
 }
 inline double exp_nonpositive(double t) { return std::exp(t); }
 
+// exp(t) for t <= 0 with fused multiply-adds, for the GELU base only: Cody-Waite reduction and
+// a degree-6 polynomial (within an ulp or two), results below 2^-126 flushed to 0 (they vanish
+// next to erf's 1 and GELU's cdf). Fewer operations than exp_nonpositive, which CRReLU keeps.
+inline float exp_gelu(float t) {
+  float q = std::nearbyint(t * 1.44269504088896341f);
+  float s = std::fma(q, -0.693145751953125f, t);
+  s = std::fma(q, -1.428606765330187045e-06f, s);
+  float u = 1.98527617612853646e-4f;
+  u = std::fma(u, s, 1.39304355252534151e-3f);
+  u = std::fma(u, s, 8.33336077630519867e-3f);
+  u = std::fma(u, s, 4.16664853692054749e-2f);
+  u = std::fma(u, s, 1.66666671633720398e-1f);
+  u = std::fma(u, s, 0.5f);
+  u = 1.0f + std::fma(s * s, u, s);
+  int e = int(q);
+  float scale = as_float(uint32_t((e < -127 ? -127 : e) + 127) << 23);
+  return t < -104.0f ? 0.0f : u * scale;
+}
+inline double exp_gelu(double t) { return std::exp(t); }
+
+// erf as ATen's vectorised float kernels compute it (Abramowitz-Stegun 7.1.26: one division, a
+// polynomial and one exp), so an in-kernel GELU base matches nn.GELU's float32 result to an ulp
+// or so (the exp is not bit for bit ATen's); float64 uses the C library's.
+inline float erf_and_exp(float z, float* e) {
+  float az = std::fabs(z);
+  float t = 1.0f / std::fma(0.3275911f, az, 1.0f);
+  float r = std::fma(std::fma(std::fma(std::fma(1.061405429f, t, -1.453152027f), t, 1.421413741f), t,
+                              -0.284496736f), t, 0.254829592f);
+  *e = exp_gelu(-(z * z));
+  return std::copysign(std::fma(-*e * t, r, 1.0f), z);
+}
+inline double erf_and_exp(double z, double* e) {
+  *e = std::exp(-(z * z));
+  return std::erf(z);
+}
+
+constexpr double SQRT1_2 = 0.70710678118654752440;           // 1 / sqrt(2)
+constexpr double INV_SQRT_2PI = 0.39894228040143267794;      // 1 / sqrt(2 pi)
+// GELU (erf form) and its derivative in ATen's order of operations: gelu(x) = x * 0.5 * (1 +
+// erf(x / sqrt 2)); gelu'(x) = cdf + x * pdf, with pdf from erf's own exp(-x^2/2).
+template <class C> inline C gelu(C x) {
+  C e;
+  return x * C(0.5) * (C(1) + erf_and_exp(x * C(SQRT1_2), &e));
+}
+template <class C> inline C gelu_slope(C x) {
+  C e;
+  C cdf = C(0.5) * (C(1) + erf_and_exp(x * C(SQRT1_2), &e));
+  return cdf + x * (C(INV_SQRT_2PI) * e);
+}
+
 template <class C> inline C relu(C x) { return x < C(0) ? C(0) : x; }  // NaN passes through
 
 // Segment j and position in it: u = a x + b clamped to [0, last] (NaN stays NaN, j = 0).
@@ -148,30 +198,41 @@ inline int threads_for(int64_t n, int threads) { return n < 4 * CHUNK ? 1 : thre
 
 // Runs body(start, stop) over fixed chunks in parallel; with a sum, body returns the partial
 // sum of its chunk and the chunk sums are added in chunk order.
+// A tensor of a few chunks runs on the calling thread without entering an OpenMP region (whose
+// setup is a measurable part of a call at the sizes of a small model's layers).
 template <class Body> void for_chunks(int64_t n, int threads, Body body) {
   const int64_t chunks = (n + CHUNK - 1) / CHUNK;
-#pragma omp parallel for num_threads(threads_for(n, threads)) schedule(static)
+  if (threads_for(n, threads) == 1) {
+    for (int64_t c = 0; c < chunks; ++c) body(c * CHUNK, c * CHUNK + CHUNK < n ? c * CHUNK + CHUNK : n);
+    return;
+  }
+#pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t c = 0; c < chunks; ++c) body(c * CHUNK, c * CHUNK + CHUNK < n ? c * CHUNK + CHUNK : n);
+}
+template <class Body> double chunk_sum(int64_t c, int64_t n, Body& body) {
+  const int64_t end = c * CHUNK + CHUNK < n ? c * CHUNK + CHUNK : n;
+  double acc = 0.0;
+  // Runs of SUB elements are summed in the compute type (keeps the loop vectorised).
+  for (int64_t s = c * CHUNK; s < end; s += SUB) acc += double(body(s, s + SUB < end ? s + SUB : end));
+  return acc;
 }
 template <class Body> double sum_chunks(int64_t n, int threads, Body body) {
   const int64_t chunks = (n + CHUNK - 1) / CHUNK;
-  std::vector<double> partial(chunks);
-#pragma omp parallel for num_threads(threads_for(n, threads)) schedule(static)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t end = c * CHUNK + CHUNK < n ? c * CHUNK + CHUNK : n;
-    double acc = 0.0;
-    // Runs of SUB elements are summed in the compute type (keeps the loop vectorised).
-    for (int64_t s = c * CHUNK; s < end; s += SUB) acc += double(body(s, s + SUB < end ? s + SUB : end));
-    partial[c] = acc;
-  }
   double total = 0.0;
+  if (threads_for(n, threads) == 1) {  // the same chunk sums, added in the same order
+    for (int64_t c = 0; c < chunks; ++c) total += chunk_sum(c, n, body);
+    return total;
+  }
+  std::vector<double> partial(chunks);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) partial[c] = chunk_sum(c, n, body);
   for (int64_t c = 0; c < chunks; ++c) total += partial[c];
   return total;
 }
 
 // ----------------------------------------------------------------------------- EAFO spline
 // y = base(x) + eps * s(x), s(x) = value[j] + frac * slope[j] with (value, slope) = pairs[j].
-// BASE 0: base(x) given as y0; BASE 1: ReLU computed here.
+// BASE 0: base(x) given as y0; BASE 1: ReLU computed here; BASE 2: GELU (erf form) computed here.
 template <class T, int BASE, class C = typename Type<T>::C>
 void eafo_forward_run(const T* __restrict x, const T* __restrict y0, T* __restrict out, int64_t start,
                       int64_t stop, const C* __restrict pairs, C a, C b, C last, C eps) {
@@ -182,7 +243,7 @@ void eafo_forward_run(const T* __restrict x, const T* __restrict y0, T* __restri
     int j = segment(xv, a, b, last, &frac);
     lookup(pairs, j, &value, &slope);
     C s = mul_add(frac, slope, value);
-    C base = BASE == 1 ? relu(xv) : Type<T>::load(y0[i]);
+    C base = BASE == 1 ? relu(xv) : (BASE == 2 ? gelu(xv) : Type<T>::load(y0[i]));
     out[i] = Type<T>::store(mul_add(s, eps, base));
   }
 }
@@ -196,7 +257,7 @@ void eafo_forward(const T* x, const T* y0, T* out, int64_t n, const typename Typ
   });
 }
 
-// grad_x = grad * (base'(x) + slope[j] * (a * eps)) (BASE 0: the spline's part only);
+// grad_x = grad * base'(x) + grad * slope[j] * (a * eps) (BASE 0: the spline's part only);
 // returns sum(grad * s(x)) over [start, stop) (at most SUB elements) if GE.
 template <class T, int BASE, bool GX, bool GE, class C = typename Type<T>::C>
 C eafo_backward_run(const T* __restrict grad, const T* __restrict x, T* __restrict gx, int64_t start,
@@ -214,7 +275,9 @@ C eafo_backward_run(const T* __restrict grad, const T* __restrict x, T* __restri
     if (GE) terms[i - start] = g * mul_add(frac, slope, value);
     if (GX) {
       C spline = g * (slope * a_eps);
-      gx[i] = Type<T>::store(BASE == 1 ? (xv > C(0) ? g + spline : spline) : spline);
+      // (GELU: the two terms rounded and added as autograd adds the base's and the spline's)
+      C total = BASE == 1 ? (xv > C(0) ? g + spline : spline) : (BASE == 2 ? g * gelu_slope(xv) + spline : spline);
+      gx[i] = Type<T>::store(total);
     }
   }
   C sum = C(0);
@@ -302,58 +365,97 @@ template <class F> int by_dtype(int dtype, F&& f) {
   }
 }
 
+// One number of a given element type, read as double / written from a double (rounded once to
+// float first for half types, as torch's double-to-half casts do).
+inline int read_scalar(const void* p, int dtype, double* out) {
+  switch (dtype) {
+    case 0: *out = *static_cast<const float*>(p); return 0;
+    case 1: *out = *static_cast<const double*>(p); return 0;
+    case 2: *out = Type<bf16>::load(*static_cast<const bf16*>(p)); return 0;
+    case 3: *out = Type<f16>::load(*static_cast<const f16*>(p)); return 0;
+    default: return 1;
+  }
+}
+inline int write_scalar(void* p, int dtype, double v) {
+  switch (dtype) {
+    case 0: *static_cast<float*>(p) = float(v); return 0;
+    case 1: *static_cast<double*>(p) = v; return 0;
+    case 2: *static_cast<bf16*>(p) = Type<bf16>::store(float(v)); return 0;
+    case 3: *static_cast<f16*>(p) = Type<f16>::store(float(v)); return 0;
+    default: return 1;
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-int dynact_abi_version() { return 2; }
+int dynact_abi_version() { return 3; }
 
-// pairs: (value, slope) per segment, 2 * (last + 1) numbers of the compute type.
+// eps: one number of element type eps_dtype, read here (a parameter's own memory: no host copy
+// per call). geps: where the eps gradient goes, one number of type geps_dtype (the double sum
+// rounded once, via float for half types as torch's casts do). pairs: (value, slope) per
+// segment, 2 * (last + 1) numbers of the compute type.
 int dynact_eafo_forward(int dtype, int base, const void* x, const void* y0, void* out, int64_t n,
-                        const void* pairs, double a, double b, int last, double eps, int threads) {
-  if (base != 0 && base != 1) return 1;
+                        const void* pairs, double a, double b, int last, const void* eps, int eps_dtype,
+                        int threads) {
+  if (base < 0 || base > 2 || (base == 2 && dtype > 1)) return 1;
+  double e;
+  if (read_scalar(eps, eps_dtype, &e)) return 1;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using C = typename Type<T>::C;
-    auto f = base == 1 ? eafo_forward<T, 1> : eafo_forward<T, 0>;
+    auto f = base == 1 ? eafo_forward<T, 1> : (base == 2 ? eafo_forward<T, 2> : eafo_forward<T, 0>);
     f(static_cast<const T*>(x), static_cast<const T*>(y0), static_cast<T*>(out), n, static_cast<const C*>(pairs),
-      a, b, last, eps, threads);
+      a, b, last, e, threads);
   });
 }
 
-int dynact_eafo_backward(int dtype, int base, const void* grad, const void* x, void* gx, double* geps,
-                         int64_t n, const void* pairs, double a, double b, int last, double eps, int threads) {
-  if ((base != 0 && base != 1) || (gx == nullptr && geps == nullptr)) return 1;
-  return by_dtype(dtype, [&](auto tag) {
+int dynact_eafo_backward(int dtype, int base, const void* grad, const void* x, void* gx, void* geps,
+                         int geps_dtype, int64_t n, const void* pairs, double a, double b, int last,
+                         const void* eps, int eps_dtype, int threads) {
+  if (base < 0 || base > 2 || (base == 2 && dtype > 1) || (gx == nullptr && geps == nullptr)) return 1;
+  double e, sum = 0.0;
+  if (read_scalar(eps, eps_dtype, &e)) return 1;
+  int rc = by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using C = typename Type<T>::C;
     using Fn = void (*)(const T*, const T*, T*, double*, int64_t, const C*, double, double, int, double, int);
-    Fn table[2][3] = {{eafo_backward<T, 0, true, true>, eafo_backward<T, 0, true, false>,
+    Fn table[3][3] = {{eafo_backward<T, 0, true, true>, eafo_backward<T, 0, true, false>,
                        eafo_backward<T, 0, false, true>},
                       {eafo_backward<T, 1, true, true>, eafo_backward<T, 1, true, false>,
-                       eafo_backward<T, 1, false, true>}};
+                       eafo_backward<T, 1, false, true>},
+                      {eafo_backward<T, 2, true, true>, eafo_backward<T, 2, true, false>,
+                       eafo_backward<T, 2, false, true>}};
     int which = gx == nullptr ? 2 : (geps == nullptr ? 1 : 0);
-    table[base][which](static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(gx), geps, n,
-                       static_cast<const C*>(pairs), a, b, last, eps, threads);
+    table[base][which](static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(gx), &sum, n,
+                       static_cast<const C*>(pairs), a, b, last, e, threads);
   });
+  return rc ? rc : (geps == nullptr ? 0 : write_scalar(geps, geps_dtype, sum));
 }
 
-int dynact_crrelu_forward(int dtype, const void* x, void* out, int64_t n, double eps, int threads) {
+int dynact_crrelu_forward(int dtype, const void* x, void* out, int64_t n, const void* eps, int eps_dtype,
+                          int threads) {
+  double e;
+  if (read_scalar(eps, eps_dtype, &e)) return 1;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    crrelu_forward<T>(static_cast<const T*>(x), static_cast<T*>(out), n, eps, threads);
+    crrelu_forward<T>(static_cast<const T*>(x), static_cast<T*>(out), n, e, threads);
   });
 }
 
-int dynact_crrelu_backward(int dtype, const void* grad, const void* x, void* gx, double* geps, int64_t n,
-                           double eps, int threads) {
+int dynact_crrelu_backward(int dtype, const void* grad, const void* x, void* gx, void* geps, int geps_dtype,
+                           int64_t n, const void* eps, int eps_dtype, int threads) {
   if (gx == nullptr && geps == nullptr) return 1;
-  return by_dtype(dtype, [&](auto tag) {
+  double e, sum = 0.0;
+  if (read_scalar(eps, eps_dtype, &e)) return 1;
+  int rc = by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     auto f = gx == nullptr ? crrelu_backward<T, false, true>
                            : (geps == nullptr ? crrelu_backward<T, true, false> : crrelu_backward<T, true, true>);
-    f(static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(gx), geps, n, eps, threads);
+    f(static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(gx), &sum, n, e, threads);
   });
+  return rc ? rc : (geps == nullptr ? 0 : write_scalar(geps, geps_dtype, sum));
 }
 
 }  // extern "C"
