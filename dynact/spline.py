@@ -208,15 +208,15 @@ class EAFOActivation(nn.Module):
         return type(self.base) is nn.ReLU and not (self.base._forward_hooks or self.base._forward_pre_hooks)
 
     def _base_code(self, x: torch.Tensor) -> int:
-        """Which base the eager kernel computes itself (:data:`dynact.kernels.dispatch.BASE_RELU`,
-        ``BASE_GELU``), or ``BASE_GIVEN``: the base runs as itself (any other base, a hooked one,
-        GELU on CUDA or in half precision, where the kernel rounds once and ``nn.GELU`` twice)."""
+        """How the fused spline gets its base: ReLU inside the kernel, GELU by ATen inside the same
+        autograd node (CPU; :data:`dynact.kernels.dispatch.BASE_GELU`), or ``BASE_GIVEN``: the
+        base runs as itself (any other base, a hooked one, GELU on CUDA)."""
         base = self._modules["base"]
         kind = type(base)
         if (kind is nn.ReLU or kind is nn.GELU) and not (base._forward_hooks or base._forward_pre_hooks):
             if kind is nn.ReLU:
                 return dispatch.BASE_RELU
-            if base.approximate == "none" and x.is_cpu and x.dtype in (torch.float32, torch.float64):
+            if base.approximate == "none" and x.is_cpu:
                 return dispatch.BASE_GELU
         return dispatch.BASE_GIVEN
 

@@ -101,56 +101,6 @@ inline float exp_nonpositive(float t) {
 }
 inline double exp_nonpositive(double t) { return std::exp(t); }
 
-// exp(t) for t <= 0 with fused multiply-adds, for the GELU base only: Cody-Waite reduction and
-// a degree-6 polynomial (within an ulp or two), results below 2^-126 flushed to 0 (they vanish
-// next to erf's 1 and GELU's cdf). Fewer operations than exp_nonpositive, which CRReLU keeps.
-inline float exp_gelu(float t) {
-  float q = std::nearbyint(t * 1.44269504088896341f);
-  float s = std::fma(q, -0.693145751953125f, t);
-  s = std::fma(q, -1.428606765330187045e-06f, s);
-  float u = 1.98527617612853646e-4f;
-  u = std::fma(u, s, 1.39304355252534151e-3f);
-  u = std::fma(u, s, 8.33336077630519867e-3f);
-  u = std::fma(u, s, 4.16664853692054749e-2f);
-  u = std::fma(u, s, 1.66666671633720398e-1f);
-  u = std::fma(u, s, 0.5f);
-  u = 1.0f + std::fma(s * s, u, s);
-  int e = int(q);
-  float scale = as_float(uint32_t((e < -127 ? -127 : e) + 127) << 23);
-  return t < -104.0f ? 0.0f : u * scale;
-}
-inline double exp_gelu(double t) { return std::exp(t); }
-
-// erf as ATen's vectorised float kernels compute it (Abramowitz-Stegun 7.1.26: one division, a
-// polynomial and one exp), so an in-kernel GELU base matches nn.GELU's float32 result to an ulp
-// or so (the exp is not bit for bit ATen's); float64 uses the C library's.
-inline float erf_and_exp(float z, float* e) {
-  float az = std::fabs(z);
-  float t = 1.0f / std::fma(0.3275911f, az, 1.0f);
-  float r = std::fma(std::fma(std::fma(std::fma(1.061405429f, t, -1.453152027f), t, 1.421413741f), t,
-                              -0.284496736f), t, 0.254829592f);
-  *e = exp_gelu(-(z * z));
-  return std::copysign(std::fma(-*e * t, r, 1.0f), z);
-}
-inline double erf_and_exp(double z, double* e) {
-  *e = std::exp(-(z * z));
-  return std::erf(z);
-}
-
-constexpr double SQRT1_2 = 0.70710678118654752440;           // 1 / sqrt(2)
-constexpr double INV_SQRT_2PI = 0.39894228040143267794;      // 1 / sqrt(2 pi)
-// GELU (erf form) and its derivative in ATen's order of operations: gelu(x) = x * 0.5 * (1 +
-// erf(x / sqrt 2)); gelu'(x) = cdf + x * pdf, with pdf from erf's own exp(-x^2/2).
-template <class C> inline C gelu(C x) {
-  C e;
-  return x * C(0.5) * (C(1) + erf_and_exp(x * C(SQRT1_2), &e));
-}
-template <class C> inline C gelu_slope(C x) {
-  C e;
-  C cdf = C(0.5) * (C(1) + erf_and_exp(x * C(SQRT1_2), &e));
-  return cdf + x * (C(INV_SQRT_2PI) * e);
-}
-
 template <class C> inline C relu(C x) { return x < C(0) ? C(0) : x; }  // NaN passes through
 
 // Segment j and position in it: u = a x + b clamped to [0, last] (NaN stays NaN, j = 0).
@@ -232,7 +182,7 @@ template <class Body> double sum_chunks(int64_t n, int threads, Body body) {
 
 // ----------------------------------------------------------------------------- EAFO spline
 // y = base(x) + eps * s(x), s(x) = value[j] + frac * slope[j] with (value, slope) = pairs[j].
-// BASE 0: base(x) given as y0; BASE 1: ReLU computed here; BASE 2: GELU (erf form) computed here.
+// BASE 0: base(x) given as y0; BASE 1: ReLU computed here.
 template <class T, int BASE, class C = typename Type<T>::C>
 void eafo_forward_run(const T* __restrict x, const T* __restrict y0, T* __restrict out, int64_t start,
                       int64_t stop, const C* __restrict pairs, C a, C b, C last, C eps) {
@@ -243,7 +193,7 @@ void eafo_forward_run(const T* __restrict x, const T* __restrict y0, T* __restri
     int j = segment(xv, a, b, last, &frac);
     lookup(pairs, j, &value, &slope);
     C s = mul_add(frac, slope, value);
-    C base = BASE == 1 ? relu(xv) : (BASE == 2 ? gelu(xv) : Type<T>::load(y0[i]));
+    C base = BASE == 1 ? relu(xv) : Type<T>::load(y0[i]);
     out[i] = Type<T>::store(mul_add(s, eps, base));
   }
 }
@@ -257,7 +207,8 @@ void eafo_forward(const T* x, const T* y0, T* out, int64_t n, const typename Typ
   });
 }
 
-// grad_x = grad * base'(x) + grad * slope[j] * (a * eps) (BASE 0: the spline's part only);
+// grad_x = grad * base'(x) + grad * slope[j] * (a * eps): BASE 0 the spline's part only, BASE 1
+// with ReLU's, BASE 2 added to the base's part already in gx;
 // returns sum(grad * s(x)) over [start, stop) (at most SUB elements) if GE.
 template <class T, int BASE, bool GX, bool GE, class C = typename Type<T>::C>
 C eafo_backward_run(const T* __restrict grad, const T* __restrict x, T* __restrict gx, int64_t start,
@@ -275,8 +226,10 @@ C eafo_backward_run(const T* __restrict grad, const T* __restrict x, T* __restri
     if (GE) terms[i - start] = g * mul_add(frac, slope, value);
     if (GX) {
       C spline = g * (slope * a_eps);
-      // (GELU: the two terms rounded and added as autograd adds the base's and the spline's)
-      C total = BASE == 1 ? (xv > C(0) ? g + spline : spline) : (BASE == 2 ? g * gelu_slope(xv) + spline : spline);
+      // BASE 2: gx holds the base's part already; the spline's is rounded to T and added, as
+      // autograd adds the gradients of two branches.
+      C total = BASE == 1 ? (xv > C(0) ? g + spline : spline)
+                          : (BASE == 2 ? Type<T>::load(gx[i]) + Type<T>::load(Type<T>::store(spline)) : spline);
       gx[i] = Type<T>::store(total);
     }
   }
@@ -399,13 +352,13 @@ int dynact_abi_version() { return 3; }
 int dynact_eafo_forward(int dtype, int base, const void* x, const void* y0, void* out, int64_t n,
                         const void* pairs, double a, double b, int last, const void* eps, int eps_dtype,
                         int threads) {
-  if (base < 0 || base > 2 || (base == 2 && dtype > 1)) return 1;
+  if (base != 0 && base != 1) return 1;
   double e;
   if (read_scalar(eps, eps_dtype, &e)) return 1;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using C = typename Type<T>::C;
-    auto f = base == 1 ? eafo_forward<T, 1> : (base == 2 ? eafo_forward<T, 2> : eafo_forward<T, 0>);
+    auto f = base == 1 ? eafo_forward<T, 1> : eafo_forward<T, 0>;
     f(static_cast<const T*>(x), static_cast<const T*>(y0), static_cast<T*>(out), n, static_cast<const C*>(pairs),
       a, b, last, e, threads);
   });
@@ -414,7 +367,7 @@ int dynact_eafo_forward(int dtype, int base, const void* x, const void* y0, void
 int dynact_eafo_backward(int dtype, int base, const void* grad, const void* x, void* gx, void* geps,
                          int geps_dtype, int64_t n, const void* pairs, double a, double b, int last,
                          const void* eps, int eps_dtype, int threads) {
-  if (base < 0 || base > 2 || (base == 2 && dtype > 1) || (gx == nullptr && geps == nullptr)) return 1;
+  if (base < 0 || base > 2 || (gx == nullptr && geps == nullptr)) return 1;
   double e, sum = 0.0;
   if (read_scalar(eps, eps_dtype, &e)) return 1;
   int rc = by_dtype(dtype, [&](auto tag) {

@@ -292,14 +292,19 @@ class SplineTables:
         return self.value, self.slope, self.a, self.b, self.pairs
 
 
-#: Base codes of the fused spline kernels: 0 the base's output comes in as ``y0``; 1 ReLU and
-#: 2 GELU (erf form, CPU float32/float64 only) are computed inside the kernel.
+#: Base codes of the fused spline: ``BASE_GIVEN`` the base's output comes in as ``y0``;
+#: ``BASE_RELU`` ReLU is computed inside the kernel; ``BASE_GELU`` (CPU) GELU (erf form) runs as
+#: ATen's own kernels inside the autograd function (bit for bit ``nn.GELU``'s values and
+#: gradient), so the module is one autograd node and the kernel adds the spline's gradient to
+#: GELU's in place, the addition autograd would make with a separate base.
 BASE_GIVEN, BASE_RELU, BASE_GELU = 0, 1, 2
 
 
 def _spline_fwd(x: torch.Tensor, y0: Optional[torch.Tensor], t: SplineTables, base: int,
                 eps: torch.Tensor) -> torch.Tensor:
     x = _dense(x)
+    if base == BASE_GELU:
+        y0, base = torch._C._nn.gelu(x), BASE_GIVEN
     y0 = None if y0 is None else _like(y0, x)
     if x.is_cuda:
         return _cuda().eafo_forward(x, y0, t.pairs, t.a, t.b, eps)
@@ -320,7 +325,11 @@ def _spline_bwd(grad: torch.Tensor, x: torch.Tensor, t: SplineTables, base: int,
     if x.is_cuda:
         gx, geps = _cuda().eafo_backward(grad, x, base == BASE_RELU, t.pairs, t.a, t.b, eps, need_x, need_eps)
         return gx, (None if geps is None else geps.to(eps.dtype).reshape(eps.shape))
-    gx = torch.empty_like(x) if need_x else None
+    if base == BASE_GELU:  # GELU's gradient by ATen, the spline's added by the kernel
+        gx = _like(torch.ops.aten.gelu_backward(grad, x), x) if need_x else None
+        base = BASE_GELU if need_x else BASE_GIVEN
+    else:
+        gx = torch.empty_like(x) if need_x else None
     geps = torch.empty_like(eps, memory_format=torch.contiguous_format) if need_eps else None
     n = x.numel()
     _check(_lib.dynact_eafo_backward(_DTYPES[x.dtype], base, grad.data_ptr(), x.data_ptr(),
