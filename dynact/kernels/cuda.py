@@ -3,7 +3,9 @@
 Same arithmetic as the C++ kernels (``dynact.kernels.cpu``): half inputs are computed in float32, the eps gradient is a
 per-block sum (a fixed tree inside each block) written to a buffer and added by ``torch.sum``,
 which is deterministic for a fixed size, so deterministic mode needs nothing more. Scalars are
-read from device memory, so no call synchronises with the host. Used through
+read from device memory, so no call synchronises with the host. Inputs are dense (their
+elements fill their memory once each) and share one layout, which the outputs keep; the
+kernels run over that memory as one flat array. Used through
 :mod:`dynact.kernels.dispatch`; if Triton is missing or a kernel fails to compile, :func:`available`
 turns false after one warning and the reference path runs.
 """

@@ -14,6 +14,12 @@ memory traffic of GELU's own kernels.
 - CUDA: Triton kernels (:mod:`dynact.kernels.cuda`) when Triton is installed; per-block partial sums
   of the eps gradient are added by one deterministic ``torch.sum``.
 
+Per call the eager path does only what must be done per call: one check (:func:`eager_fused`),
+the kernel call, and the tables built once per change of the spline (:class:`SplineTables`,
+cached by the module). ``eps`` is read by the kernels from its own memory and its gradient is
+written in its dtype and shape. Inputs whose elements fill their memory once each (contiguous,
+channels_last, a transposed matrix) are used as they lie and the output has their layout.
+
 Where a fast path cannot be built (no compiler, build error, no Triton) the reference path runs
 instead (the autograd functions of :mod:`dynact.activations` and :mod:`dynact.spline`) and one
 warning says why. ``DYNACT_KERNELS=reference`` turns the fused kernels off.
