@@ -18,7 +18,8 @@ time (with one torch thread the step runs on the calling thread, so the CPU time
 work without the time other processes held the core). Ratios are of mean step times (updates
 included) to the GELU arm's. A per-call micro-benchmark at ``128 x 256`` (forward, and forward
 plus backward, GELU against ``EAFOActivation(base=GELU)``, ``EAFOActivation(base=ReLU)`` and
-``CRReLU``, interleaved likewise) comes first. Prints JSON.
+``CRReLU``, interleaved likewise) comes first, then forward plus backward on an NCHW input
+against the same input in channels_last. Prints JSON.
 
     python benchmarks/bench_depth.py                          # CPU, float32, one thread
     python benchmarks/bench_depth.py --depths 48 --steps 310  # three updates at every_n_steps=100
@@ -183,6 +184,39 @@ def per_call(device: torch.device, dtype: torch.dtype, repeats: int, inner: int)
     return out
 
 
+def channels_last(device: torch.device, dtype: torch.dtype, repeats: int, shape=(32, 64, 16, 16)) -> dict:
+    """Forward + backward of ``EAFOActivation(base=GELU)`` and ``CRReLU`` on an NCHW input and on
+    the same input in channels_last, interleaved; the output's layout is reported too."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    grad = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    inputs = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last)}
+    out: dict = {}
+    for label, act in (("EAFOActivation(GELU)", EAFOActivation(base=nn.GELU())), ("CRReLU", CRReLU())):
+        act = act.to(device=device, dtype=dtype)
+        runs = {}
+        for layout, t in inputs.items():
+            t = t.detach().requires_grad_(True)
+            g_in = grad.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else grad
+
+            def step(t=t, g_in=g_in, act=act):
+                t.grad = None
+                act(t).backward(g_in)
+
+            runs[layout] = step
+            step()
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
+        for r in range(repeats):
+            for layout in list(runs)[r % 2:] + list(runs)[:r % 2]:
+                times[layout].append(_timed(runs[layout], device))
+        summary = _summary(times, "contiguous")
+        kept = act(inputs["channels_last"]).is_contiguous(memory_format=torch.channels_last)
+        out[label] = {"shape": list(shape), "output_stays_channels_last": kept,
+                      **{f"{k}_ms_cpu_median": v["ms_cpu_median"] for k, v in summary.items()},
+                      "channels_last_over_contiguous_cpu_median": summary["channels_last"]["ratio_cpu_median"]}
+    return out
+
+
 def sync_check(depth: int, steps: int, device: torch.device, dtype: torch.dtype) -> dict:
     """Train ``plugin_n10``; every step without an update runs under sync debug mode "error"."""
     arm = _Arm("plugin_n10", depth, device, dtype)
@@ -209,7 +243,7 @@ def sync_check(depth: int, steps: int, device: torch.device, dtype: torch.dtype)
 
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depths", type=int, nargs="+", default=[12, 48])
+    parser.add_argument("--depths", type=int, nargs="*", default=[12, 48], help="none: the per-call parts only")
     parser.add_argument("--steps", type=int, default=210, help="training steps per arm (>= 100 for an update at n100)")
     parser.add_argument("--warmup", type=int, default=10, help="first steps left out")
     parser.add_argument("--device", default="cpu")
@@ -244,6 +278,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     }
     if not args.no_per_call:
         report["per_call_128x256"] = per_call(device, dtype, args.call_repeats, inner=20)
+        report["channels_last_fwd_bwd"] = channels_last(device, dtype, args.call_repeats)
     report["depths"] = {str(d): depth_run(d, args.steps, args.warmup, device, dtype) for d in args.depths}
     print(json.dumps(report, indent=2))
     return report

@@ -270,6 +270,18 @@ def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x).copy_(t)
 
 
+def _on_memory(op, *tensors: torch.Tensor) -> torch.Tensor:
+    """An elementwise ATen op on dense tensors of one layout, run over their memory as one flat
+    array and returned in that layout: ATen's GELU took 1.6x as long on a channels_last input
+    as on the same numbers in NCHW."""
+    x = tensors[-1]
+    if x.is_contiguous():
+        return op(*tensors)
+    n = x.numel()
+    flat = op(*(t.as_strided((n,), (1,)) for t in tensors))
+    return flat.as_strided(x.shape, x.stride())
+
+
 def pack(value: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
     """``(K + 3, 2)`` table of ``(value[j], slope[j])`` pairs (``slope`` padded with a zero), from
     the tables of ``dynact.kernels.reference._tables``: the kernels fetch both numbers with one load."""
@@ -310,7 +322,7 @@ def _spline_fwd(x: torch.Tensor, y0: Optional[torch.Tensor], t: SplineTables, ba
                 eps: torch.Tensor) -> torch.Tensor:
     x = _dense(x)
     if base == BASE_GELU:
-        y0, base = torch._C._nn.gelu(x), BASE_GIVEN
+        y0, base = _on_memory(torch._C._nn.gelu, x), BASE_GIVEN
     y0 = None if y0 is None else _like(y0, x)
     if x.is_cuda:
         return _cuda().eafo_forward(x, y0, t.pairs, t.a, t.b, eps)
@@ -332,7 +344,7 @@ def _spline_bwd(grad: torch.Tensor, x: torch.Tensor, t: SplineTables, base: int,
         gx, geps = _cuda().eafo_backward(grad, x, base == BASE_RELU, t.pairs, t.a, t.b, eps, need_x, need_eps)
         return gx, (None if geps is None else geps.to(eps.dtype).reshape(eps.shape))
     if base == BASE_GELU:  # GELU's gradient by ATen, the spline's added by the kernel
-        gx = _like(torch.ops.aten.gelu_backward(grad, x), x) if need_x else None
+        gx = _on_memory(torch.ops.aten.gelu_backward, grad, x) if need_x else None
         base = BASE_GELU if need_x else BASE_GIVEN
     else:
         gx = torch.empty_like(x) if need_x else None
