@@ -7,8 +7,8 @@ trained in these arms:
 ``gelu``         the GELU model, no dynact (the reference of every ratio)
 ``eafo_static``  converted to ``EAFOActivation`` by ``ActivationOptimizer``, which is then
                  removed: the converted activation's own cost
-``plugin_n100``  ``ActivationOptimizer(every_n_steps=100)``, defaults otherwise
-``plugin_n10``   ``ActivationOptimizer(every_n_steps=10)``, defaults otherwise
+``plugin_n100``  ``ActivationOptimizer(every_n_steps=100, convert=(nn.GELU,))``, defaults otherwise
+``plugin_n10``   ``ActivationOptimizer(every_n_steps=10, convert=(nn.GELU,))``, defaults otherwise
 ===============  ==========================================================================
 
 For each depth (default 12 and 48) all arms are built, then trained one step each in turn
@@ -74,7 +74,9 @@ class _Arm:
         every = ARMS[name]
         self.plugin = None
         if every is not None:
-            plugin = ActivationOptimizer(self.model, every_n_steps=max(every, 1))
+            # convert=GELU: the default converts only ReLU, and would leave this model measured
+            # but unchanged.
+            plugin = ActivationOptimizer(self.model, every_n_steps=max(every, 1), convert=(nn.GELU,))
             if every == 0:
                 plugin.remove()
             else:
@@ -84,6 +86,8 @@ class _Arm:
         self.batches = [torch.randn(BATCH, WIDTH, generator=g).to(device=device, dtype=dtype) for _ in range(4)]
         self.target = torch.randn(BATCH, WIDTH, generator=g).to(device=device, dtype=dtype)
         self.count = 0
+        kinds = {type(m).__name__ for m in self.model}
+        assert (every is None) == ("EAFOActivation" not in kinds), f"{name}: {kinds}"
 
     def step(self) -> None:
         x = self.batches[self.count % len(self.batches)]
