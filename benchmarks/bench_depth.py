@@ -131,9 +131,10 @@ def _summary(times: dict[str, list[tuple[float, float]]], ref: str) -> dict:
     return out
 
 
-def depth_run(depth: int, steps: int, warmup: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """All arms at one depth, interleaved step by step; mean step times and ratios to ``gelu``."""
-    arms = [_Arm(name, depth, device, dtype) for name in ARMS]
+def depth_run(depth: int, steps: int, warmup: int, device: torch.device, dtype: torch.dtype,
+              names: Optional[list[str]] = None) -> dict:
+    """The arms (default all) at one depth, interleaved step by step; mean step times and ratios to ``gelu``."""
+    arms = [_Arm(name, depth, device, dtype) for name in ["gelu"] + [n for n in names or ARMS if n != "gelu"]]
     times: dict[str, list[tuple[float, float]]] = {arm.name: [] for arm in arms}
     update_cpu: dict[str, list[float]] = {arm.name: [] for arm in arms if arm.plugin is not None}
     for step in range(steps):
@@ -248,6 +249,7 @@ def sync_check(depth: int, steps: int, device: torch.device, dtype: torch.dtype)
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="*", default=[12, 48], help="none: the per-call parts only")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="gelu always runs")
     parser.add_argument("--steps", type=int, default=210, help="training steps per arm (>= 100 for an update at n100)")
     parser.add_argument("--warmup", type=int, default=10, help="first steps left out")
     parser.add_argument("--device", default="cpu")
@@ -283,7 +285,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if not args.no_per_call:
         report["per_call_128x256"] = per_call(device, dtype, args.call_repeats, inner=20)
         report["channels_last_fwd_bwd"] = channels_last(device, dtype, args.call_repeats)
-    report["depths"] = {str(d): depth_run(d, args.steps, args.warmup, device, dtype) for d in args.depths}
+    report["depths"] = {str(d): depth_run(d, args.steps, args.warmup, device, dtype, args.arms) for d in args.depths}
     print(json.dumps(report, indent=2))
     return report
 
