@@ -178,8 +178,9 @@ class EAFOActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if dispatch.eager_fused(x):
-            # The common eager call: the fused kernel, with tables built once per change of the
-            # spline, and the base inside the kernel where it is a plain ReLU or GELU.
+            # The common eager call: one fused autograd node, with tables built once per change
+            # of the spline; a plain ReLU base runs inside the kernel, a plain GELU (CPU) inside
+            # the node (ATen's own kernels, so its numbers are nn.GELU's).
             base = self._base_code(x)
             y0 = None if base else self.base(x)
             return dispatch.FusedSpline.apply(x, self.eps, y0, self._kernel_tables(x.dtype), base)
