@@ -1,4 +1,4 @@
-"""Every GPU-only test and benchmark of dynact in one call, one JSON out (at most ~8 minutes).
+"""Every GPU-only test and benchmark of dynact in one call, one JSON out (at most ~10 minutes).
 
 For whoever has a GPU for a few minutes: run it from the repository root and send back the
 JSON; the README's GPU figures come from it.
@@ -18,6 +18,13 @@ time is recorded as such and the next one runs):
 3. ``bench_callback.py --accelerator gpu --precision bf16-mixed``: ViT-Tiny step time with
    GELU, ReLU, CRReLU, EAFOActivation and the ReLU model with EAFOCallback at every_n_steps
    50 and 10, ratios to the GELU model.
+4. ``bench_depth.py --device cuda --dtype bfloat16``: the deep, narrow model (12 and 48 blocks
+   of Linear(256, 256) + GELU) with GELU, the converted EAFOActivation and ActivationOptimizer
+   every 100 and 10 steps, ratios to the GELU model; and ``--sync-check``: the plugin's steps
+   without an update under ``torch.cuda.set_sync_debug_mode("error")``, which must never
+   synchronise with the host.
+
+Without a CUDA device it prints that it skipped and exits 0.
 
 The JSON holds the GPU's name, the date, the versions, each stage's result and time, and a
 ``summary`` with the two figures the issue asks for next to their goals.
@@ -62,6 +69,25 @@ def _json_from(stdout: str):
         return None
 
 
+def _depth_summary(depth: dict | None, sync: dict | None) -> dict:
+    """The deep model's ratios to the GELU model and the sync check's verdict."""
+    out: dict = {}
+    try:
+        for d, run in depth["depths"].items():
+            for arm in ("eafo_static", "plugin_n100", "plugin_n10"):
+                out[f"depth{d}_{arm}_over_gelu"] = run["arms"][arm]["ratio_wall"]
+        out["goal_depth48"] = "eafo_static <= 1.08, plugin_n100 <= 1.10, plugin_n10 <= 1.30"
+    except (KeyError, TypeError):
+        out["bench_depth"] = "no result"
+    try:
+        out["steps_without_update_synchronise"] = not all(r["ok"] for r in sync["sync_check"])
+        out["sync_check"] = [{k: r[k] for k in ("depth", "steps_checked", "synchronising_steps", "first_error")}
+                             for r in sync["sync_check"]]
+    except (KeyError, TypeError):
+        out["sync_check"] = "no result"
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu_check.json")
@@ -71,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     if not torch.cuda.is_available():
-        raise SystemExit("gpu_check: no CUDA device visible")
+        print(json.dumps({"skipped": "no CUDA device visible"}))
+        return {"skipped": "no CUDA device visible"}
     try:
         import triton
 
@@ -110,7 +137,18 @@ def main(argv: list[str] | None = None) -> dict:
     cb["result"] = _json_from(cb.pop("stdout", ""))
     report["stages"]["bench_callback"] = cb
 
+    # 4. The deep, narrow model in bf16, and the check that steps without an update never synchronise.
+    depth = _run([py, "benchmarks/bench_depth.py", "--device", "cuda", "--dtype", "bfloat16",
+                  "--steps", "110" if quick else "210", "--call-repeats", "10" if quick else "30"], limit=240)
+    depth["result"] = _json_from(depth.pop("stdout", ""))
+    report["stages"]["bench_depth"] = depth
+    sync = _run([py, "benchmarks/bench_depth.py", "--device", "cuda", "--dtype", "bfloat16", "--sync-check"],
+                limit=120)
+    sync["result"] = _json_from(sync.pop("stdout", ""))
+    report["stages"]["sync_check"] = sync
+
     summary: dict = {"tests": counts}
+    summary.update(_depth_summary(depth.get("result"), sync.get("result")))
     try:
         eager = act["result"]["results"]["eager"]
         summary["eafo_fwd_bwd_eager_over_gelu"] = eager["EAFOActivation"]["ratio_to_gelu"]

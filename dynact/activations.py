@@ -127,19 +127,19 @@ class CRReLU(nn.Module):
         self.register_load_state_dict_pre_hook(eps_as_vector)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        eps = self.eps.view(())  # the stored (1,) as the 0-d scalar it is: 0-d inputs give 0-d outputs
         # Eager: the fused kernels of dynact.kernels (one pass per direction) or, where they
         # cannot be built, the hand-written backward above. Compiled: the same kernels as a
         # custom op on CPU, plain ops (fused by Inductor) elsewhere. Traced, under torch.func
         # transforms or forward-mode AD: plain ops.
+        if dispatch.eager_fused(x):
+            return dispatch.FusedCRReLU.apply(x, self.eps)
+        eps = self.eps.view(())  # the stored (1,) as the 0-d scalar it is: 0-d inputs give 0-d outputs
         if torch.compiler.is_compiling() or dispatch.MODE == "ops":
             if dispatch.MODE != "ops" and dispatch.compiled_on_cpu(x):
                 return dispatch.crrelu_op(x, eps)  # on CPU the C++ kernel beats Inductor's loop
             return crrelu(x, eps.to(x.dtype))
         if dispatch.plain_ops_needed():
             return crrelu(x, eps.to(x.dtype))
-        if dispatch.available(x):
-            return dispatch.FusedCRReLU.apply(x, eps)
         if not (x.requires_grad or eps.requires_grad):
             return crrelu(x, eps.to(x.dtype))
         return _CRReLUFunction.apply(x, eps)

@@ -161,6 +161,13 @@ class EAFOActivation(nn.Module):
         return torch.linspace(float(self.lo), float(self.hi), self.knots, dtype=dtype, device=self.s.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if dispatch.eager_fused(x):
+            # The common eager call: one fused autograd node, with tables built once per change
+            # of the spline; a plain ReLU base runs inside the kernel, a plain GELU (CPU) inside
+            # the node (ATen's own kernels, so its numbers are nn.GELU's).
+            base = self._base_code(x)
+            y0 = None if base else self.base(x)
+            return dispatch.FusedSpline.apply(x, self.eps, y0, self._kernel_tables(x.dtype), base)
         eps = self.eps.view(())  # the stored (1,) as the 0-d scalar it is: 0-d inputs give 0-d outputs
         if torch.compiler.is_compiling() or dispatch.MODE == "ops":
             if dispatch.MODE != "ops" and dispatch.compiled_on_cpu(x):
@@ -171,10 +178,7 @@ class EAFOActivation(nn.Module):
             return self._plain(x)
         if dispatch.plain_ops_needed():  # torch.jit.trace, torch.func transforms, forward-mode AD
             return self._plain(x)
-        value, slope, a, b, pairs = self._eager_tables(_compute_dtype(x.dtype))
-        if dispatch.available(x):
-            y0 = None if self._relu_in_kernel() else self.base(x)
-            return dispatch.FusedSpline.apply(x, eps, y0, pairs, a, b)
+        value, slope, a, b, _ = self._eager_tables(_compute_dtype(x.dtype))
         return _SplineTerm.apply(x, self.base(x), eps, value, slope, a, b)
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,28 +192,55 @@ class EAFOActivation(nn.Module):
         # (or a hooked one) runs as itself and the kernel adds the spline term in the same pass.
         return type(self.base) is nn.ReLU and not (self.base._forward_hooks or self.base._forward_pre_hooks)
 
-    def _eager_tables(self, dtype: torch.dtype):
-        """``(value, slope, a, b, pairs)``: :func:`_tables` and the fused kernels' packed table."""
-        # The tables are a few hundred numbers, but building them costs several tiny kernel
-        # launches per call; reuse them until a buffer is replaced or modified in place.
+    def _base_code(self, x: torch.Tensor) -> int:
+        """How the fused spline gets its base: ReLU inside the kernel, GELU by ATen inside the same
+        autograd node (CPU; :data:`dynact.kernels.dispatch.BASE_GELU`), or ``BASE_GIVEN``: the
+        base runs as itself (any other base, a hooked one, GELU on CUDA)."""
+        base = self._modules["base"]
+        kind = type(base)
+        if (kind is nn.ReLU or kind is nn.GELU) and not (base._forward_hooks or base._forward_pre_hooks):
+            if kind is nn.ReLU:
+                return dispatch.BASE_RELU
+            if base.approximate == "none" and x.is_cpu:
+                return dispatch.BASE_GELU
+        return dispatch.BASE_GIVEN
+
+    def _kernel_tables(self, dtype: torch.dtype) -> dispatch.SplineTables:
+        """The fused kernels' tables for inputs of ``dtype``, cached; rebuilt when ``s``, ``lo`` or
+        ``hi`` is replaced (``.to()``, ``load_state_dict(assign=True)``) or changed in place
+        (updates, ``load_state_dict``, ``copy_``: their version counters move)."""
+        cdt = torch.float64 if dtype == torch.float64 else torch.float32
+        buffers = self._buffers
+        s, lo, hi = buffers["s"], buffers["lo"], buffers["hi"]
+        hit = self._cache.get(cdt)
         try:
-            key = (self.s, self.lo, self.hi, self.s._version, self.lo._version, self.hi._version)
-        except RuntimeError:  # inference tensors carry no version counter
-            tables = _tables(self.s, self.lo, self.hi, dtype)
-            return (*tables, dispatch.pack(tables[0], tables[1]))
-        hit = self._cache.get(dtype)
-        if hit is not None and all(
-            a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(hit[0], key, strict=True)
-        ):
-            return hit[1]
+            if hit is not None:
+                ks, klo, khi, vs, vlo, vhi = hit[0]
+                if ks is s and klo is lo and khi is hi and (s._version, lo._version, hi._version) == (vs, vlo, vhi):
+                    return hit[1]
+            key = (s, lo, hi, s._version, lo._version, hi._version)
+        except RuntimeError:  # inference tensors carry no version counter: build, do not cache
+            return dispatch.SplineTables(*_tables(s, lo, hi, cdt))
         # Built outside inference mode even when called inside it: inference tensors cannot be
         # saved for backward, so cached ones would break the first training step after a
         # validation pass (Lightning validates under inference_mode).
         with torch.inference_mode(False), torch.no_grad():
-            tables = _tables(self.s, self.lo, self.hi, dtype)
-            tables = (*tables, dispatch.pack(tables[0], tables[1]))
-        self._cache[dtype] = (key, tables)
+            tables = dispatch.SplineTables(*_tables(s, lo, hi, cdt))
+        self._cache[cdt] = (key, tables)
         return tables
+
+    def _eager_tables(self, dtype: torch.dtype):
+        """``(value, slope, a, b, pairs)``: :func:`_tables` and the fused kernels' packed table."""
+        return self._kernel_tables(dtype).as_tuple()
+
+    def clear_cache(self) -> None:
+        """Forget the kernel tables built from ``s``, ``lo`` and ``hi``; the next call rebuilds them.
+
+        Changes through the buffers themselves (in place, or by replacing them) are seen without
+        it; call it after writing their memory some other way (through ``.data``, or a tensor
+        that shares their storage without being a view of them).
+        """
+        self._cache.clear()
 
     def __getstate__(self):
         # Pickling and deepcopy drop the table cache; it is rebuilt on the next call.

@@ -519,3 +519,95 @@ def test_cuda_autocast_bf16_and_compile():
     torch.testing.assert_close(compiled.float(), eager.float(), rtol=2e-2, atol=2e-2)
     eager.float().sum().backward()
     assert torch.isfinite(model[1].eps.grad) and torch.isfinite(model[3].eps.grad)
+
+
+# --------------------------------------------------------------------------- memory layout and table cache
+@needs_compiler
+@pytest.mark.parametrize("name", ["crrelu", "eafo_relu", "eafo_gelu"])
+def test_channels_last_input_keeps_its_layout_and_values(name):
+    # The kernels are elementwise and run over the input's memory as it lies: a channels_last
+    # input gives a channels_last output and gradient, with the values of the contiguous run
+    # (bit for bit: the same arithmetic on the same numbers; ATen's GELU is not, as its last
+    # few elements in memory take a scalar path), whatever layout the gradient has.
+    act = _modules()[name]
+    x = _inputs(4 * 6 * 5 * 7).reshape(4, 6, 5, 7)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    y, gx, geps, fn = _run(act, nhwc, grad, "auto")
+    assert "Fused" in type(fn).__name__
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+    y_c, gx_c, geps_c, _ = _run(act, x, grad, "auto")
+    assert y_c.is_contiguous()
+    tol = 1e-6 if name == "eafo_gelu" else 0.0
+    torch.testing.assert_close(y, y_c, rtol=tol, atol=tol)
+    torch.testing.assert_close(gx, gx_c, rtol=tol, atol=tol)
+    torch.testing.assert_close(geps, geps_c, rtol=1e-6, atol=1e-7)  # the sum runs in another order
+    y_ref, gx_ref, _, _ = _run(act, nhwc, grad, "reference")
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-6)
+
+
+@needs_compiler
+def test_a_gelu_base_runs_inside_the_fused_node_unless_hooked():
+    act = _modules()["eafo_gelu"]
+    x = _inputs(1000)
+    assert act._base_code(x) == _kernels.BASE_GELU
+    with torch.no_grad():
+        act.s.zero_()  # a zero spline: exactly nn.GELU, values and gradient (ATen's GELU runs inside)
+    for dtype in (torch.float32, torch.bfloat16):
+        xd, xg = (x.to(dtype).clone().requires_grad_(True) for _ in range(2))
+        y = act.to(dtype)(xd)
+        assert type(y.grad_fn).__name__ == "FusedSplineBackward"
+        y.backward(torch.ones_like(y))
+        want = nn.GELU()(xg)
+        want.backward(torch.ones_like(y))
+        assert torch.equal(y, want) and torch.equal(xd.grad, xg.grad)
+    act = _modules()["eafo_gelu"].float()
+    calls = []
+    act.base.register_forward_hook(lambda module, args, out: calls.append(1))
+    assert act._base_code(x) == _kernels.BASE_GIVEN
+    y, gx, _, _ = _run(act, x, torch.ones_like(x), "auto")
+    y_ref, gx_ref, _, _ = _run(act, x, torch.ones_like(x), "reference")
+    assert len(calls) == 2
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-6)
+
+
+@needs_compiler
+def test_kernel_tables_follow_every_change_of_the_spline():
+    # The tables are built once and reused; in-place changes (updates, load_state_dict) and
+    # replaced buffers (.to()) must reach the next call. Oracle: the reference path.
+    act = _modules()["eafo_relu"]
+    x = _inputs(2000)
+
+    def agrees():
+        _kernels.MODE = "auto"
+        with torch.no_grad():
+            y = act(x)
+            _kernels.MODE = "reference"
+            y_ref = act(x)
+        _kernels.MODE = "auto"
+        torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+        return y
+
+    first = agrees()
+    assert act._kernel_tables(torch.float32) is act._kernel_tables(torch.float32)  # cached
+    with torch.no_grad():
+        act.s.mul_(-2.0)
+    assert not torch.allclose(agrees(), first)
+    with torch.no_grad():
+        act.lo.fill_(-5.0)
+        act.hi.fill_(4.0)
+    agrees()
+    other = EAFOActivation("relu", eps=0.3, init="zero")
+    act.load_state_dict(other.state_dict())
+    torch.testing.assert_close(agrees(), torch.relu(x))  # a zero spline: the base alone
+    act.double()  # replaced buffers
+    x = x.double()
+    agrees()
+    x = x.float()
+    act.float()
+    act.s.data[1:-1] = 1.0  # through .data: no version change, so the cache needs telling
+    act.clear_cache()
+    agrees()

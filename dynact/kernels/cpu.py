@@ -21,7 +21,12 @@ SOURCE = r"""// Fused CPU kernels of dynact's activations: one pass over the ten
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DYNACT_AVX2 1
+#endif
 
 namespace {
 
@@ -148,35 +153,118 @@ inline int threads_for(int64_t n, int threads) { return n < 4 * CHUNK ? 1 : thre
 
 // Runs body(start, stop) over fixed chunks in parallel; with a sum, body returns the partial
 // sum of its chunk and the chunk sums are added in chunk order.
+// A tensor of a few chunks runs on the calling thread without entering an OpenMP region (whose
+// setup is a measurable part of a call at the sizes of a small model's layers).
 template <class Body> void for_chunks(int64_t n, int threads, Body body) {
   const int64_t chunks = (n + CHUNK - 1) / CHUNK;
-#pragma omp parallel for num_threads(threads_for(n, threads)) schedule(static)
+  if (threads_for(n, threads) == 1) {
+    for (int64_t c = 0; c < chunks; ++c) body(c * CHUNK, c * CHUNK + CHUNK < n ? c * CHUNK + CHUNK : n);
+    return;
+  }
+#pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t c = 0; c < chunks; ++c) body(c * CHUNK, c * CHUNK + CHUNK < n ? c * CHUNK + CHUNK : n);
+}
+template <class Body> double chunk_sum(int64_t c, int64_t n, Body& body) {
+  const int64_t end = c * CHUNK + CHUNK < n ? c * CHUNK + CHUNK : n;
+  double acc = 0.0;
+  // Runs of SUB elements are summed in the compute type (keeps the loop vectorised).
+  for (int64_t s = c * CHUNK; s < end; s += SUB) acc += double(body(s, s + SUB < end ? s + SUB : end));
+  return acc;
 }
 template <class Body> double sum_chunks(int64_t n, int threads, Body body) {
   const int64_t chunks = (n + CHUNK - 1) / CHUNK;
-  std::vector<double> partial(chunks);
-#pragma omp parallel for num_threads(threads_for(n, threads)) schedule(static)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t end = c * CHUNK + CHUNK < n ? c * CHUNK + CHUNK : n;
-    double acc = 0.0;
-    // Runs of SUB elements are summed in the compute type (keeps the loop vectorised).
-    for (int64_t s = c * CHUNK; s < end; s += SUB) acc += double(body(s, s + SUB < end ? s + SUB : end));
-    partial[c] = acc;
-  }
   double total = 0.0;
+  if (threads_for(n, threads) == 1) {  // the same chunk sums, added in the same order
+    for (int64_t c = 0; c < chunks; ++c) total += chunk_sum(c, n, body);
+    return total;
+  }
+  std::vector<double> partial(chunks);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) partial[c] = chunk_sum(c, n, body);
   for (int64_t c = 0; c < chunks; ++c) total += partial[c];
   return total;
 }
 
 // ----------------------------------------------------------------------------- EAFO spline
+
+#ifdef DYNACT_AVX2
+// float32 with AVX2: eight elements per step with hardware gathers of the (value, slope)
+// pairs, where GCC's own vector code assembled each pair from scalar loads (four times slower
+// on Zen 3). Every operation is the scalar code's, in its order, so the results are bit for bit
+// those of the loops below (which finish the last elements of each range). max(0, u) and
+// min(last, u) keep NaN and -0 as the scalar comparisons do.
+struct Seg8 { __m256 frac, value, slope; };
+
+inline Seg8 segment8(__m256 xv, __m256 a, __m256 b, __m256 last, const float* pairs) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 u = _mm256_min_ps(last, _mm256_max_ps(zero, _mm256_fmadd_ps(xv, a, b)));
+  __m256i j = _mm256_and_si256(_mm256_cvttps_epi32(u), _mm256_castps_si256(_mm256_cmp_ps(u, u, _CMP_ORD_Q)));
+  // Gathered in the order (0 1 4 5)(2 3 6 7), one shuffle gives values and slopes in order.
+  __m256i jp = _mm256_permutevar8x32_epi32(j, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+  const long long* table = reinterpret_cast<const long long*>(pairs);
+  __m256 lo = _mm256_castsi256_ps(_mm256_i32gather_epi64(table, _mm256_castsi256_si128(jp), 8));
+  __m256 hi = _mm256_castsi256_ps(_mm256_i32gather_epi64(table, _mm256_extracti128_si256(jp, 1), 8));
+  return {_mm256_sub_ps(u, _mm256_cvtepi32_ps(j)), _mm256_shuffle_ps(lo, hi, 0x88), _mm256_shuffle_ps(lo, hi, 0xDD)};
+}
+
+// Returns the first index it left to the scalar loop.
+template <int BASE>
+int64_t eafo_forward8(const float* __restrict x, const float* __restrict y0, float* __restrict out, int64_t start,
+                      int64_t stop, const float* __restrict pairs, float a, float b, float last, float eps) {
+  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vl = _mm256_set1_ps(last), ve = _mm256_set1_ps(eps);
+  int64_t i = start;
+  for (; i + 8 <= stop; i += 8) {
+    __m256 xv = _mm256_loadu_ps(x + i);
+    Seg8 seg = segment8(xv, va, vb, vl, pairs);
+    __m256 s = _mm256_fmadd_ps(seg.frac, seg.slope, seg.value);
+    __m256 base = BASE == 1 ? _mm256_max_ps(_mm256_setzero_ps(), xv) : _mm256_loadu_ps(y0 + i);
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(s, ve, base));
+  }
+  return i;
+}
+
+template <int BASE, bool GX, bool GE>
+int64_t eafo_backward8(const float* __restrict grad, const float* __restrict x, float* __restrict gx, int64_t start,
+                       int64_t stop, const float* __restrict pairs, float a, float b, float last, float a_eps,
+                       float* __restrict terms) {
+  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vl = _mm256_set1_ps(last);
+  const __m256 vae = _mm256_set1_ps(a_eps);
+  int64_t i = start;
+  for (; i + 8 <= stop; i += 8) {
+    __m256 xv = _mm256_loadu_ps(x + i);
+    __m256 g = _mm256_loadu_ps(grad + i);
+    Seg8 seg = segment8(xv, va, vb, vl, pairs);
+    if (GE) _mm256_storeu_ps(terms + (i - start), _mm256_mul_ps(g, _mm256_fmadd_ps(seg.frac, seg.slope, seg.value)));
+    if (GX) {
+      __m256 spline = _mm256_mul_ps(g, _mm256_mul_ps(seg.slope, vae));
+      __m256 total = spline;
+      if (BASE == 1) {
+        __m256 positive = _mm256_cmp_ps(xv, _mm256_setzero_ps(), _CMP_GT_OQ);
+        total = _mm256_blendv_ps(spline, _mm256_add_ps(g, spline), positive);
+      } else if (BASE == 2) {
+        total = _mm256_add_ps(_mm256_loadu_ps(gx + i), spline);
+      }
+      _mm256_storeu_ps(gx + i, total);
+    }
+  }
+  return i;
+}
+#endif
+
+
 // y = base(x) + eps * s(x), s(x) = value[j] + frac * slope[j] with (value, slope) = pairs[j].
 // BASE 0: base(x) given as y0; BASE 1: ReLU computed here.
 template <class T, int BASE, class C = typename Type<T>::C>
 void eafo_forward_run(const T* __restrict x, const T* __restrict y0, T* __restrict out, int64_t start,
                       int64_t stop, const C* __restrict pairs, C a, C b, C last, C eps) {
+  int64_t first = start;
+#ifdef DYNACT_AVX2
+  if constexpr (std::is_same<T, float>::value) {
+    first = eafo_forward8<BASE>(x, y0, out, start, stop, pairs, a, b, last, eps);
+  }
+#endif
 #pragma omp simd
-  for (int64_t i = start; i < stop; ++i) {
+  for (int64_t i = first; i < stop; ++i) {
     C xv = Type<T>::load(x[i]);
     C frac, value, slope;
     int j = segment(xv, a, b, last, &frac);
@@ -196,7 +284,8 @@ void eafo_forward(const T* x, const T* y0, T* out, int64_t n, const typename Typ
   });
 }
 
-// grad_x = grad * (base'(x) + slope[j] * (a * eps)) (BASE 0: the spline's part only);
+// grad_x = grad * base'(x) + grad * slope[j] * (a * eps): BASE 0 the spline's part only, BASE 1
+// with ReLU's, BASE 2 added to the base's part already in gx;
 // returns sum(grad * s(x)) over [start, stop) (at most SUB elements) if GE.
 template <class T, int BASE, bool GX, bool GE, class C = typename Type<T>::C>
 C eafo_backward_run(const T* __restrict grad, const T* __restrict x, T* __restrict gx, int64_t start,
@@ -204,8 +293,14 @@ C eafo_backward_run(const T* __restrict grad, const T* __restrict x, T* __restri
   // The products are stored and summed in a second loop: with the sum in the main loop GCC
   // left it scalar (5x slower).
   C terms[GE ? SUB : 1];
+  int64_t first = start;
+#ifdef DYNACT_AVX2
+  if constexpr (std::is_same<T, float>::value) {
+    first = eafo_backward8<BASE, GX, GE>(grad, x, gx, start, stop, pairs, a, b, last, a_eps, terms);
+  }
+#endif
 #pragma omp simd
-  for (int64_t i = start; i < stop; ++i) {
+  for (int64_t i = first; i < stop; ++i) {
     C xv = Type<T>::load(x[i]);
     C g = Type<T>::load(grad[i]);
     C frac, value, slope;
@@ -214,7 +309,11 @@ C eafo_backward_run(const T* __restrict grad, const T* __restrict x, T* __restri
     if (GE) terms[i - start] = g * mul_add(frac, slope, value);
     if (GX) {
       C spline = g * (slope * a_eps);
-      gx[i] = Type<T>::store(BASE == 1 ? (xv > C(0) ? g + spline : spline) : spline);
+      // BASE 2: gx holds the base's part already; the spline's is rounded to T and added, as
+      // autograd adds the gradients of two branches.
+      C total = BASE == 1 ? (xv > C(0) ? g + spline : spline)
+                          : (BASE == 2 ? Type<T>::load(gx[i]) + Type<T>::load(Type<T>::store(spline)) : spline);
+      gx[i] = Type<T>::store(total);
     }
   }
   C sum = C(0);
@@ -302,58 +401,97 @@ template <class F> int by_dtype(int dtype, F&& f) {
   }
 }
 
+// One number of a given element type, read as double / written from a double (rounded once to
+// float first for half types, as torch's double-to-half casts do).
+inline int read_scalar(const void* p, int dtype, double* out) {
+  switch (dtype) {
+    case 0: *out = *static_cast<const float*>(p); return 0;
+    case 1: *out = *static_cast<const double*>(p); return 0;
+    case 2: *out = Type<bf16>::load(*static_cast<const bf16*>(p)); return 0;
+    case 3: *out = Type<f16>::load(*static_cast<const f16*>(p)); return 0;
+    default: return 1;
+  }
+}
+inline int write_scalar(void* p, int dtype, double v) {
+  switch (dtype) {
+    case 0: *static_cast<float*>(p) = float(v); return 0;
+    case 1: *static_cast<double*>(p) = v; return 0;
+    case 2: *static_cast<bf16*>(p) = Type<bf16>::store(float(v)); return 0;
+    case 3: *static_cast<f16*>(p) = Type<f16>::store(float(v)); return 0;
+    default: return 1;
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-int dynact_abi_version() { return 2; }
+int dynact_abi_version() { return 3; }
 
-// pairs: (value, slope) per segment, 2 * (last + 1) numbers of the compute type.
+// eps: one number of element type eps_dtype, read here (a parameter's own memory: no host copy
+// per call). geps: where the eps gradient goes, one number of type geps_dtype (the double sum
+// rounded once, via float for half types as torch's casts do). pairs: (value, slope) per
+// segment, 2 * (last + 1) numbers of the compute type.
 int dynact_eafo_forward(int dtype, int base, const void* x, const void* y0, void* out, int64_t n,
-                        const void* pairs, double a, double b, int last, double eps, int threads) {
+                        const void* pairs, double a, double b, int last, const void* eps, int eps_dtype,
+                        int threads) {
   if (base != 0 && base != 1) return 1;
+  double e;
+  if (read_scalar(eps, eps_dtype, &e)) return 1;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using C = typename Type<T>::C;
     auto f = base == 1 ? eafo_forward<T, 1> : eafo_forward<T, 0>;
     f(static_cast<const T*>(x), static_cast<const T*>(y0), static_cast<T*>(out), n, static_cast<const C*>(pairs),
-      a, b, last, eps, threads);
+      a, b, last, e, threads);
   });
 }
 
-int dynact_eafo_backward(int dtype, int base, const void* grad, const void* x, void* gx, double* geps,
-                         int64_t n, const void* pairs, double a, double b, int last, double eps, int threads) {
-  if ((base != 0 && base != 1) || (gx == nullptr && geps == nullptr)) return 1;
-  return by_dtype(dtype, [&](auto tag) {
+int dynact_eafo_backward(int dtype, int base, const void* grad, const void* x, void* gx, void* geps,
+                         int geps_dtype, int64_t n, const void* pairs, double a, double b, int last,
+                         const void* eps, int eps_dtype, int threads) {
+  if (base < 0 || base > 2 || (gx == nullptr && geps == nullptr)) return 1;
+  double e, sum = 0.0;
+  if (read_scalar(eps, eps_dtype, &e)) return 1;
+  int rc = by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     using C = typename Type<T>::C;
     using Fn = void (*)(const T*, const T*, T*, double*, int64_t, const C*, double, double, int, double, int);
-    Fn table[2][3] = {{eafo_backward<T, 0, true, true>, eafo_backward<T, 0, true, false>,
+    Fn table[3][3] = {{eafo_backward<T, 0, true, true>, eafo_backward<T, 0, true, false>,
                        eafo_backward<T, 0, false, true>},
                       {eafo_backward<T, 1, true, true>, eafo_backward<T, 1, true, false>,
-                       eafo_backward<T, 1, false, true>}};
+                       eafo_backward<T, 1, false, true>},
+                      {eafo_backward<T, 2, true, true>, eafo_backward<T, 2, true, false>,
+                       eafo_backward<T, 2, false, true>}};
     int which = gx == nullptr ? 2 : (geps == nullptr ? 1 : 0);
-    table[base][which](static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(gx), geps, n,
-                       static_cast<const C*>(pairs), a, b, last, eps, threads);
+    table[base][which](static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(gx), &sum, n,
+                       static_cast<const C*>(pairs), a, b, last, e, threads);
   });
+  return rc ? rc : (geps == nullptr ? 0 : write_scalar(geps, geps_dtype, sum));
 }
 
-int dynact_crrelu_forward(int dtype, const void* x, void* out, int64_t n, double eps, int threads) {
+int dynact_crrelu_forward(int dtype, const void* x, void* out, int64_t n, const void* eps, int eps_dtype,
+                          int threads) {
+  double e;
+  if (read_scalar(eps, eps_dtype, &e)) return 1;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    crrelu_forward<T>(static_cast<const T*>(x), static_cast<T*>(out), n, eps, threads);
+    crrelu_forward<T>(static_cast<const T*>(x), static_cast<T*>(out), n, e, threads);
   });
 }
 
-int dynact_crrelu_backward(int dtype, const void* grad, const void* x, void* gx, double* geps, int64_t n,
-                           double eps, int threads) {
+int dynact_crrelu_backward(int dtype, const void* grad, const void* x, void* gx, void* geps, int geps_dtype,
+                           int64_t n, const void* eps, int eps_dtype, int threads) {
   if (gx == nullptr && geps == nullptr) return 1;
-  return by_dtype(dtype, [&](auto tag) {
+  double e, sum = 0.0;
+  if (read_scalar(eps, eps_dtype, &e)) return 1;
+  int rc = by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     auto f = gx == nullptr ? crrelu_backward<T, false, true>
                            : (geps == nullptr ? crrelu_backward<T, true, false> : crrelu_backward<T, true, true>);
-    f(static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(gx), geps, n, eps, threads);
+    f(static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(gx), &sum, n, e, threads);
   });
+  return rc ? rc : (geps == nullptr ? 0 : write_scalar(geps, geps_dtype, sum));
 }
 
 }  // extern "C"

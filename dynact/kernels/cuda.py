@@ -3,7 +3,9 @@
 Same arithmetic as the C++ kernels (``dynact.kernels.cpu``): half inputs are computed in float32, the eps gradient is a
 per-block sum (a fixed tree inside each block) written to a buffer and added by ``torch.sum``,
 which is deterministic for a fixed size, so deterministic mode needs nothing more. Scalars are
-read from device memory, so no call synchronises with the host. Used through
+read from device memory, so no call synchronises with the host. Inputs are dense (their
+elements fill their memory once each) and share one layout, which the outputs keep; the
+kernels run over that memory as one flat array. Used through
 :mod:`dynact.kernels.dispatch`; if Triton is missing or a kernel fails to compile, :func:`available`
 turns false after one warning and the reference path runs.
 """
@@ -141,10 +143,9 @@ def _blocks(n: int) -> int:
 
 
 def eafo_forward(x, y0, pairs, a, b, eps):
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty_like(x)
     n = x.numel()
     if n:
-        y0 = None if y0 is None else y0.to(x.dtype).contiguous()
         with torch.cuda.device(x.device):
             _eafo_fwd_kernel[(_blocks(n),)](x, x if y0 is None else y0, out, n, pairs, a, b, eps,
                                             float(pairs.shape[0] - 2), RELU=y0 is None, BLOCK=_BLOCK)
@@ -156,7 +157,7 @@ def _backward(kernel, grad, x, need_x, need_eps, *args, **meta):
     gradient (if asked), summed in a fixed order so the result is deterministic."""
     n = x.numel()
     grad = grad.to(x.dtype)
-    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    gx = torch.empty_like(x) if need_x else None
     part = torch.zeros(max(_blocks(n), 1), device=x.device, dtype=torch.float32) if need_eps else None
     if n:
         with torch.cuda.device(x.device):
@@ -171,7 +172,7 @@ def eafo_backward(grad, x, relu, pairs, a, b, eps, need_x, need_eps):
 
 
 def crrelu_forward(x, eps):
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty_like(x)
     n = x.numel()
     if n:
         with torch.cuda.device(x.device):

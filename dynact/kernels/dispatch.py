@@ -14,6 +14,12 @@ memory traffic of GELU's own kernels.
 - CUDA: Triton kernels (:mod:`dynact.kernels.cuda`) when Triton is installed; per-block partial sums
   of the eps gradient are added by one deterministic ``torch.sum``.
 
+Per call the eager path does only what must be done per call: one check (:func:`eager_fused`),
+the kernel call, and the tables built once per change of the spline (:class:`SplineTables`,
+cached by the module). ``eps`` is read by the kernels from its own memory and its gradient is
+written in its dtype and shape. Inputs whose elements fill their memory once each (contiguous,
+channels_last, a transposed matrix) are used as they lie and the output has their layout.
+
 Where a fast path cannot be built (no compiler, build error, no Triton) the reference path runs
 instead (the autograd functions of :mod:`dynact.activations` and :mod:`dynact.spline`) and one
 warning says why. ``DYNACT_KERNELS=reference`` turns the fused kernels off.
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -61,7 +68,7 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17",
           # Multiply-adds are fused exactly where the source says so (as ATen's addcmul does).
           "-ffp-contract=off"]
 _DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-_ABI = 2
+_ABI = 3
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -185,10 +192,10 @@ def _load() -> Optional[ctypes.CDLL]:
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-    lib.dynact_eafo_forward.argtypes = [i32, i32, p, p, p, i64, p, f64, f64, i32, f64, i32]
-    lib.dynact_eafo_backward.argtypes = [i32, i32, p, p, p, p, i64, p, f64, f64, i32, f64, i32]
-    lib.dynact_crrelu_forward.argtypes = [i32, p, p, i64, f64, i32]
-    lib.dynact_crrelu_backward.argtypes = [i32, p, p, p, p, i64, f64, i32]
+    lib.dynact_eafo_forward.argtypes = [i32, i32, p, p, p, i64, p, f64, f64, i32, p, i32, i32]
+    lib.dynact_eafo_backward.argtypes = [i32, i32, p, p, p, p, i32, i64, p, f64, f64, i32, p, i32, i32]
+    lib.dynact_crrelu_forward.argtypes = [i32, p, p, i64, p, i32, i32]
+    lib.dynact_crrelu_backward.argtypes = [i32, p, p, p, p, i32, i64, p, i32, i32]
     for fn in (lib.dynact_eafo_forward, lib.dynact_eafo_backward, lib.dynact_crrelu_forward,
                lib.dynact_crrelu_backward):
         fn.restype = i32
@@ -213,27 +220,148 @@ def available(x: torch.Tensor) -> bool:
     """Whether a fused kernel serves ``x`` (its device and dtype) in this process."""
     if MODE != "auto" or x.dtype not in _DTYPES:
         return False
-    if x.device.type == "cpu":
-        return _load() is not None
-    if x.device.type == "cuda" and x.dtype != torch.float64:
+    if x.is_cpu:
+        return _lib is not None or _load() is not None
+    if x.is_cuda and x.dtype != torch.float64:
         return _cuda().available()
     return False
 
 
+def eager_fused(x: torch.Tensor) -> bool:
+    """Whether an eager call on ``x`` runs the fused kernels: every per-call check in one place
+    (``DYNACT_KERNELS``, ``torch.compile``, :func:`plain_ops_needed`, :func:`available`)."""
+    return (MODE == "auto" and not torch.compiler.is_compiling() and not plain_ops_needed()
+            and available(x))
+
+
 # ----------------------------------------------------------------------------- CPU calls
-def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
-
-
 def _check(rc: int) -> None:
     if rc != 0:
         raise RuntimeError("dynact fused kernel: unsupported arguments")
+
+
+def _threads(n: int) -> int:
+    # The kernels split work in chunks of 16384 elements and stay on one thread below four of
+    # them; asking torch for its thread count is then a call saved.
+    return torch.get_num_threads() if n >= 65536 else 1
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself where its elements fill their span of memory once each, in any order of the
+    dimensions (contiguous, channels_last, a transposed matrix), else a contiguous copy. The
+    kernels are elementwise: they run over that memory as one flat array, and an output made
+    by ``torch.empty_like(x)`` has the same layout, so a channels_last input gives a
+    channels_last output."""
+    if x.is_contiguous():
+        return x
+    expected = 1
+    for size, stride in sorted(zip(x.shape, x.stride(), strict=True), key=lambda p: p[1]):
+        if size != 1:
+            if stride != expected:
+                return x.contiguous()
+            expected *= size
+    return x
+
+
+def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` (same shape as ``x``) in ``x``'s dtype and memory layout, copied only if it is not already."""
+    if t.dtype == x.dtype and t.stride() == x.stride():
+        return t
+    return torch.empty_like(x).copy_(t)
+
+
+def _on_memory(op, *tensors: torch.Tensor) -> torch.Tensor:
+    """An elementwise ATen op on dense tensors of one layout, run over their memory as one flat
+    array and returned in that layout: ATen's GELU took 1.6x as long on a channels_last input
+    as on the same numbers in NCHW."""
+    x = tensors[-1]
+    if x.is_contiguous():
+        return op(*tensors)
+    n = x.numel()
+    flat = op(*(t.as_strided((n,), (1,)) for t in tensors))
+    return flat.as_strided(x.shape, x.stride())
 
 
 def pack(value: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
     """``(K + 3, 2)`` table of ``(value[j], slope[j])`` pairs (``slope`` padded with a zero), from
     the tables of ``dynact.kernels.reference._tables``: the kernels fetch both numbers with one load."""
     return torch.stack([value, torch.cat([slope, slope.new_zeros(1)])], 1).contiguous()
+
+
+class SplineTables:
+    """A spline's tables as the fused kernels take them, built once per change of the spline.
+
+    ``value``, ``slope``, ``a``, ``b``: :func:`dynact.kernels.reference._tables` (tensors, for
+    the differentiable formulas); ``pairs``: :func:`pack`; ``a_f``, ``b_f``, ``last``: the map
+    and the last segment as Python numbers for the C++ calls (read once here, not per call).
+    """
+
+    __slots__ = ("value", "slope", "a", "b", "pairs", "a_f", "b_f", "last")
+
+    def __init__(self, value: torch.Tensor, slope: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.value, self.slope, self.a, self.b = value, slope, a, b
+        self.pairs = pack(value, slope)
+        self.last = self.pairs.shape[0] - 2
+        # Read to the host for the C++ kernels only: on CUDA that would synchronise, and the
+        # Triton kernels read the tensors themselves.
+        self.a_f, self.b_f = (float(a), float(b)) if a.is_cpu else (math.nan, math.nan)
+
+    def as_tuple(self) -> tuple:
+        return self.value, self.slope, self.a, self.b, self.pairs
+
+
+#: Base codes of the fused spline: ``BASE_GIVEN`` the base's output comes in as ``y0``;
+#: ``BASE_RELU`` ReLU is computed inside the kernel; ``BASE_GELU`` (CPU) GELU (erf form) runs as
+#: ATen's own kernels inside the autograd function (bit for bit ``nn.GELU``'s values and
+#: gradient), so the module is one autograd node and the kernel adds the spline's gradient to
+#: GELU's in place, the addition autograd would make with a separate base.
+BASE_GIVEN, BASE_RELU, BASE_GELU = 0, 1, 2
+
+
+def _spline_fwd(x: torch.Tensor, y0: Optional[torch.Tensor], t: SplineTables, base: int,
+                eps: torch.Tensor) -> torch.Tensor:
+    x = _dense(x)
+    if base == BASE_GELU:
+        y0, base = _on_memory(torch._C._nn.gelu, x), BASE_GIVEN
+    y0 = None if y0 is None else _like(y0, x)
+    if x.is_cuda:
+        return _cuda().eafo_forward(x, y0, t.pairs, t.a, t.b, eps)
+    if not (eps.is_cpu and t.pairs.is_cpu):  # the kernel reads them from host memory
+        raise RuntimeError(f"dynact: input on the CPU but the activation's tables and eps on {eps.device}")
+    out = torch.empty_like(x)
+    n = x.numel()
+    _check(_lib.dynact_eafo_forward(_DTYPES[x.dtype], base, x.data_ptr(), None if y0 is None else y0.data_ptr(),
+                                    out.data_ptr(), n, t.pairs.data_ptr(), t.a_f, t.b_f, t.last, eps.data_ptr(),
+                                    _DTYPES[eps.dtype], _threads(n)))
+    return out
+
+
+def _spline_bwd(grad: torch.Tensor, x: torch.Tensor, t: SplineTables, base: int, eps: torch.Tensor,
+                need_x: bool, need_eps: bool):
+    x = _dense(x)
+    grad = _like(grad, x)
+    if x.is_cuda:
+        gx, geps = _cuda().eafo_backward(grad, x, base == BASE_RELU, t.pairs, t.a, t.b, eps, need_x, need_eps)
+        return gx, (None if geps is None else geps.to(eps.dtype).reshape(eps.shape))
+    if base == BASE_GELU:  # GELU's gradient by ATen, the spline's added by the kernel
+        gx = _on_memory(torch.ops.aten.gelu_backward, grad, x) if need_x else None
+        base = BASE_GELU if need_x else BASE_GIVEN
+    else:
+        gx = torch.empty_like(x) if need_x else None
+    geps = torch.empty_like(eps, memory_format=torch.contiguous_format) if need_eps else None
+    n = x.numel()
+    _check(_lib.dynact_eafo_backward(_DTYPES[x.dtype], base, grad.data_ptr(), x.data_ptr(),
+                                     None if gx is None else gx.data_ptr(), None if geps is None else geps.data_ptr(),
+                                     _DTYPES[eps.dtype], n, t.pairs.data_ptr(), t.a_f, t.b_f, t.last,
+                                     eps.data_ptr(), _DTYPES[eps.dtype], _threads(n)))
+    return gx, geps
+
+
+def _tables_of(pairs: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> SplineTables:
+    t = SplineTables.__new__(SplineTables)
+    t.pairs, t.a, t.b, t.last = pairs, a, b, pairs.shape[0] - 2
+    t.a_f, t.b_f = (float(a), float(b)) if a.is_cpu else (math.nan, math.nan)
+    return t
 
 
 def eafo_forward(x: torch.Tensor, y0: Optional[torch.Tensor], pairs: torch.Tensor, a: torch.Tensor,
@@ -243,54 +371,51 @@ def eafo_forward(x: torch.Tensor, y0: Optional[torch.Tensor], pairs: torch.Tenso
     ``pairs`` (see :func:`pack`), ``a``, ``b``: the spline's tables in the compute dtype (float32
     for half inputs); ``eps`` one element. Scalars stay tensors so that CUDA never synchronises.
     """
-    x = x.contiguous()
-    if x.device.type == "cuda":
-        return _cuda().eafo_forward(x, y0, pairs, a, b, eps)
-    y0 = None if y0 is None else y0.to(x.dtype).contiguous()
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _check(_lib.dynact_eafo_forward(_DTYPES[x.dtype], 0 if y0 is not None else 1, _ptr(x), _ptr(y0), _ptr(out),
-                                    x.numel(), _ptr(pairs), float(a), float(b), pairs.shape[0] - 2, float(eps),
-                                    torch.get_num_threads()))
-    return out
+    return _spline_fwd(x, y0, _tables_of(pairs, a, b), BASE_RELU if y0 is None else BASE_GIVEN, eps)
 
 
 def eafo_backward(grad: torch.Tensor, x: torch.Tensor, relu: bool, pairs: torch.Tensor, a: torch.Tensor,
                   b: torch.Tensor, eps: torch.Tensor, need_x: bool, need_eps: bool):
     """``(grad_x, grad_eps)``: ``grad_x`` includes ReLU's derivative if ``relu``; ``grad_eps`` 0-d
-    (callers reshape it to ``eps``'s shape), float64 on CPU, float32 on CUDA."""
-    grad, x = grad.contiguous(), x.contiguous()
-    if x.device.type == "cuda":
-        return _cuda().eafo_backward(grad, x, relu, pairs, a, b, eps, need_x, need_eps)
-    grad = grad.to(x.dtype)
-    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-    geps = torch.zeros((), dtype=torch.float64) if need_eps else None
-    _check(_lib.dynact_eafo_backward(_DTYPES[x.dtype], int(relu), _ptr(grad), _ptr(x), _ptr(gx), _ptr(geps),
-                                     x.numel(), _ptr(pairs), float(a), float(b), pairs.shape[0] - 2, float(eps),
-                                     torch.get_num_threads()))
-    return gx, geps
+    in ``eps``'s dtype (callers reshape it to ``eps``'s shape)."""
+    gx, geps = _spline_bwd(grad, x, _tables_of(pairs, a, b), BASE_RELU if relu else BASE_GIVEN, eps, need_x,
+                           need_eps)
+    return gx, (None if geps is None else geps.reshape(()))
 
 
 def crrelu_forward(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    x = x.contiguous()
-    if x.device.type == "cuda":
+    x = _dense(x)
+    if x.is_cuda:
         return _cuda().crrelu_forward(x, eps)
-    eps = float(eps)
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _check(_lib.dynact_crrelu_forward(_DTYPES[x.dtype], _ptr(x), _ptr(out), x.numel(), eps,
-                                      torch.get_num_threads()))
+    if not eps.is_cpu:  # the kernel reads it from host memory
+        raise RuntimeError(f"dynact: input on the CPU but CRReLU's eps on {eps.device}")
+    out = torch.empty_like(x)
+    n = x.numel()
+    _check(_lib.dynact_crrelu_forward(_DTYPES[x.dtype], x.data_ptr(), out.data_ptr(), n, eps.data_ptr(),
+                                      _DTYPES[eps.dtype], _threads(n)))
     return out
 
 
 def crrelu_backward(grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, need_x: bool, need_eps: bool):
-    grad, x = grad.contiguous(), x.contiguous()
-    if x.device.type == "cuda":
-        return _cuda().crrelu_backward(grad, x, eps, need_x, need_eps)
-    eps = float(eps)
-    grad = grad.to(x.dtype)
-    gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-    geps = torch.zeros((), dtype=torch.float64) if need_eps else None
-    _check(_lib.dynact_crrelu_backward(_DTYPES[x.dtype], _ptr(grad), _ptr(x), _ptr(gx), _ptr(geps), x.numel(),
-                                       eps, torch.get_num_threads()))
+    """``(grad_x, grad_eps)``, ``grad_eps`` 0-d in ``eps``'s dtype."""
+    gx, geps = _crrelu_bwd(grad, x, eps, need_x, need_eps)
+    return gx, (None if geps is None else geps.reshape(()))
+
+
+def _crrelu_bwd(grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, need_x: bool, need_eps: bool):
+    """``(grad_x, grad_eps)``, ``grad_eps`` in ``eps``'s shape and dtype."""
+    x = _dense(x)
+    grad = _like(grad, x)
+    if x.is_cuda:
+        gx, geps = _cuda().crrelu_backward(grad, x, eps, need_x, need_eps)
+        return gx, (None if geps is None else geps.to(eps.dtype).reshape(eps.shape))
+    gx = torch.empty_like(x) if need_x else None
+    geps = torch.empty_like(eps, memory_format=torch.contiguous_format) if need_eps else None
+    n = x.numel()
+    _check(_lib.dynact_crrelu_backward(_DTYPES[x.dtype], grad.data_ptr(), x.data_ptr(),
+                                       None if gx is None else gx.data_ptr(),
+                                       None if geps is None else geps.data_ptr(), _DTYPES[eps.dtype], n,
+                                       eps.data_ptr(), _DTYPES[eps.dtype], _threads(n)))
     return gx, geps
 
 
@@ -353,38 +478,42 @@ def spline_grads(grad, x, relu: bool, pairs, a, b, eps, need_x: bool = True, nee
 
 # ----------------------------------------------------------------------------- autograd
 class FusedSpline(torch.autograd.Function):
-    """``base(x) + eps * s(x)`` in one pass per direction; ``y0 = None`` means a ReLU base
-    computed inside the kernel (and its derivative in the backward). Saves only ``x`` and the
-    small tables. Under ``create_graph=True`` the backward runs :func:`spline_grads`, so second
-    derivatives (through ``x``, ``eps`` and the incoming gradient) are those of the reference path."""
+    """``base(x) + eps * s(x)`` in one pass per direction. ``base``: a code of :data:`BASE_GIVEN`
+    (``y0`` holds the base's output), :data:`BASE_RELU` or :data:`BASE_GELU` (the base computed
+    inside the kernel, with its derivative in the backward; ``y0`` is None). ``tables``: a
+    :class:`SplineTables`. Saves only ``x`` and ``eps``. Under ``create_graph=True`` the backward
+    runs :func:`spline_grads` (and ATen's GELU backward for that base), so second derivatives
+    (through ``x``, ``eps`` and the incoming gradient) are those of the reference path."""
 
     @staticmethod
-    def forward(ctx, x, eps, y0, pairs, a, b):  # noqa: D102
-        ctx.relu = y0 is None
-        ctx.save_for_backward(x, eps, pairs, a, b)
-        return eafo_forward(x, y0, pairs, a, b, eps.detach())
+    def forward(ctx, x, eps, y0, tables, base):  # noqa: D102
+        ctx.tables, ctx.base = tables, base
+        ctx.save_for_backward(x, eps)
+        return _spline_fwd(x, y0, tables, base, eps)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        x, eps, pairs, a, b = ctx.saved_tensors
-        need_x, need_eps, need_y0 = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        gx = geps = None
+        x, eps = ctx.saved_tensors
+        need_x, need_eps, need_y0 = ctx.needs_input_grad[:3]
+        t, base = ctx.tables, ctx.base
         if torch.is_grad_enabled():  # create_graph=True: the kernel's result would have no graph
-            gx, geps = spline_grads(grad, x, ctx.relu, pairs, a, b, eps, need_x, need_eps)
+            gx, geps = spline_grads(grad, x, base == BASE_RELU, t.pairs, t.a, t.b, eps, need_x, need_eps)
+            if need_x and base == BASE_GELU:
+                gx = torch.ops.aten.gelu_backward(grad, x) + gx
         elif need_x or need_eps:
-            gx, geps = eafo_backward(grad, x, ctx.relu, pairs, a, b, eps.detach(), need_x, need_eps)
-            if geps is not None:
-                geps = geps.to(eps.dtype).reshape(eps.shape)
-        return gx, geps, (grad if need_y0 else None), None, None, None
+            gx, geps = _spline_bwd(grad, x, t, base, eps, need_x, need_eps)
+        else:
+            gx = geps = None
+        return gx, geps, (grad if need_y0 else None), None, None
 
 
 class FusedCRReLU(torch.autograd.Function):
-    """``relu(x) + eps * x * exp(-x**2/2)`` in one pass per direction; saves only ``x``."""
+    """``relu(x) + eps * x * exp(-x**2/2)`` in one pass per direction; saves only ``x`` and ``eps``."""
 
     @staticmethod
     def forward(ctx, x, eps):  # noqa: D102
         ctx.save_for_backward(x, eps)
-        return crrelu_forward(x, eps.detach())
+        return crrelu_forward(x, eps)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
@@ -393,10 +522,7 @@ class FusedCRReLU(torch.autograd.Function):
             # create_graph=True (second derivatives, e.g. dynact.eafo.derivatives): the same
             # formulas in differentiable tensor ops; the kernel's result would have no graph.
             return crrelu_grads(grad, x, eps, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        gx, geps = crrelu_backward(grad, x, eps.detach(), ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        if geps is not None:
-            geps = geps.to(eps.dtype).reshape(eps.shape)
-        return gx, geps
+        return _crrelu_bwd(grad, x, eps, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
 
 
 def plain_ops_needed() -> bool:
@@ -443,7 +569,7 @@ def _spline_backward_op(grad: torch.Tensor, x: torch.Tensor, relu: bool, pairs: 
                         b: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if _fused_cpu():
         gx, geps = eafo_backward(grad, x, relu, pairs, a, b, eps, True, True)
-        return gx, geps.to(eps.dtype).reshape(eps.shape)
+        return gx, geps.reshape(eps.shape)
     return spline_grads(grad, x, relu, pairs, a, b, eps)
 
 
@@ -514,7 +640,7 @@ def _(x, eps):
 def _crrelu_backward_op(grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if _fused_cpu():
         gx, geps = crrelu_backward(grad, x, eps, True, True)
-        return gx, geps.to(eps.dtype).reshape(eps.shape)
+        return gx, geps.reshape(eps.shape)
     return crrelu_grads(grad, x, eps)
 
 
