@@ -28,6 +28,7 @@ from torch import nn
 from dynact.density import Density
 from dynact.density.rows import Rows
 from dynact.eafo import FLAT_TOL, _float64_module, _second
+from dynact.kernels.reference import _interp_uniform
 from dynact.registry import activation_types
 from dynact.spline import TAPER, EAFOActivation
 
@@ -332,16 +333,6 @@ def _refresh(plan: _Plan, sites: list[Site], rows: Rows, edges: torch.Tensor, sp
     return new, change, finite & inside & wide & safe
 
 
-def _interp_uniform(xq: torch.Tensor, x0: torch.Tensor, step: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``kernels.reference._interp_uniform`` by row (``x0``, ``step``: ``(rows, 1)``)."""
-    n = values.shape[1]
-    t = (xq - x0) / step
-    inside = (t >= -1e-9) & (t <= n - 1 + 1e-9)
-    t = t.clamp(0.0, n - 1.0)
-    j = t.floor().long().clamp(0, n - 2)
-    w = t - j
-    val = values.gather(1, j) * (1 - w) + values.gather(1, j + 1) * w
-    return torch.where(inside, val, torch.zeros_like(val))
 
 
 def _no_overflow(plan: _Plan, sites: list[Site], spline: _Splines, knots_x: torch.Tensor,

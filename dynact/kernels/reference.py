@@ -94,15 +94,21 @@ def _spline_ops(x: torch.Tensor, s: torch.Tensor, lo: torch.Tensor, hi: torch.Te
     return value[j] + (u - j) * slope[j]
 
 
-def _interp_uniform(xq: torch.Tensor, x0: float, step: float, values: torch.Tensor) -> torch.Tensor:
-    """Linear interpolation of ``values`` given at ``x0 + k * step``; zero outside their span."""
-    n = values.shape[0]
+def _interp_uniform(xq: torch.Tensor, x0, step, values: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of ``values`` given at ``x0 + k * step``; zero outside their span.
+
+    ``values`` is one table ``(n,)`` or one per row ``(rows, n)``; for rows, ``xq`` is
+    ``(rows, m)`` and ``x0``, ``step`` are ``(rows, 1)`` tensors."""
+    n = values.shape[-1]
     t = (xq - x0) / step
     inside = (t >= -1e-9) & (t <= n - 1 + 1e-9)
     t = t.clamp(0.0, n - 1.0)
     j = t.floor().long().clamp(0, n - 2)
     w = t - j
-    val = values[j] * (1 - w) + values[j + 1] * w
+    if values.dim() == 1:
+        val = values[j] * (1 - w) + values[j + 1] * w
+    else:
+        val = values.gather(-1, j) * (1 - w) + values.gather(-1, j + 1) * w
     return torch.where(inside, val, torch.zeros_like(val))
 
 
