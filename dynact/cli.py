@@ -17,7 +17,7 @@ from dynact import __version__
 # command -> (module, function, one-line help). Heavy modules load only for their command.
 _COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("dynact.experiments.train", "main",
-              "train a model with Lightning's CLI (configs in examples/configs)"),
+              "train a model with Lightning's CLI (shipped configs by name: --config digits_eafo)"),
     "compare": ("dynact.experiments.compare", "main",
                 "compare activations (ReLU, CRReLU, dynamic EAFO, ...) over seeds"),
     "design": ("dynact.experiments.design", "main",

@@ -14,6 +14,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
+from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -21,9 +22,10 @@ from lightning.pytorch import Trainer
 
 from dynact.activations import activation_names, resolve_activation
 from dynact.callbacks import EAFOCallback
+from dynact.experiments import configs
 from dynact.experiments.models import ImageClassifier, model_names
 
-#: ``task -> defaults``. ``config`` names a file in the repository's ``examples/configs``;
+#: ``task -> defaults``. ``config`` names a config shipped in the package (:mod:`dynact.experiments.configs`);
 #: otherwise the data module's and ``ImageClassifier``'s own defaults are the paper's recipe and
 #: ``model`` adds the task's geometry. ``epochs`` and ``seeds``: the sweep's default size;
 #: ``threads``: torch's intra-op CPU threads per run (absent: torch's default); ``workers``: runs
@@ -42,7 +44,7 @@ TASKS: dict[str, dict[str, Any]] = {
         # A run is 280 optimizer steps, 7 to 25 s of one core depending on the machine.
         "seeds": 50,
         # The model is tiny: one thread per run and one run per core; on a busy CPU the threads
-        # of one small run wait on each other (see examples/configs/digits.yaml).
+        # of one small run wait on each other (see the shipped config digits.yaml).
         "threads": 1,
         "workers": "cpus",
         # Figures and histograms cost more than the training step of this small model.
@@ -128,29 +130,12 @@ class SweepSettings:
         return json.loads(json.dumps({k: v for k, v in asdict(self).items() if k not in free}))
 
 
-def _repo_configs() -> list[Path]:
-    # The configs live in the repository, beside the package (editable install or a clone on the
-    # path), or under the working directory (a clone with the package installed elsewhere).
-    return [Path(__file__).resolve().parents[2] / "examples" / "configs", Path.cwd() / "examples" / "configs"]
-
-
-def _find_config(name: str) -> Path:
-    for folder in _repo_configs():
-        if (folder / name).is_file():
-            return folder / name
-    raise ValueError(
-        f"the task's settings live in examples/configs/{name} of the dynact repository and it was not "
-        f"found (looked in {', '.join(str(f) for f in _repo_configs())}); run from a clone of the "
-        "repository or pass --config PATH"
-    )
-
-
-def load_config(path: Path) -> dict[str, Any]:
+def load_config(path: Path | Traversable) -> dict[str, Any]:
     """Read a ``dynact train`` (LightningCLI) YAML config into model / data / trainer sections."""
     import yaml
 
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ValueError(f"--config {str(path)!r}: cannot read it as YAML ({err})") from err
     if not isinstance(raw, dict):
@@ -161,7 +146,7 @@ def load_config(path: Path) -> dict[str, Any]:
     else:
         raise ValueError(
             f"--config {str(path)!r}: the data section needs class_path (e.g. dynact.data.DigitsDataModule) "
-            "and init_args, as in examples/configs/digits.yaml"
+            "and init_args, as in the shipped config digits.yaml"
         )
     model = dict(raw.get("model") or {})
     if "class_path" in model:  # a subclass-mode model section
@@ -316,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="runs trained at once, each in its own process (default: digits one per CPU core "
                    "divided by --threads; else 1, in this process, e.g. one GPU)")
-    p.add_argument("--config", default=None, help="a 'dynact train' YAML config replacing the task's settings")
+    p.add_argument("--config", default=None,
+                   help="a 'dynact train' YAML config replacing the task's settings: a path, or the name of a "
+                   f"shipped config (digits uses {TASKS['digits']['config']})")
     p.add_argument("--out", default="compare_out", help="output folder (default: compare_out)")
     p.add_argument("--resume", action="store_true", help="continue a sweep in --out, skipping finished runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per finished run)")
@@ -337,14 +324,20 @@ def _check_flags(args: argparse.Namespace, arms: list[str]) -> str:
 
 
 def _base(args: argparse.Namespace, task: dict[str, Any]) -> tuple[dict[str, Any], Optional[str]]:
-    """The task's or ``--config``'s data, model and trainer settings, and the config's path."""
+    """The task's or ``--config``'s data, model and trainer settings, and where they came from:
+    a file's absolute path, or ``dynact:NAME.yaml`` for a shipped config (the same wherever the
+    package is installed, so a sweep resumes after a reinstall)."""
     if args.config is None and "config" not in task:
         return {"data_class": task["data"], "data_kwargs": {}, "model_kwargs": dict(task["model"]),
                 "trainer_kwargs": {}}, None
-    config_path = Path(args.config).expanduser() if args.config else _find_config(task["config"])
-    if not config_path.is_file():
-        raise ValueError(f"--config {str(config_path)!r} does not exist")
-    return load_config(config_path), str(config_path.resolve())
+    spec = args.config if args.config is not None else task["config"]
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return load_config(path), str(path.resolve())
+    shipped = configs.lookup(spec)
+    if shipped is None:
+        raise ValueError(f"--config {configs.not_found_message(spec)}")
+    return load_config(shipped), f"dynact:{shipped.name}"
 
 
 def settings_from_args(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> SweepSettings:
