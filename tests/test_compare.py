@@ -459,6 +459,28 @@ def test_dispatcher_runs_compare_and_help_states_the_defaults(tmp_path, capsys):
     assert f"digits {digits['epochs']}, paper tasks 100" in text and f"digits {digits['seeds']}, paper" in text
 
 
+def test_help_states_the_intervals_used_every_comparison_and_the_time_per_run(capsys):
+    from dynact.experiments.compare import stats
+    from dynact.experiments.compare.settings import DEFAULT_ARMS
+
+    with pytest.raises(SystemExit):
+        compare.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    # the default arms make three comparisons, EAFO against CRReLU among them ...
+    assert stats.comparison_pairs(DEFAULT_ARMS) == [("crrelu", "relu"), ("eafo", "relu"), ("eafo", "crrelu")]
+    assert "crrelu - relu, eafo - relu, eafo - crrelu" in text
+    # ... each with the Bonferroni-adjusted level the report uses: 1 - 0.05 / 3
+    assert stats.family_confidence(3) == pytest.approx(1 - 0.05 / 3)
+    assert "Bonferroni" in text and "98.33% for the default 3" in text and "95% confidence" in text
+    assert "95% confidence intervals" not in text  # the old, wrong claim
+    # the rough time: per digits run, and for the default sweep on 2 cores
+    digits = compare.TASKS["digits"]
+    runs = 3 * digits["seeds"]
+    assert "about 7 to 25 s of one CPU core" in text
+    assert f"the default {runs} runs (3 arms x {digits['seeds']} seeds) take about " \
+           f"{round(runs * 7 / 120)} to {round(runs * 25 / 120)} minutes on 2 cores" in text
+
+
 def test_arms_share_initial_weights_and_split_at_each_seed(tmp_path):
     # The pairing behind the Δ column: at one seed every arm starts from the same weights and
     # sees the same split; another seed draws other weights and another split.

@@ -424,8 +424,18 @@ def test_top1_is_the_fraction_of_images_not_the_mean_over_classes():
 def test_quickstart_ends_with_the_result_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["quickstart.py", "--max-steps", "20", "--every-n-steps", "10",
                                       "--logdir", str(tmp_path)])
-    runpy.run_path(str(REPO / "examples" / "quickstart.py"), run_name="__main__")
+    trainer = runpy.run_path(str(REPO / "examples" / "quickstart.py"))["main"]()
     line = _result_line(capsys.readouterr().out)
+    # the progress bar counts to the last epoch the steps reach, not "Epoch 13/-2" (max_epochs -1)
+    steps_per_epoch = trainer.num_training_batches
+    assert trainer.global_step == 20 and trainer.max_epochs == math.ceil(20 / steps_per_epoch) >= 1
+    assert trainer.current_epoch <= trainer.max_epochs
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, RichProgressBar):  # the bar that printed "Epoch 13/-2"
+        assert bar._get_train_description(trainer.max_epochs - 1).strip() == \
+            f"Epoch {trainer.max_epochs - 1}/{trainer.max_epochs - 1}"
     [run] = (tmp_path / "quickstart").iterdir()
     [checkpoint] = run.glob("checkpoints/*.ckpt")
     assert line["paths"] == f"tensorboard {run}, checkpoint {checkpoint}"
