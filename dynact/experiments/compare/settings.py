@@ -14,9 +14,8 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from importlib.abc import Traversable
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from lightning.pytorch import Trainer
 
@@ -24,6 +23,9 @@ from dynact.activations import activation_names, resolve_activation
 from dynact.callbacks import EAFOCallback
 from dynact.experiments import configs
 from dynact.experiments.models import ImageClassifier, model_names
+
+if TYPE_CHECKING:  # importlib.resources.abc from Python 3.11, importlib.abc before
+    from importlib.resources.abc import Traversable
 
 #: ``task -> defaults``. ``config`` names a config shipped in the package (:mod:`dynact.experiments.configs`);
 #: otherwise the data module's and ``ImageClassifier``'s own defaults are the paper's recipe and

@@ -17,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import re
 from importlib import resources
-from importlib.abc import Traversable
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
+
+if TYPE_CHECKING:  # importlib.resources.abc from Python 3.11, importlib.abc before
+    from importlib.resources.abc import Traversable
 
 __all__ = ["SUFFIX", "as_path", "find", "is_bare_name", "lookup", "names", "not_found_message", "read_text"]
 
