@@ -447,7 +447,9 @@ BASES = ["relu", "gelu", "silu", "mish", "elu", "celu"]
 
 @pytest.fixture(scope="module")
 def laplace() -> Density:
-    return Density.from_pdf(stats.laplace(scale=1 / math.sqrt(2)).pdf, -10.0, 10.0, 2000)
+    # 1000 cells of 0.02, as fine as the normal fixture's 0.0125 in the bulk: the iterate test's
+    # properties hold alike at 2000 cells, where each step costs about 2.5 times more.
+    return Density.from_pdf(stats.laplace(scale=1 / math.sqrt(2)).pdf, -10.0, 10.0, 1000)
 
 
 def _base_slope(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
