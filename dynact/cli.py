@@ -1,4 +1,4 @@
-"""The ``dynact`` command: ``train``, ``compare`` and ``design``.
+"""The ``dynact`` command: ``train``, ``compare``, ``design`` and ``dpo`` (``dynact --version``).
 
 ``dynact train ...`` hands its arguments to Lightning's CLI (every Trainer flag and YAML config
 works), ``dynact compare ...`` runs a sweep of activations and writes a report, and
@@ -17,7 +17,7 @@ from dynact import __version__
 # command -> (module, function, one-line help). Heavy modules load only for their command.
 _COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("dynact.experiments.train", "main",
-              "train a model with Lightning's CLI (configs in examples/configs)"),
+              "train a model with Lightning's CLI (shipped configs by name: --config digits_eafo)"),
     "compare": ("dynact.experiments.compare", "main",
                 "compare activations (ReLU, CRReLU, dynamic EAFO, ...) over seeds"),
     "design": ("dynact.experiments.design", "main",
@@ -31,7 +31,7 @@ def _usage() -> str:
     width = max(map(len, _COMMANDS))
     lines = [f"  {name:<{width}}  {text}" for name, (_, _, text) in _COMMANDS.items()]
     return "usage: dynact <command> [options]\n\ncommands:\n" + "\n".join(lines) + \
-        "\n\nRun 'dynact <command> --help' for a command's options."
+        "\n\nRun 'dynact <command> --help' for a command's options, 'dynact --version' for the version."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,7 +41,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0
     if args[0] in ("-V", "--version"):
-
         print(f"dynact {__version__}")
         return 0
     command, rest = args[0], args[1:]

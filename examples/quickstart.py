@@ -14,6 +14,7 @@ update, and the TensorBoard run and checkpoint it wrote.
 from __future__ import annotations
 
 import argparse
+import math
 
 import lightning.pytorch as pl
 import torch
@@ -57,7 +58,14 @@ class DigitsMLP(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
 
-def main() -> None:
+def epochs_for(max_steps: int, data: DigitsDataModule) -> int:
+    """The epochs ``max_steps`` optimizer steps span. Given only ``max_steps``, Lightning counts
+    epochs without an end (``max_epochs=-1``) and its progress bar reads ``Epoch 13/-2``."""
+    data.setup("fit")
+    return max(1, math.ceil(max_steps / len(data.train_dataloader())))
+
+
+def main() -> pl.Trainer:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--every-n-steps", type=int, default=50)
@@ -65,8 +73,10 @@ def main() -> None:
     args = parser.parse_args()
 
     pl.seed_everything(0)
+    data = DigitsDataModule(batch_size=64)
     trainer = pl.Trainer(
         max_steps=args.max_steps,
+        max_epochs=epochs_for(args.max_steps, data),  # the steps end the run; this only names the last epoch
         accelerator="cpu",
         callbacks=[EAFOCallback(every_n_steps=args.every_n_steps)],
         logger=TensorBoardLogger(args.logdir, name="quickstart"),
@@ -76,9 +86,10 @@ def main() -> None:
         val_check_interval=args.every_n_steps,
         check_val_every_n_epoch=None,
     )
-    trainer.fit(DigitsMLP(), datamodule=DigitsDataModule(batch_size=64))
+    trainer.fit(DigitsMLP(), datamodule=data)
     print(f"\nPer-layer entropies, histograms and curves:\n    tensorboard --logdir {args.logdir}")
     print(trainer_result_line(trainer))
+    return trainer
 
 
 if __name__ == "__main__":

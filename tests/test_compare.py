@@ -425,6 +425,7 @@ def test_a_failing_run_is_recorded_and_redone_on_resume(tmp_path, monkeypatch, c
     (["--trainer.limit_train_batches"], "missing value"),
     (["--threads", "0"], "--threads must be at least 1"),
     (["--model", "tnt_small"], "--model.model_kwargs.KEY"),
+    (["--config", "digits_swep"], "'digits_swep' is neither a file nor a config shipped with dynact"),
 ])
 def test_bad_input_is_a_clear_error_before_training(tmp_path, capsys, argv, message):
     out = tmp_path / "out"
@@ -458,6 +459,28 @@ def test_dispatcher_runs_compare_and_help_states_the_defaults(tmp_path, capsys):
     assert f"digits {digits['epochs']}, paper tasks 100" in text and f"digits {digits['seeds']}, paper" in text
 
 
+def test_help_states_the_intervals_used_every_comparison_and_the_time_per_run(capsys):
+    from dynact.experiments.compare import stats
+    from dynact.experiments.compare.settings import DEFAULT_ARMS
+
+    with pytest.raises(SystemExit):
+        compare.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    # the default arms make three comparisons, EAFO against CRReLU among them ...
+    assert stats.comparison_pairs(DEFAULT_ARMS) == [("crrelu", "relu"), ("eafo", "relu"), ("eafo", "crrelu")]
+    assert "crrelu - relu, eafo - relu, eafo - crrelu" in text
+    # ... each with the Bonferroni-adjusted level the report uses: 1 - 0.05 / 3
+    assert stats.family_confidence(3) == pytest.approx(1 - 0.05 / 3)
+    assert "Bonferroni" in text and "98.33% for the default 3" in text and "95% confidence" in text
+    assert "95% confidence intervals" not in text  # the old, wrong claim
+    # the rough time: per digits run, and for the default sweep on 2 cores
+    digits = compare.TASKS["digits"]
+    runs = 3 * digits["seeds"]
+    assert "about 7 to 25 s of one CPU core" in text
+    assert f"the default {runs} runs (3 arms x {digits['seeds']} seeds) take about " \
+           f"{round(runs * 7 / 120)} to {round(runs * 25 / 120)} minutes on 2 cores" in text
+
+
 def test_arms_share_initial_weights_and_split_at_each_seed(tmp_path):
     # The pairing behind the Δ column: at one seed every arm starts from the same weights and
     # sees the same split; another seed draws other weights and another split.
@@ -486,6 +509,27 @@ def test_arms_share_initial_weights_and_split_at_each_seed(tmp_path):
 
 
 # ----------------------------------------------------------------------------- every pair, seeds
+
+
+def test_configs_are_found_by_name_from_any_folder_and_a_path_still_works(tmp_path, monkeypatch):
+    from dynact.experiments.compare.settings import build_parser, settings_from_args, split_overrides
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)  # an empty folder, far from the repository's examples/configs
+
+    def settings(*argv):
+        return settings_from_args(build_parser().parse_args(["--out", "o", *argv]), split_overrides([])[1])
+
+    default = settings()  # digits reads the shipped digits_sweep.yaml
+    assert default.config == "dynact:digits_sweep.yaml"
+    assert (default.data_kwargs["val_fraction"], default.data_kwargs["batch_size"], default.model_kwargs["lr"]) == (
+        0.5, 64, 4e-3)
+    assert settings("--config", "digits").config == settings("--config", "digits.yaml").config == "dynact:digits.yaml"
+    copy = repo / "examples" / "configs" / "digits.yaml"
+    by_path = settings("--config", str(copy))
+    assert by_path.config == str(copy) and by_path.data_kwargs == settings("--config", "digits").data_kwargs
+    # the identity names the shipped file, not where the package happens to be installed
+    assert str(repo) not in json.dumps(default.identity())
 
 
 def test_seeds_take_a_count_a_range_or_a_list():

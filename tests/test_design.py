@@ -22,6 +22,13 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def _printed(out: str) -> dict:
+    """The JSON ``dynact design`` prints before its one-line summary."""
+    body, _, summary = out.rstrip("\n").rpartition("\n")
+    assert " under " in summary and "one EAFO step" in summary and "WAFBC" in summary, summary
+    return json.loads(body)
+
+
 def _readme_design_commands() -> list[list[str]]:
     argvs = []
     for line in README.read_text().splitlines():
@@ -40,7 +47,7 @@ def test_readme_has_design_examples_for_both_methods():
 def test_every_readme_design_example_runs(tmp_path, capsys, argv):
     out = tmp_path / "out"
     assert main([*argv, "--out", str(out)]) == 0  # the last --out wins: write under tmp_path
-    printed = json.loads(capsys.readouterr().out)
+    printed = _printed(capsys.readouterr().out)
     saved = json.loads((out / "design.json").read_text())
     assert printed == saved
     png = (out / "design.png").read_bytes()
@@ -62,7 +69,7 @@ def test_every_readme_design_example_runs(tmp_path, capsys, argv):
 def test_design_method_g_reproduces_the_table(tmp_path, capsys, base, h_before, h_after):
     argv = ["design", "--base", base, "--method", "g", "--eta", "0.05", "--bins", "3200", "--delta", "0.005"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
-    result = json.loads(capsys.readouterr().out)
+    result = _printed(capsys.readouterr().out)
     assert result["entropy_before"] == pytest.approx(h_before, abs=5e-3)
     assert result["entropy_after"] == pytest.approx(h_after, abs=5e-3)
 
@@ -70,7 +77,7 @@ def test_design_method_g_reproduces_the_table(tmp_path, capsys, base, h_before, 
 @pytest.mark.parametrize("base", ["elu", "celu", "sigmoid"])
 def test_design_method_g_takes_increasing_bases_with_a_continuous_slope(tmp_path, capsys, base):
     assert main(["design", "--base", base, "--method", "g", "--out", str(tmp_path)]) == 0
-    result = json.loads(capsys.readouterr().out)
+    result = _printed(capsys.readouterr().out)
     assert result["method"] == "g" and result["entropy_after"] < result["entropy_before"]
 
 
@@ -121,6 +128,74 @@ def test_wafbc_bounds_are_the_base_range_over_the_bulk(normal, base, bounds):
     worst = result["_curves"]["wafbc"]
     assert float(worst.min()) >= lower - 1e-9 and float(worst.max()) <= upper + 1e-9
     assert result["entropy_wafbc"] == pytest.approx(math.log(upper - lower), abs=5e-3)
+
+
+# ---------------------------------------------------------------- the WAFBC against its ceiling
+def _binned_uniform_oracle(lower: float, upper: float, delta: float) -> float:
+    # H_delta of a uniform output on [lower, upper], bins at multiples of delta, from scipy's CDF.
+    edges = np.arange(math.floor(lower / delta), math.ceil(upper / delta) + 1) * delta
+    P = np.diff(stats.uniform(lower, upper - lower).cdf(edges))
+    P = P[P > 0]
+    return float(-(P * np.log(P)).sum() + math.log(delta))
+
+
+@pytest.mark.parametrize("spec,base", [("normal", "relu"), ("laplace", "tanh"), ("student-t:3", "gelu"),
+                                       ("uniform", "elu")])
+def test_wafbc_exceeds_the_ceiling_by_no_more_than_the_binning_bound_at_fine_resolution(spec, base):
+    # The WAFBC maximises the continuous entropy at log(L), L = upper - lower. Binned at delta, the
+    # two bins cut by the bounds each add p log(delta / (L p)) <= delta / (e L): the excess lies in
+    # [0, 2 delta / (e L)], and the WAFBC's H_delta is a uniform output's on the same bins.
+    delta = 0.001
+    result = design_mod.design(base, design_mod._density_spec(spec, -8.0, 8.0, 16000), 0.05, delta=delta)
+    lower, upper = result["wafbc_bounds"]
+    bound = 2 * delta / (math.e * (upper - lower))
+    excess = result["entropy_wafbc"] - math.log(upper - lower)
+    assert -1e-4 <= excess <= bound
+    assert result["ceiling_excess_bound"] == pytest.approx(bound)
+    oracle = _binned_uniform_oracle(lower, upper, delta)
+    assert result["entropy_ceiling_binned"] == pytest.approx(oracle, abs=1e-9)
+    assert result["entropy_wafbc"] == pytest.approx(oracle, abs=1e-4)
+
+
+def test_the_binning_excess_shrinks_with_delta_and_the_default_run_states_it(tmp_path, capsys):
+    coarse = design_mod.design("relu", design_mod._density_spec("normal", -8.0, 8.0, 1600), 0.05)
+    fine = design_mod.design("relu", design_mod._density_spec("normal", -8.0, 8.0, 1600), 0.05, delta=0.005)
+    excess = [r["entropy_wafbc"] - r["entropy_ceiling"] for r in (coarse, fine)]
+    assert 0 < excess[1] < excess[0] <= coarse["ceiling_excess_bound"]  # the 1.131 vs 1.128 of the issue
+    assert main(["design", "--out", str(tmp_path)]) == 0
+    summary = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert f"WAFBC {coarse['entropy_wafbc']:.4f} vs ceiling log(" in summary
+    assert f"({excess[0]:+.4f} from binning at delta 0.05, at most {coarse['ceiling_excess_bound']:.4f})" in summary
+
+
+def test_design_help_shows_every_default(capsys):
+    parser = design_mod._parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        shown = f"{action.default:g}" if isinstance(action.default, float) else action.default
+        expected = f"default: the input's std / {design_mod._DELTA_PER_STD}" if action.default is None else \
+            f"default: {shown}"
+        assert expected in action.help, action.dest
+    with pytest.raises(SystemExit):
+        main(["design", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: relu)", "(default: normal)", "(default: -8;", "(default: 8;", "(default: 1600;",
+                    "(default: 0.05)", "(default: x)", "ceiling_excess_bound"):
+        assert default in text, default
+
+
+def test_design_ends_with_a_one_line_summary_of_its_json(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["design", "--base", "tanh", "--density", "laplace", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.rstrip("\n").splitlines()
+    saved = json.loads((out / "design.json").read_text())
+    assert json.loads("\n".join(lines[:-1])) == saved
+    summary = lines[-1]
+    assert summary.startswith("tanh under laplace, one EAFO step (method x, eta 0.05): output entropy ")
+    assert f"{saved['entropy_before']:.4f} -> {saved['entropy_after']:.4f} nats ({saved['entropy_change']:+.4f})" \
+        in summary
+    assert summary.endswith(f"wrote {out / 'design.png'}, {out / 'design.json'}")
 
 
 # ---------------------------------------------------------------- the figure

@@ -447,7 +447,9 @@ BASES = ["relu", "gelu", "silu", "mish", "elu", "celu"]
 
 @pytest.fixture(scope="module")
 def laplace() -> Density:
-    return Density.from_pdf(stats.laplace(scale=1 / math.sqrt(2)).pdf, -10.0, 10.0, 2000)
+    # 1000 cells of 0.02, as fine as the normal fixture's 0.0125 in the bulk: the iterate test's
+    # properties hold alike at 2000 cells, where each step costs about 2.5 times more.
+    return Density.from_pdf(stats.laplace(scale=1 / math.sqrt(2)).pdf, -10.0, 10.0, 1000)
 
 
 def _base_slope(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -489,14 +491,15 @@ def _objective(act: EAFOActivation, d: Density) -> float:
     a minimum or kink), the mass times log slope, minus that mass times log std(Y) (Y uniform
     within each cell)."""
     x = d.edges
+    f = copy.deepcopy(act).double()  # one float64 copy for every evaluation below
     with torch.no_grad():
-        y = copy.deepcopy(act).double()(x)
+        y = f(x)
     m = (d.mass / d.mass.sum()).double()
     left, right, weight = _rising_parts(act.base, d)
     cell = torch.searchsorted(x, 0.5 * (left + right)) - 1
     mr = m[cell] * weight
     with torch.no_grad():
-        fl, fr = copy.deepcopy(act).double()(left), copy.deepcopy(act).double()(right)
+        fl, fr = f(left), f(right)
     slope = (fr - fl) / (right - left)
     a, c = y[:-1], y[1:]
     mean = float((m * (a + c)).sum() / 2)
@@ -518,7 +521,10 @@ def test_iterate_is_a_constrained_descent_that_levels_off(base, dist, request):
     rises = (base_slope > 1e-8) & (d.mass > 0)
     flat_mass_before = float(d.mass[_slopes(act, d).abs() < 0.05].sum())
     objective, accepted = [_objective(act, d)], 0
-    for i in range(200):
+    # 100 steps: every base accepts its last step by step 46 on both densities, and later steps are
+    # refused, so the last quarter shows the levelling off as 200 steps did, at half the cost.
+    steps = 100
+    for i in range(steps):
         rec = act.update(d, mode="iterate")
         objective.append(_objective(act, d))  # recomputed from outputs, not from the record
         assert objective[-1] <= objective[-2] + 1e-9, (i, rec)  # the objective never rises
@@ -530,7 +536,7 @@ def test_iterate_is_a_constrained_descent_that_levels_off(base, dist, request):
     slopes = _slopes(act, d)
     assert not bool((rises & (slopes <= 0)).any())  # no fold where the base rises
     assert float(d.mass[slopes.abs() < 0.05].sum()) <= flat_mass_before + 0.02  # no plateau
-    first, last = objective[0] - objective[50], objective[150] - objective[200]
+    first, last = objective[0] - objective[steps // 4], objective[3 * steps // 4] - objective[steps]
     assert first > 0 and last < 0.01 * first  # it levels off
     # The objective is the scale-free entropy up to a constant for a monotone f: both fell alike.
     if base in ("relu", "elu", "celu"):

@@ -8,7 +8,6 @@ import logging
 import math
 import re
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +24,9 @@ from dynact.experiments.models import ImageClassifier
 from dynact.experiments.train import build_cli, main
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "examples" / "configs"
+#: The configs shipped inside the package, and the copies users start from.
+CONFIGS = REPO / "dynact" / "experiments" / "configs"
+EXAMPLE_CONFIGS = REPO / "examples" / "configs"
 DIGITS = dict(num_classes=10, img_size=8, patch_size=2)
 TINY = dict(in_chans=1, embed_dim=16, depth=1, num_heads=2)
 
@@ -225,7 +226,7 @@ def _last_scalar(run_dir: Path, tag: str) -> float:
 
 def test_dynact_train_runs_the_digits_config_and_ends_with_the_result_line(tmp_path, capsys):
     main([
-        "--config", str(CONFIGS / "digits.yaml"),
+        "--config", "digits",  # a shipped config by name
         "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", "3",
         "--trainer.limit_val_batches", "2",
@@ -246,7 +247,7 @@ def test_dynact_train_runs_the_digits_config_and_ends_with_the_result_line(tmp_p
     eps = torch.load(checkpoint, weights_only=False)["state_dict"]["net.blocks.0.mlp.act.eps"].item()
     assert line["layers"] == f"1 layer: eps {eps:.4g}"  # depth 1: one CRReLU, no measured figures
     # Subcommands other than fit pass through.
-    main(["validate", "--config", str(CONFIGS / "digits.yaml"), "--trainer.default_root_dir", str(tmp_path),
+    main(["validate", "--config=digits.yaml", "--trainer.default_root_dir", str(tmp_path),
           "--model.model_kwargs", '{"in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2}',
           "--ckpt_path", str(checkpoint), "--trainer.limit_val_batches", "1"])
     line = _result_line(capsys.readouterr().out)
@@ -254,13 +255,14 @@ def test_dynact_train_runs_the_digits_config_and_ends_with_the_result_line(tmp_p
     assert 0 <= _figure(line["figures"], "val/acc1") <= 1
 
 
-def test_dynact_train_help_opens_with_what_dynact_adds_then_lightnings_options():
+def test_dynact_train_help_opens_with_what_dynact_adds_then_lightnings_options(capsys):
     from dynact.callbacks import EAFOCallback
+    from dynact.cli import main as dynact_main
 
-    done = subprocess.run([sys.executable, "-m", "dynact.cli", "train", "--help"], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.splitlines()
+    with pytest.raises(SystemExit) as info:  # in this process: the console script's path is test_wheel's
+        dynact_main(["train", "--help"])
+    assert info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("dynact train: an image classifier")
     usage = next(i for i, line in enumerate(lines) if line.startswith("usage: dynact train"))
     assert usage < 25  # the dynact section fits on the first screen
@@ -270,8 +272,8 @@ def test_dynact_train_help_opens_with_what_dynact_adds_then_lightnings_options()
             assert f"{option}=" in head, option  # every option of the callback, with its default
     assert "every_n_steps=100" in head and "convert=(ReLU,)" in head
     example = re.search(r"example +(dynact train --config (\S+).*)", head)
-    assert (REPO / example.group(2)).is_file()  # the example's config exists
-    assert "examples/configs/" in head and "crrelu" in head
+    assert (CONFIGS / f"{example.group(2)}.yaml").is_file()  # the example's config ships with dynact
+    assert "examples/configs/" in head and "crrelu" in head and "--config NAME|PATH" in head
     rest = "\n".join(lines[usage:])
     for flag in ("--config CONFIG", "--trainer.max_epochs", "--model.act", "--data CONFIG"):
         assert flag in rest, flag  # then Lightning's full list
@@ -280,7 +282,7 @@ def test_dynact_train_help_opens_with_what_dynact_adds_then_lightnings_options()
 
 def test_torch_threads_option_sets_operator_threads():
     torch.set_num_threads(2)
-    build_cli(["--config", str(CONFIGS / "digits.yaml"), "--torch_threads", "1"], run=False)
+    build_cli(["--config", str(EXAMPLE_CONFIGS / "digits.yaml"), "--torch_threads", "1"], run=False)  # a path
     assert torch.get_num_threads() == 1
     with pytest.raises(ValueError, match="torch_threads must be >= 1"):
         build_cli(["--config", str(CONFIGS / "digits.yaml"), "--torch_threads", "0"], run=False)
@@ -300,12 +302,51 @@ PAPER_CELLS = [(a, d, act) for d, archs in (("cifar10", "vit_tiny deit_tiny tnt_
 
 
 def test_paper_configs_exist_for_every_cell_and_are_current():
-    spec = importlib.util.spec_from_file_location("make_configs", CONFIGS / "make_configs.py")
+    spec = importlib.util.spec_from_file_location("make_configs", EXAMPLE_CONFIGS / "make_configs.py")
     make_configs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_configs)
 
     assert sorted(make_configs.cells()) == sorted(PAPER_CELLS)
     assert make_configs.main(["--check"]) == 0
+
+
+def test_examples_configs_are_identical_copies_of_the_shipped_ones():
+    from dynact.experiments import configs
+
+    shipped = {p.name: p.read_bytes() for p in CONFIGS.glob("*.yaml")}
+    copies = {p.name: p.read_bytes() for p in EXAMPLE_CONFIGS.glob("*.yaml")}
+    assert copies == shipped
+    expected = {f"{a}_{d}_{act}.yaml" for a, d, act in PAPER_CELLS} | {"digits.yaml", "digits_eafo.yaml",
+                                                                       "digits_sweep.yaml"}
+    assert set(shipped) == expected
+    # importlib.resources sees the same files, by name with or without .yaml
+    assert configs.names() == sorted(name[:-5] for name in expected)
+    assert configs.read_text("digits_eafo") == configs.read_text("digits_eafo.yaml") == shipped[
+        "digits_eafo.yaml"].decode()
+    # pyproject.toml ships them in the wheel
+    assert '"dynact.experiments.configs" = ["*.yaml"]' in (REPO / "pyproject.toml").read_text()
+
+
+def test_config_names_resolve_to_shipped_files_and_paths_and_inline_yaml_pass_through(tmp_path, monkeypatch, capsys):
+    import contextlib
+
+    from dynact.experiments.train import resolve_configs
+
+    monkeypatch.chdir(tmp_path)  # an empty folder: no examples/configs here
+    mine = tmp_path / "digits.yaml"
+    with contextlib.ExitStack() as stack:
+        args = resolve_configs(["fit", "--config", "digits_eafo", "-c", "vit_tiny_cifar10_gelu.yaml",
+                                "--config=digits_sweep", "--config", "{trainer: {max_epochs: 1}}"], stack)
+        assert args[2] == str(CONFIGS / "digits_eafo.yaml") and args[4] == str(CONFIGS / "vit_tiny_cifar10_gelu.yaml")
+        assert args[5] == f"--config={CONFIGS / 'digits_sweep.yaml'}" and args[7] == "{trainer: {max_epochs: 1}}"
+        # a file in the working folder wins over the shipped config of the same name
+        mine.write_text("seed_everything: 1\n")
+        assert resolve_configs(["--config", "digits.yaml"], stack) == ["--config", "digits.yaml"]
+    with pytest.raises(SystemExit) as info:
+        build_cli(["--config", "digits_efo"], run=False)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "'digits_efo' is neither a file nor a config shipped with dynact" in err and "digits_eafo," in err
 
 
 @pytest.mark.parametrize("arch,dataset,act", PAPER_CELLS)
@@ -354,7 +395,7 @@ def test_digits_eafo_config_wires_the_callback_to_eafo_activations():
     from dynact.callbacks import EAFOCallback
     from dynact.spline import EAFOActivation
 
-    cli = build_cli(["--config", str(CONFIGS / "digits_eafo.yaml")], run=False)
+    cli = build_cli(["--config", "digits_eafo"], run=False)
     assert any(isinstance(cb, EAFOCallback) for cb in cli.trainer.callbacks)
     acts = [m for m in cli.model.net.modules() if isinstance(m, EAFOActivation)]
     assert len(acts) == cli.model.hparams.model_kwargs["depth"]
@@ -383,8 +424,18 @@ def test_top1_is_the_fraction_of_images_not_the_mean_over_classes():
 def test_quickstart_ends_with_the_result_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["quickstart.py", "--max-steps", "20", "--every-n-steps", "10",
                                       "--logdir", str(tmp_path)])
-    runpy.run_path(str(REPO / "examples" / "quickstart.py"), run_name="__main__")
+    trainer = runpy.run_path(str(REPO / "examples" / "quickstart.py"))["main"]()
     line = _result_line(capsys.readouterr().out)
+    # the progress bar counts to the last epoch the steps reach, not "Epoch 13/-2" (max_epochs -1)
+    steps_per_epoch = trainer.num_training_batches
+    assert trainer.global_step == 20 and trainer.max_epochs == math.ceil(20 / steps_per_epoch) >= 1
+    assert trainer.current_epoch <= trainer.max_epochs
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, RichProgressBar):  # the bar that printed "Epoch 13/-2"
+        assert bar._get_train_description(trainer.max_epochs - 1).strip() == \
+            f"Epoch {trainer.max_epochs - 1}/{trainer.max_epochs - 1}"
     [run] = (tmp_path / "quickstart").iterdir()
     [checkpoint] = run.glob("checkpoints/*.ckpt")
     assert line["paths"] == f"tensorboard {run}, checkpoint {checkpoint}"

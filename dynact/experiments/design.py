@@ -2,7 +2,17 @@
 
 It writes ``design.json`` (entropies before and after the step, the WAFBC's bounds and
 entropy) and ``design.png`` (the base, the stepped activation and the WAFBC over the input
-density, and the change ``f~ - f`` on its own axis), and prints the JSON.
+density, and the change ``f~ - f`` on its own axis), prints the JSON and ends with a one-line
+summary (:func:`summary_line`).
+
+Entropies are discretised at the output resolution ``delta``: ``H_delta = -sum P_i log P_i +
+log delta`` over output bins ``[k delta, (k+1) delta)``. The WAFBC's output is uniform on its
+bounds ``[lower, upper]``, so its continuous entropy is the ceiling ``log(upper - lower)``; binned,
+the two bins cut by ``lower`` and ``upper`` each add ``p log(delta / (L p)) <= delta / (e L)``
+(``L = upper - lower``, ``p`` the bin's mass), so the WAFBC's ``H_delta`` may exceed that ceiling
+by up to ``2 delta / (e L)``. ``design.json`` reports the ceiling both ways
+(``entropy_ceiling``, ``entropy_ceiling_binned``: a uniform output's ``H_delta`` on the same bins,
+which the WAFBC reaches) and the bound (``ceiling_excess_bound``).
 
 Example::
 
@@ -25,12 +35,19 @@ from dynact import eafo
 from dynact.activations import activation_names, make_activation
 from dynact.density import Density
 
-__all__ = ["design", "main"]
+__all__ = ["design", "main", "summary_line"]
 
 _DESCRIPTION = (
     "Apply one EAFO step to a base activation under an input density; plot the base, "
     "the stepped activation, their difference and the worst activation (WAFBC) for that density, "
     "and report the output entropies before and after."
+)
+
+_EPILOG = (
+    "Entropies are in nats, discretised at the output resolution --delta. The WAFBC's output is "
+    "uniform on its bounds, so its entropy is the ceiling log(upper - lower) up to binning: the two "
+    "bins cut by the bounds add at most 2 delta / (e (upper - lower)) (reported as ceiling_excess_bound). "
+    "Takes a second or two."
 )
 
 #: Probabilities of the input quantiles that bound the density's bulk: the WAFBC takes its
@@ -78,21 +95,24 @@ def _density_spec(spec: str, lo: float, hi: float, bins: int) -> Density:
 
 def _parser() -> argparse.ArgumentParser:
 
-    p = argparse.ArgumentParser(prog="dynact design", description=_DESCRIPTION)
+    p = argparse.ArgumentParser(prog="dynact design", description=_DESCRIPTION, epilog=_EPILOG)
     p.add_argument("--base", default="relu",
-                   help=f"base activation ({', '.join(n for n in activation_names() if n != 'eafo')})")
+                   help=f"base activation ({', '.join(n for n in activation_names() if n != 'eafo')}) "
+                   "(default: relu)")
     p.add_argument("--density", default="normal",
-                   help="normal | laplace | uniform | student-t:NU | path to a saved density (.pt)")
-    p.add_argument("--eta", type=float, default=0.05, help="EAFO step size (default 0.05)")
+                   help="input density: normal | laplace | uniform (zero mean, unit variance) | student-t:NU | "
+                   "path to a saved density (.pt) (default: normal)")
+    p.add_argument("--eta", type=float, default=0.05, help="EAFO step size (default: 0.05)")
     p.add_argument("--method", choices=("x", "g"), default="x",
                    help="x: first-order step (any activation); g: exact in the inverse (strictly increasing, "
-                   "continuous slope where the density has mass: elu, celu, softplus, tanh, sigmoid)")
-    p.add_argument("--lo", type=float, default=-8.0, help="grid start (ignored for a density file)")
-    p.add_argument("--hi", type=float, default=8.0, help="grid end (ignored for a density file)")
-    p.add_argument("--bins", type=int, default=1600, help="grid size (ignored for a density file)")
+                   "continuous slope where the density has mass: elu, celu, softplus, tanh, sigmoid) (default: x)")
+    p.add_argument("--lo", type=float, default=-8.0, help="grid start (default: -8; ignored for a density file)")
+    p.add_argument("--hi", type=float, default=8.0, help="grid end (default: 8; ignored for a density file)")
+    p.add_argument("--bins", type=int, default=1600,
+                   help="grid cells between --lo and --hi (default: 1600; ignored for a density file)")
     p.add_argument("--delta", type=float, default=None,
-                   help="output resolution of the discretised entropy (default: the input's std / 20)")
-    p.add_argument("--out", default="design_out", help="folder for design.png and design.json (default design_out)")
+                   help=f"output resolution of the discretised entropy (default: the input's std / {_DELTA_PER_STD})")
+    p.add_argument("--out", default="design_out", help="folder for design.png and design.json (default: design_out)")
     return p
 
 
@@ -113,7 +133,9 @@ def design(base: str, density: Density, eta: float, method: str = "x", delta: fl
     :data:`BULK` quantiles), not its values at the grid's ends, which for an unbounded base
     would be set by the grid rather than by the data. Its entropy is the ceiling
     ``log(upper - lower)`` of every activation with that output range (the WAFBC section of
-    docs/math.md), up to discretisation.
+    docs/math.md), up to discretisation: binned at ``delta`` it equals a uniform output's
+    (``entropy_ceiling_binned``), which exceeds ``log(upper - lower)`` by at most
+    ``ceiling_excess_bound = 2 delta / (e (upper - lower))`` (the module's docstring says why).
 
     Returns:
         A dict of JSON-ready figures, plus ``"_curves"`` (tensors on ``density.grid``) for the plot.
@@ -156,9 +178,35 @@ def design(base: str, density: Density, eta: float, method: str = "x", delta: fl
         "wafbc_bounds": [lower, upper],
         "entropy_wafbc": eafo.output_entropy(eafo.Tabulated(density.grid, worst), density, delta),
         "entropy_ceiling": math.log(upper - lower),
+        "entropy_ceiling_binned": _binned_uniform_entropy(lower, upper, delta),
+        "ceiling_excess_bound": 2 * delta / (math.e * (upper - lower)),
         "_curves": {"x": density.grid, "base": y, "stepped": stepped, "change": change, "wafbc": worst,
                     "first_order": eta * eafo.correction(act, density), "p": density.p},
     }
+
+
+def _binned_uniform_entropy(lower: float, upper: float, delta: float) -> float:
+    """``H_delta`` of a uniform output on ``[lower, upper]``, binned as :func:`dynact.eafo.output_entropy`
+    bins (edges at multiples of ``delta``): the full bins' share plus the two cut bins'."""
+    width = upper - lower
+    first, last = math.floor(lower / delta), math.ceil(upper / delta)
+    edges = torch.arange(first, last + 1, dtype=torch.float64) * delta
+    mass = (torch.clamp(edges[1:], max=upper) - torch.clamp(edges[:-1], min=lower)).clamp_min(0) / width
+    mass = mass[mass > 0]
+    return float(-(mass * mass.log()).sum()) + math.log(delta)
+
+
+def summary_line(result: dict, out: Path) -> str:
+    """The line ``dynact design`` ends with: the step's entropy change and the WAFBC's against its ceiling."""
+    lower, upper = result["wafbc_bounds"]
+    return (
+        f"{result['base']} under {result.get('density', 'the density')}, one EAFO step (method {result['method']}, "
+        f"eta {result['eta']:g}): output entropy {result['entropy_before']:.4f} -> {result['entropy_after']:.4f} nats "
+        f"({result['entropy_change']:+.4f}); WAFBC {result['entropy_wafbc']:.4f} vs ceiling "
+        f"log({upper - lower:.3g}) = {result['entropy_ceiling']:.4f} "
+        f"({result['entropy_wafbc'] - result['entropy_ceiling']:+.4f} from binning at delta {result['delta']:.3g}, "
+        f"at most {result['ceiling_excess_bound']:.4f}); wrote {out / 'design.png'}, {out / 'design.json'}"
+    )
 
 
 def _figure(result: dict, title: str):
@@ -230,7 +278,8 @@ def _plot(result: dict, title: str, path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``dynact design``: write ``design.png`` and ``design.json`` to ``--out`` and print the JSON."""
+    """``dynact design``: write ``design.png`` and ``design.json`` to ``--out``, print the JSON and
+    end with :func:`summary_line`."""
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -249,4 +298,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     public["plot"] = str(out / "design.png")
     (out / "design.json").write_text(json.dumps(public, indent=2) + "\n")
     print(json.dumps(public, indent=2))
+    print(summary_line(result, out))
     return 0

@@ -1,10 +1,13 @@
 """``dynact train``: Lightning's CLI over :class:`~dynact.experiments.models.ImageClassifier` and any data module.
 
-Every Trainer flag and YAML config works, as with any ``LightningCLI``::
+Every Trainer flag and YAML config works, as with any ``LightningCLI``; ``--config`` also takes
+the name of a config shipped with dynact (:mod:`dynact.experiments.configs`, ``.yaml`` optional),
+so these run from any folder::
 
-    dynact train --config examples/configs/digits.yaml
-    dynact train --config examples/configs/vit_tiny_cifar10_crrelu.yaml --trainer.devices 4
-    dynact train validate --config examples/configs/digits.yaml --ckpt_path last.ckpt
+    dynact train --config digits
+    dynact train --config vit_tiny_cifar10_crrelu --trainer.devices 4
+    dynact train validate --config digits.yaml --ckpt_path last.ckpt
+    dynact train --config my_configs/digits.yaml     # a path, as with any LightningCLI
 
 ``fit`` is implied when the first argument is not a subcommand (``fit``, ``validate``, ``test``,
 ``predict``). The data module is chosen by class name or path, e.g.
@@ -15,9 +18,11 @@ reached and wrote (:func:`dynact.summary.trainer_result_line`).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 import textwrap
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -28,10 +33,11 @@ from typing_extensions import override
 import dynact.experiments.data  # noqa: F401  (imported so that --data accepts short names, e.g. DigitsDataModule)
 from dynact.activations import activation_names
 from dynact.callbacks import EAFOCallback
+from dynact.experiments import configs
 from dynact.experiments.models import ImageClassifier
 from dynact.summary import trainer_result_line
 
-__all__ = ["main", "build_cli", "dynact_help"]
+__all__ = ["main", "build_cli", "dynact_help", "resolve_configs"]
 
 _SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -57,14 +63,16 @@ def dynact_help() -> str:
         "",
         "  --model.act NAME    the blocks' MLP activation: " + " ".join(activation_names()),
         "  EAFOCallback        per-layer entropies and dead mass, and the EAFO updates of --model.act eafo;",
-        "                      add it in a config's trainer.callbacks (examples/configs/digits_eafo.yaml) or with",
+        "                      add it in a config's trainer.callbacks (the shipped digits_eafo.yaml) or with",
         "                      --trainer.callbacks+=dynact.callbacks.EAFOCallback --trainer.callbacks.every_n_steps 50",
         "                      Its options, with their defaults (help(dynact.EAFOCallback) explains each):",
         *wrap.wrap(options),
-        "  configs             examples/configs/ in the repository: digits.yaml and digits_eafo.yaml (offline, CPU),",
-        "                      one per cell of the paper's Tables 1-3 ({vit_tiny,deit_tiny,tnt_small}_{cifar10,",
-        "                      cifar100}_{act}.yaml, {vit_tiny,deit_tiny}_imagenet_{act}.yaml, Appendix E's settings)",
-        "  example             dynact train --config examples/configs/digits_eafo.yaml --trainer.max_epochs 5",
+        "  --config NAME|PATH  a YAML file, or a config shipped with dynact by name (.yaml optional), from any",
+        "                      folder: digits, digits_eafo, digits_sweep (offline, CPU), and one per cell of the",
+        "                      paper's Tables 1-3 ({vit_tiny,deit_tiny,tnt_small}_{cifar10,cifar100}_{act},",
+        "                      {vit_tiny,deit_tiny}_imagenet_{act}; Appendix E's settings); copies to edit are in",
+        "                      examples/configs/ of the repository",
+        "  example             dynact train --config digits_eafo --trainer.max_epochs 5",
         "",
         "The run ends with one line: final val top-1 and loss, the layers' figures, the TensorBoard run and",
         "checkpoint written. Subcommands: fit (implied), validate, test, predict. Lightning's options follow.",
@@ -110,6 +118,35 @@ class _TrainCLI(LightningCLI):
             super().parse_arguments(parser, args)
 
 
+def _config_value(value: str, stack: contextlib.ExitStack) -> str:
+    """A ``--config`` value as LightningCLI reads it: a file as given, a shipped config's name as
+    the path of that file (kept on disk while ``stack`` is open), anything else (inline YAML) as is."""
+    if Path(value).expanduser().is_file() or configs.lookup(value) is None:
+        if configs.is_bare_name(value) and not Path(value).expanduser().exists():
+            print(f"dynact train: error: --config {configs.not_found_message(value)}", file=sys.stderr)
+            raise SystemExit(2)
+        return value
+    return str(stack.enter_context(configs.as_path(value)))
+
+
+def resolve_configs(args: list[str], stack: contextlib.ExitStack) -> list[str]:
+    """``args`` with every ``--config NAME`` (``-c NAME``, ``--config=NAME``) of a shipped config
+    replaced by its path; paths and everything else unchanged."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token in ("--config", "-c") and i + 1 < len(args):
+            out += [token, _config_value(args[i + 1], stack)]
+            i += 2
+            continue
+        if token.startswith("--config="):
+            token = "--config=" + _config_value(token[len("--config="):], stack)
+        out.append(token)
+        i += 1
+    return out
+
+
 def build_cli(argv: Optional[list[str]] = None, run: bool = True) -> LightningCLI:
     """Parse ``argv`` (default ``sys.argv[1:]``), build model, data and Trainer, and run them.
 
@@ -119,16 +156,19 @@ def build_cli(argv: Optional[list[str]] = None, run: bool = True) -> LightningCL
     args = list(sys.argv[1:] if argv is None else argv)
     if run and (not args or args[0] not in _SUBCOMMANDS):
         args = ["fit", *args]
-    return _TrainCLI(
-        ImageClassifier,
-        LightningDataModule,
-        subclass_mode_data=True,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        parser_class=_Parser,
-        parser_kwargs={"prog": "dynact train"},
-    )
+    # A shipped config is a real file already unless the package is zipped; then its temporary
+    # copy must outlive the run, which reads it again when it saves config.yaml.
+    with contextlib.ExitStack() as stack:
+        return _TrainCLI(
+            ImageClassifier,
+            LightningDataModule,
+            subclass_mode_data=True,
+            args=resolve_configs(args, stack),
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            parser_class=_Parser,
+            parser_kwargs={"prog": "dynact train"},
+        )
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -1,10 +1,15 @@
-"""Write one ``dynact train`` config per cell of the paper's Tables 1-3.
+"""Write one ``dynact train`` config per cell of the paper's Tables 1-3, and keep examples/configs current.
 
 Table 1 is CIFAR-10, Table 2 CIFAR-100 (ViT-Tiny, DeiT-Tiny, TNT-Small), Table 3 ImageNet-1K
 (ViT-Tiny, DeiT-Tiny); each compares GELU, ELU, PReLU, CELU, SiLU, Mish and CRReLU. Settings
 follow the paper's Appendix E (the README's "The paper's experiments" lists them).
 
-    python examples/configs/make_configs.py           # (re)write the YAML files next to this script
+The configs ship inside the package (``dynact/experiments/configs``, found by name:
+``dynact train --config vit_tiny_cifar10_crrelu``); this folder holds identical copies to start from.
+The script writes the paper's configs into the package, then copies every shipped config here
+(the hand-written digits ones included, whose source is the package's file).
+
+    python examples/configs/make_configs.py           # (re)write the package's paper configs and the copies here
     python examples/configs/make_configs.py --check   # exit 1 if any file differs from what it would write
 """
 
@@ -17,6 +22,7 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).resolve().parent
+PACKAGE = HERE.parents[1] / "dynact" / "experiments" / "configs"
 
 ACTIVATIONS = ("gelu", "elu", "prelu", "celu", "silu", "mish", "crrelu")
 ARCHS = {"vit_tiny": "ViT-Tiny", "deit_tiny": "DeiT-Tiny", "tnt_small": "TNT-Small"}
@@ -79,7 +85,7 @@ def header(arch: str, dataset: str, act: str) -> str:
         "# Appendix E: AdamW (wd 0.05), lr 2.5e-4 at batch 256, cosine to 1e-5 after 20 warm-up epochs",
         "# from 1e-6, gradient clipping 1.0, 100 epochs, timm augmentation, no dropout or drop-path.",
         "# batch_size is per device: with N devices use 256 / N to keep the paper's batch of 256.",
-        f"# Run: dynact train --config examples/configs/{arch}_{dataset}_{act}.yaml",
+        f"# Run: dynact train --config {arch}_{dataset}_{act}   (shipped with dynact; or the path of a copy)",
     ]
     if arch == "deit_tiny" and dataset == "imagenet":
         lines.append("# Distils from timm's deit_tiny_patch16_224: put its state_dict at teacher_weights,")
@@ -96,19 +102,31 @@ def render(arch: str, dataset: str, act: str) -> str:
     return header(arch, dataset, act) + yaml.safe_dump(config(arch, dataset, act), sort_keys=False)
 
 
+def expected() -> dict[Path, str]:
+    """Every file this script owns and the text it should hold: the paper's configs in the
+    package, and here a copy of every config the package ships."""
+    shipped = {PACKAGE / f"{arch}_{ds}_{act}.yaml": render(arch, ds, act) for arch, ds, act in cells()}
+    for path in sorted(PACKAGE.glob("*.yaml")):
+        shipped.setdefault(path, path.read_text())
+    return {**shipped, **{HERE / path.name: text for path, text in shipped.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only compare, write nothing")
     args = parser.parse_args(argv)
-    stale = []
-    for arch, ds, act in cells():
-        path = HERE / f"{arch}_{ds}_{act}.yaml"
-        text = render(arch, ds, act)
-        if args.check:
-            if not path.is_file() or path.read_text() != text:
-                stale.append(path.name)
-        else:
+    files = expected()
+    stale = [str(path.relative_to(HERE.parents[1])) for path, text in files.items()
+             if not path.is_file() or path.read_text() != text]
+    # a copy here whose config the package no longer ships
+    stale += [str(p.relative_to(HERE.parents[1])) for p in sorted(HERE.glob("*.yaml")) if p not in files]
+    if not args.check:
+        for path, text in files.items():
             path.write_text(text)
+        for path in sorted(HERE.glob("*.yaml")):
+            if path not in files:
+                path.unlink()
+        return 0
     if stale:
         print(f"out of date: {', '.join(stale)}; run python examples/configs/make_configs.py", file=sys.stderr)
         return 1

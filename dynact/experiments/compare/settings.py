@@ -15,15 +15,19 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from lightning.pytorch import Trainer
 
 from dynact.activations import activation_names, resolve_activation
 from dynact.callbacks import EAFOCallback
+from dynact.experiments import configs
 from dynact.experiments.models import ImageClassifier, model_names
 
-#: ``task -> defaults``. ``config`` names a file in the repository's ``examples/configs``;
+if TYPE_CHECKING:  # importlib.resources.abc from Python 3.11, importlib.abc before
+    from importlib.resources.abc import Traversable
+
+#: ``task -> defaults``. ``config`` names a config shipped in the package (:mod:`dynact.experiments.configs`);
 #: otherwise the data module's and ``ImageClassifier``'s own defaults are the paper's recipe and
 #: ``model`` adds the task's geometry. ``epochs`` and ``seeds``: the sweep's default size;
 #: ``threads``: torch's intra-op CPU threads per run (absent: torch's default); ``workers``: runs
@@ -42,7 +46,7 @@ TASKS: dict[str, dict[str, Any]] = {
         # A run is 280 optimizer steps, 7 to 25 s of one core depending on the machine.
         "seeds": 50,
         # The model is tiny: one thread per run and one run per core; on a busy CPU the threads
-        # of one small run wait on each other (see examples/configs/digits.yaml).
+        # of one small run wait on each other (see the shipped config digits.yaml).
         "threads": 1,
         "workers": "cpus",
         # Figures and histograms cost more than the training step of this small model.
@@ -94,6 +98,24 @@ _RESERVED = {
                  "every_n_steps": "--every-n-steps"},
 }
 CONTROL = "relu"
+#: The family-wise confidence of the simultaneous intervals.
+FAMILY_CONFIDENCE = 0.95
+#: The static arm the dynamic one is compared with, besides the control, when both run.
+STATIC_PARTNER = "crrelu"
+
+
+def comparison_pairs(arms: Sequence[str], control: str = CONTROL) -> list[tuple[str, str]]:
+    """``(arm, against)`` for every comparison the sweep makes: each arm against ``control``,
+    then the dynamic arm against its static partner (CRReLU) when both run and neither is the control."""
+    pairs = [(arm, control) for arm in arms if arm != control]
+    if DYNAMIC_ARM in arms and STATIC_PARTNER in arms and control not in (DYNAMIC_ARM, STATIC_PARTNER):
+        pairs.append((DYNAMIC_ARM, STATIC_PARTNER))
+    return pairs
+
+
+def family_confidence(k: int) -> float:
+    """Bonferroni: each of ``k`` intervals at ``1 - (1 - FAMILY_CONFIDENCE) / k`` holds for all ``k`` together."""
+    return 1.0 - (1.0 - FAMILY_CONFIDENCE) / max(1, k)
 
 
 @dataclass
@@ -128,29 +150,12 @@ class SweepSettings:
         return json.loads(json.dumps({k: v for k, v in asdict(self).items() if k not in free}))
 
 
-def _repo_configs() -> list[Path]:
-    # The configs live in the repository, beside the package (editable install or a clone on the
-    # path), or under the working directory (a clone with the package installed elsewhere).
-    return [Path(__file__).resolve().parents[2] / "examples" / "configs", Path.cwd() / "examples" / "configs"]
-
-
-def _find_config(name: str) -> Path:
-    for folder in _repo_configs():
-        if (folder / name).is_file():
-            return folder / name
-    raise ValueError(
-        f"the task's settings live in examples/configs/{name} of the dynact repository and it was not "
-        f"found (looked in {', '.join(str(f) for f in _repo_configs())}); run from a clone of the "
-        "repository or pass --config PATH"
-    )
-
-
-def load_config(path: Path) -> dict[str, Any]:
+def load_config(path: Path | Traversable) -> dict[str, Any]:
     """Read a ``dynact train`` (LightningCLI) YAML config into model / data / trainer sections."""
     import yaml
 
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ValueError(f"--config {str(path)!r}: cannot read it as YAML ({err})") from err
     if not isinstance(raw, dict):
@@ -161,7 +166,7 @@ def load_config(path: Path) -> dict[str, Any]:
     else:
         raise ValueError(
             f"--config {str(path)!r}: the data section needs class_path (e.g. dynact.data.DigitsDataModule) "
-            "and init_args, as in examples/configs/digits.yaml"
+            "and init_args, as in the shipped config digits.yaml"
         )
     model = dict(raw.get("model") or {})
     if "class_path" in model:  # a subclass-mode model section
@@ -276,11 +281,34 @@ def _arm_list(text: str) -> list[str]:
     return arms
 
 
-_DESCRIPTION = (
-    "Train every arm (activation) with every seed through the same model, data and "
-    "schedule; write TensorBoard runs, results.json, report.md (a table like the paper's, with "
-    "paired differences against the control and 95% confidence intervals) and plots."
-)
+#: Seconds of one CPU core per digits run, over the machines measured (README); the time line of --help.
+DIGITS_RUN_SECONDS = (7, 25)
+
+
+def _description() -> str:
+    """``dynact compare --help``'s opening: what it writes, every comparison with the intervals
+    actually used, and roughly how long it takes (the numbers come from the defaults)."""
+    pairs = comparison_pairs(DEFAULT_ARMS, CONTROL)
+    k, digits = len(pairs), TASKS["digits"]
+    runs = len(DEFAULT_ARMS) * digits["seeds"]
+    low, high = (round(runs * s / 2 / 60) for s in DIGITS_RUN_SECONDS)
+    return (
+        "Train every arm (activation) with every seed through the same model, data and schedule; write "
+        "TensorBoard runs, results.json, report.md (a table like the paper's) and plots. "
+        f"Comparisons, paired by seed: each arm against the control (--control, default {CONTROL}), and dynamic "
+        f"{DYNAMIC_ARM} against static {STATIC_PARTNER} when both run and neither is the control; with the default "
+        f"arms that is {', '.join(f'{a} - {b}' for a, b in pairs)}. Intervals: Student-t, Bonferroni-adjusted so "
+        f"that all k comparisons hold together with {FAMILY_CONFIDENCE:.0%} confidence, each at "
+        f"1 - {1 - FAMILY_CONFIDENCE:.2g}/k ({100 * family_confidence(k):.2f}% for the default {k}); the report "
+        "states the level used. "
+        f"Time: a digits run is {digits['epochs']} epochs of 14 steps, about {DIGITS_RUN_SECONDS[0]} to "
+        f"{DIGITS_RUN_SECONDS[1]} s of one CPU core depending on the machine, so the default {runs} runs "
+        f"({len(DEFAULT_ARMS)} arms x {digits['seeds']} seeds) take about {low} to {high} minutes on 2 cores "
+        "(plus a minute or two of start-up and report); a paper task's run is 100 epochs of a ViT on a GPU, "
+        "hours each (days for ImageNet-1K)."
+    )
+
+
 _EPILOG = (
     "Overrides, as in 'dynact train': --trainer.KEY VALUE (any lightning Trainer argument, "
     "e.g. --trainer.accelerator gpu --trainer.precision bf16-mixed --trainer.limit_train_batches 0.1), "
@@ -293,7 +321,7 @@ _EPILOG = (
 
 def build_parser() -> argparse.ArgumentParser:
 
-    p = argparse.ArgumentParser(prog="dynact compare", description=_DESCRIPTION, epilog=_EPILOG)
+    p = argparse.ArgumentParser(prog="dynact compare", description=_description(), epilog=_EPILOG)
     p.add_argument("--task", default="digits", choices=list(TASKS), help="data set (default: digits, offline)")
     p.add_argument("--model", default=None, help=f"architecture: {', '.join(model_names())} (default: the task's)")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
@@ -316,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="runs trained at once, each in its own process (default: digits one per CPU core "
                    "divided by --threads; else 1, in this process, e.g. one GPU)")
-    p.add_argument("--config", default=None, help="a 'dynact train' YAML config replacing the task's settings")
+    p.add_argument("--config", default=None,
+                   help="a 'dynact train' YAML config replacing the task's settings: a path, or the name of a "
+                   f"shipped config (digits uses {TASKS['digits']['config']})")
     p.add_argument("--out", default="compare_out", help="output folder (default: compare_out)")
     p.add_argument("--resume", action="store_true", help="continue a sweep in --out, skipping finished runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per finished run)")
@@ -337,14 +367,20 @@ def _check_flags(args: argparse.Namespace, arms: list[str]) -> str:
 
 
 def _base(args: argparse.Namespace, task: dict[str, Any]) -> tuple[dict[str, Any], Optional[str]]:
-    """The task's or ``--config``'s data, model and trainer settings, and the config's path."""
+    """The task's or ``--config``'s data, model and trainer settings, and where they came from:
+    a file's absolute path, or ``dynact:NAME.yaml`` for a shipped config (the same wherever the
+    package is installed, so a sweep resumes after a reinstall)."""
     if args.config is None and "config" not in task:
         return {"data_class": task["data"], "data_kwargs": {}, "model_kwargs": dict(task["model"]),
                 "trainer_kwargs": {}}, None
-    config_path = Path(args.config).expanduser() if args.config else _find_config(task["config"])
-    if not config_path.is_file():
-        raise ValueError(f"--config {str(config_path)!r} does not exist")
-    return load_config(config_path), str(config_path.resolve())
+    spec = args.config if args.config is not None else task["config"]
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return load_config(path), str(path.resolve())
+    shipped = configs.lookup(spec)
+    if shipped is None:
+        raise ValueError(f"--config {configs.not_found_message(spec)}")
+    return load_config(shipped), f"dynact:{shipped.name}"
 
 
 def settings_from_args(args: argparse.Namespace, overrides: dict[str, dict[str, Any]]) -> SweepSettings:

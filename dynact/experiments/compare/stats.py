@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from dynact.experiments.compare.settings import CONTROL, DYNAMIC_ARM
+# What the sweep compares is part of what a sweep is (settings), which its --help states too.
+from dynact.experiments.compare.settings import (  # noqa: F401  (re-exported: stats.comparison_pairs, ...)
+    CONTROL,
+    DYNAMIC_ARM,
+    FAMILY_CONFIDENCE,
+    STATIC_PARTNER,
+    comparison_pairs,
+    family_confidence,
+)
 from dynact.experiments.reporting import mean_std, paired_interval
 
 #: Per-layer measures summarised in the report (means over seeds, per layer and over layers).
@@ -17,21 +25,6 @@ PLATEAU_EPOCHS = 5
 #: A run is on its plateau when its top-1 moved by less than this (a fraction: 0.01 is one point,
 #: 9 of the main job's 899 held-out digits) over its last :data:`PLATEAU_EPOCHS` epochs.
 PLATEAU_BOUND = 0.01
-#: The family-wise confidence of the simultaneous intervals.
-FAMILY_CONFIDENCE = 0.95
-#: The static arm the dynamic one is compared with, besides the control, when both run.
-STATIC_PARTNER = "crrelu"
-
-
-def comparison_pairs(arms: Sequence[str], control: str = CONTROL) -> list[tuple[str, str]]:
-    """``(arm, against)`` for every comparison the sweep makes: each arm against ``control``,
-    then the dynamic arm against its static partner (CRReLU) when both run and neither is the control."""
-    pairs = [(arm, control) for arm in arms if arm != control]
-    if DYNAMIC_ARM in arms and STATIC_PARTNER in arms and control not in (DYNAMIC_ARM, STATIC_PARTNER):
-        pairs.append((DYNAMIC_ARM, STATIC_PARTNER))
-    return pairs
-
-
 def paired(arm_runs: dict[int, dict], control_runs: dict[int, dict], key: str,
            confidence: float = 0.95) -> dict[str, Any]:
     """Mean over shared seeds of ``rec[key](arm, s) - rec[key](control, s)`` with its intervals.
@@ -125,11 +118,6 @@ def summarize(records: list[dict[str, Any]], arms: Sequence[str], control: str =
             "delta_nll": None if arm == control else paired(ok[arm], ok.get(control, {}), "nll_final", confidence),
         }
     return summary
-
-
-def family_confidence(k: int) -> float:
-    """Bonferroni: each of ``k`` intervals at ``1 - (1 - FAMILY_CONFIDENCE) / k`` holds for all ``k`` together."""
-    return 1.0 - (1.0 - FAMILY_CONFIDENCE) / max(1, k)
 
 
 def comparisons(records: list[dict[str, Any]], arms: Sequence[str], control: str = CONTROL) -> dict[str, Any]:
