@@ -9,7 +9,9 @@ load hits both alike:
   same step with them idle, step by step in turns; the difference per layer is what sampling
   costs (median over ``--steps`` pairs);
 - ``update``: one update of all layers after a full window (``window`` forwards), median over
-  ``--updates`` updates, with the per-layer figure.
+  ``--updates`` updates, with the per-layer figure, and every update's time in order
+  (``each_update_ms``, the first included): an update that re-fits grids takes the one-layer
+  path and shows there.
 
 Prints JSON. Run it against two checkouts (``PYTHONPATH=<checkout> python ...``) to compare them.
 
@@ -80,7 +82,8 @@ def update(act_opt, model, x, updates: int) -> dict:
         act_opt._update_all()
         times.append(time.perf_counter() - start)
     took = statistics.median(times[1:])  # the first builds caches
-    return {"update_ms": took * 1e3, "per_layer_ms": took / len(act_opt.layer_names) * 1e3}
+    return {"update_ms": took * 1e3, "per_layer_ms": took / len(act_opt.layer_names) * 1e3,
+            "each_update_ms": [round(t * 1e3, 1) for t in times]}
 
 
 def main() -> None:
