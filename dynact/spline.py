@@ -164,10 +164,12 @@ class EAFOActivation(nn.Module):
         if dispatch.eager_fused(x):
             # The common eager call: one fused autograd node, with tables built once per change
             # of the spline; a plain ReLU base runs inside the kernel, a plain GELU (CPU) inside
-            # the node (ATen's own kernels, so its numbers are nn.GELU's).
+            # the node (in the kernel too for float32, see dispatch.gelu_base).
             base = self._base_code(x)
             y0 = None if base else self.base(x)
-            return dispatch.FusedSpline.apply(x, self.eps, y0, self._kernel_tables(x.dtype), base)
+            eps = self._parameters.get("eps")  # as self.eps, without nn.Module.__getattr__ per call
+            return dispatch.FusedSpline.apply(x, self._buffers["eps"] if eps is None else eps, y0,
+                                              self._kernel_tables(x.dtype), base)
         eps = self.eps.view(())  # the stored (1,) as the 0-d scalar it is: 0-d inputs give 0-d outputs
         if torch.compiler.is_compiling() or dispatch.MODE == "ops":
             if dispatch.MODE != "ops" and dispatch.compiled_on_cpu(x):

@@ -574,6 +574,72 @@ def test_a_gelu_base_runs_inside_the_fused_node_unless_hooked():
     torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-6)
 
 
+_GELU_IN_KERNEL = CPU_FUSED and bool(_kernels._load() and _kernels._gelu_in_kernel())
+
+
+@pytest.mark.skipif(not _GELU_IN_KERNEL, reason="GELU inside the kernel needs the C++ library with AVX2")
+def test_gelu_inside_the_kernel_is_x_phi_to_float32_rounding():
+    # The in-kernel GELU alone (a zero spline passed straight to the kernel) against x Phi(x) and
+    # Phi(x) + x phi(x) in float64 (scipy), over the whole range where float32 GELU is not 0 or x,
+    # with every lane position and tail length of the vector loop.
+    from scipy import stats
+
+    x = torch.cat([torch.linspace(-14.0, 14.0, 400_003), torch.tensor([-0.0, 0.0, 1e-30, -1e-30, 1e-3])])
+    zero = _kernels._tables_of(torch.zeros(66, 2), torch.tensor(65 / 9.0), torch.tensor(4 * 65 / 9.0))
+    eps = torch.tensor([0.5])
+    y = _kernels._spline_fwd(x, None, zero, _kernels.BASE_GELU_KERNEL, eps)
+    gx, _ = _kernels._spline_bwd(torch.ones_like(x), x, zero, _kernels.BASE_GELU_KERNEL, eps, True, False)
+    xd = x.double().numpy()
+    cdf, pdf = stats.norm.cdf(xd), stats.norm.pdf(xd)
+    value, slope = torch.from_numpy(xd * cdf), torch.from_numpy(cdf + xd * pdf)
+    # relative: 8 float32 ulp down to x = -13 (|x Phi(x)| > 1e-37; below, exp(-x^2/2) is flushed
+    # to 0), except where the slope is small and cancels (|Phi(x) + x phi(x)| < 0.4 for x > -2);
+    # absolute: 4e-7 everywhere (nn.GELU: 3.8e-7)
+    for got, want, away in ((y, value, value != 0), (gx, slope, (slope.abs() > 0.4) | (x < -2.0))):
+        err = (got.double() - want).abs()
+        assert err.max() <= 4e-7
+        away = away & (x >= -13.0)
+        assert (err[away] / want[away].abs()).max() <= 8 * 2.0**-24
+    # nn.GELU is within its own error of the same numbers
+    torch.testing.assert_close(y, nn.GELU()(x), rtol=1e-6, atol=4e-7)
+    for n in range(1, 20):  # every tail length: the same numbers as inside a long run
+        torch.testing.assert_close(_kernels._spline_fwd(x[:n], None, zero, _kernels.BASE_GELU_KERNEL, eps), y[:n],
+                                   rtol=0, atol=0)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 50.0, -50.0])
+    want = nn.GELU()(special)
+    got = _kernels._spline_fwd(special, None, zero, _kernels.BASE_GELU_KERNEL, eps)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])
+
+
+@pytest.mark.skipif(not _GELU_IN_KERNEL, reason="GELU inside the kernel needs the C++ library with AVX2")
+def test_gelu_base_runs_in_the_kernel_only_where_the_correction_is_not_zero():
+    act = _modules()["eafo_gelu"]
+    x = _inputs(5000)
+    tables = act._kernel_tables(x.dtype)
+    assert _kernels.gelu_base(x, tables, act.eps) == _kernels.BASE_GELU_KERNEL
+    assert _kernels.gelu_base(x.double(), act._kernel_tables(torch.float64), act.eps) == _kernels.BASE_GELU
+    # In the kernel: the fused path against the reference path (ATen's GELU plus the spline).
+    y, gx, geps, _ = _run(act, x, torch.ones_like(x), "auto")
+    y_ref, gx_ref, geps_ref, _ = _run(act, x, torch.ones_like(x), "reference")
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(geps, geps_ref, rtol=1e-5, atol=1e-6)
+    # eps == 0 with a non-zero spline: ATen's GELU, so values and input gradient are nn.GELU's
+    # bit for bit, and eps still gets its gradient sum(grad * s).
+    with torch.no_grad():
+        act.eps.zero_()
+    assert _kernels.gelu_base(x, tables, act.eps) == _kernels.BASE_GELU
+    y, gx, geps, fn = _run(act, x, torch.ones_like(x), "auto")
+    assert "Fused" in type(fn).__name__
+    xg = x.clone().requires_grad_(True)
+    want = nn.GELU()(xg)
+    want.backward(torch.ones_like(x))
+    assert torch.equal(y, want.detach()) and torch.equal(gx, xg.grad)
+    _, _, geps_ref, _ = _run(act, x, torch.ones_like(x), "reference")
+    torch.testing.assert_close(geps, geps_ref, rtol=1e-5, atol=1e-6)
+    _kernels.MODE = "auto"
+
+
 @needs_compiler
 def test_kernel_tables_follow_every_change_of_the_spline():
     # The tables are built once and reused; in-place changes (updates, load_state_dict) and
