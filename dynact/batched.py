@@ -7,11 +7,15 @@ the densities come as :class:`~dynact.density.rows.Rows`, every guard is a ``(si
 the activations are evaluated once per kind of base on all their sites' grids, and everything
 the host needs (guards, figures) is read back in one transfer at the end.
 
-It takes the common path only: a site with a finite window on a grid that fits it, a base
-without parameters of its own, and for a dynamic site a ``refresh`` whose spline grid needs no
-move. Any other site (a skip, a grid to re-fit or re-place, ``iterate``, a parametrised base,
-FSDP-sharded parameters) comes back as not done and is left untouched, so the caller can run the
-one-site path on it, which handles every case and warns as it always did. The arithmetic is
+It takes the common path: a site with a finite window, a base without parameters of its own,
+and for a dynamic site a ``refresh`` whose spline grid needs no move. A window whose density
+grid must be re-fitted is common too (every site's first windows are): data spilling beyond the
+grid (``"spill"``: only the mass outside is reported, as the one-site path does) or too few bins
+on the data (``"coarse"``: figures of the activation as it is, no update); the caller makes the
+new estimators from :attr:`Outcome.kind` and the host values returned. Any other site (a skip, a
+spline grid to re-place, ``iterate``, a parametrised base, FSDP-sharded parameters) comes back as
+not done and is left untouched, so the caller can run the one-site path on it, which handles
+every case and warns as it always did. The arithmetic is
 that of :func:`dynact.eafo.output_stats`, :meth:`dynact.EAFOActivation.refresh` and
 :class:`~dynact.density.Density`, operation for operation, so the two paths agree to rounding.
 """
@@ -26,6 +30,7 @@ import torch
 from torch import nn
 
 from dynact.density import Density
+from dynact.density.grid import MAX_ABS, MIN_REL_STEP, MIN_STEP
 from dynact.density.rows import Rows
 from dynact.eafo import FLAT_TOL, _float64_module, _second
 from dynact.kernels.reference import _interp_uniform
@@ -44,6 +49,8 @@ _SQRT_2PI = math.sqrt(2.0 * math.pi)
 # An update is checked one site at a time when its outputs could come within this factor of
 # the largest value of the input's dtype (dynact.update_guards.overflows decides then).
 _OVERFLOW_MARGIN = 0.25
+# EAFOActivation.place_grid's defaults: the quantiles it covers and the margin it adds.
+_PLACE_Q, _PLACE_WIDEN = 5e-4, 0.1
 # Float64 copies of parameter-free bases, by (type, settings, device): built once, reused.
 _BASES: dict[tuple, nn.Module] = {}
 
@@ -61,16 +68,25 @@ class Site:
 @dataclass
 class Outcome:
     """What :func:`update_rows` did, by site: ``done[i]`` (else nothing of site ``i`` was
-    touched), the figures of done sites (metric name -> float), the knot values to store in a
-    done dynamic site (``None`` otherwise) and the host values of each site's window."""
+    touched), which case a done site took (``kind[i]``: ``"update"``, or a density grid to
+    re-fit: ``"spill"``, ``"coarse"``), the figures of done sites (metric name -> float), the
+    knot values to store in a done dynamic site (``None`` otherwise) and the host values of each
+    site's window: its extremes ``ends`` (``[-min, max]``) and its ``_Q_LO``, ``_Q_HI``
+    quantiles ``q`` (what a grid is re-fitted from); ``new_grid[i]``: the spline grid ``(lo,
+    hi)`` to store with ``new_s[i]`` where it was re-placed (``EAFOActivation.place_grid``),
+    else ``None``."""
 
     done: list[bool]
+    kind: list[str] = field(default_factory=list)
     figures: list[dict[str, float]] = field(default_factory=list)
     new_s: list[Optional[torch.Tensor]] = field(default_factory=list)
     count: list[float] = field(default_factory=list)
     outside: list[float] = field(default_factory=list)
     nonfinite: list[float] = field(default_factory=list)
     grid: list[tuple[float, float]] = field(default_factory=list)
+    ends: list[tuple[float, float]] = field(default_factory=list)
+    q: list[tuple[float, float]] = field(default_factory=list)
+    new_grid: list[Optional[tuple[float, float]]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -86,44 +102,67 @@ def update_rows(sites: list[Site], rows: Rows, ends: torch.Tensor, mode: str, ma
     if n == 0:
         return Outcome(done=[])
     plan = _plan(sites, rows, mode)
-    window_ok, q_lo, q_hi = _window_checks(rows, ends, max_outside)
+    measured, inside, fits, fine, q_lo, q_hi = _window_checks(rows, ends, max_outside)
     edges = _linspace(rows.lo, rows.hi, rows.p.shape[1] + 1)
     base_edges = _evaluate(plan, edges, grad=False)[0]
     spline = _spline_state(plan, sites, rows.p.device)
-    ok = window_ok & plan.batchable & spline.finite
+    usable = measured & plan.batchable & spline.finite
+    # The cases of dynact.core's one-site path, in its order: data beyond the density grid (re-fit
+    # it to cover them, report only that mass), too few bins on the data (re-fit it around them,
+    # figures of the activation as it is), else the update.
+    spill = usable & ~inside
+    coarse = usable & inside & fits & ~fine
+    ok = usable & inside & fits & fine
     s_now = spline.s
     change = torch.zeros(n, dtype=torch.float64, device=rows.p.device)
     new_s = s_now
+    lo, hi = spline.lo, spline.hi
     if any(site.dynamic for site in sites):
-        new_s, change, dyn_ok = _refresh(plan, sites, rows, edges, spline, (q_lo, q_hi), max_outside)
+        new_s, change, dyn_ok, new_lo, new_hi = _refresh(plan, sites, rows, edges, spline, (q_lo, q_hi), max_outside)
         ok &= dyn_ok | ~spline.dynamic
-    f = base_edges + spline.eps.unsqueeze(1) * _spline_at(edges, new_s, spline.lo, spline.hi)
+        new_s = torch.where(ok.unsqueeze(1), new_s, s_now)
+        lo, hi = torch.where(ok, new_lo, lo), torch.where(ok, new_hi, hi)
+    f = base_edges + spline.eps.unsqueeze(1) * _spline_at(edges, new_s, lo, hi)
     f = torch.where(spline.is_eafo.unsqueeze(1), f, base_edges)
     stats, stats_ok = _stats(f, rows)
     ok &= stats_ok
-    outside = torch.where(spline.is_eafo, _outside_mass(rows, edges, spline.lo, spline.hi), rows.outside)
-    table = torch.stack([ok.to(torch.float64), *stats.values(), outside, spline.eps, change,
-                         rows.total, rows.outside, rows.nonfinite, rows.lo, rows.hi], dim=1)
+    coarse &= stats_ok
+    kind = ok.to(torch.float64) + 2 * spill.to(torch.float64) + 3 * coarse.to(torch.float64)
+    outside = torch.where(spline.is_eafo, _outside_mass(rows, edges, lo, hi), rows.outside)
+    moved = (lo != spline.lo) | (hi != spline.hi)
+    table = torch.stack([kind, *stats.values(), outside, spline.eps, change, rows.total, rows.outside,
+                         rows.nonfinite, rows.lo, rows.hi, ends[:, 0].double(), ends[:, 1].double(), q_lo, q_hi,
+                         moved.to(torch.float64), lo, hi], dim=1)
     host = table.tolist()  # the one read back
-    return _outcome(sites, spline, host, list(stats), new_s)
+    return _outcome(sites, host, list(stats), new_s)
 
 
-def _outcome(sites, spline, host, names, new_s) -> Outcome:
-    out = Outcome(done=[bool(row[0]) for row in host])
+_KINDS = {1: "update", 2: "spill", 3: "coarse"}
+
+
+def _outcome(sites, host, names, new_s) -> Outcome:
+    kinds = [_KINDS.get(int(row[0]), "") for row in host]
+    out = Outcome(done=[bool(kind) for kind in kinds], kind=kinds)
     k = len(names)
     for i, (site, row) in enumerate(zip(sites, host, strict=True)):
-        figures = dict(zip(names, row[1:1 + k], strict=True))
-        figures["outside"] = row[1 + k]
-        if isinstance(site.module, EAFOActivation):
-            figures["eps"] = row[2 + k]
-        if site.dynamic:
-            figures["update_size"], figures["accepted"] = row[3 + k], 1.0
+        if kinds[i] == "spill":
+            figures = {"outside": row[5 + k]}  # the mass beyond the density grid, nothing else
+        else:
+            figures = dict(zip(names, row[1:1 + k], strict=True))
+            figures["outside"] = row[1 + k]
+            if isinstance(site.module, EAFOActivation):
+                figures["eps"] = row[2 + k]
+            if site.dynamic and kinds[i] == "update":
+                figures["update_size"], figures["accepted"] = row[3 + k], 1.0
         out.figures.append(figures)
-        out.new_s.append(new_s[i] if site.dynamic and out.done[i] else None)
+        out.new_s.append(new_s[i] if site.dynamic and kinds[i] == "update" else None)
         out.count.append(row[4 + k])
         out.outside.append(row[5 + k])
         out.nonfinite.append(row[6 + k])
         out.grid.append((row[7 + k], row[8 + k]))
+        out.ends.append((row[9 + k], row[10 + k]))
+        out.q.append((row[11 + k], row[12 + k]))
+        out.new_grid.append((row[14 + k], row[15 + k]) if out.new_s[i] is not None and row[13 + k] else None)
     return out
 
 
@@ -142,9 +181,9 @@ def density_of(rows: Rows, i: int, outcome: Outcome) -> Density:
 
 # ---------------------------------------------------------------------------- guards
 def _window_checks(rows: Rows, ends: torch.Tensor, max_outside: float):
-    """``(sites,)`` mask of windows the common path takes (``dynact.core``'s guards, in order:
-    no NaN/Inf, data seen, not constant, on the grid, not nearly constant, not too coarse),
-    and the ``_Q_LO``, ``_Q_HI`` quantiles."""
+    """``(sites,)`` masks of ``dynact.core``'s guards, in its order: measured (no NaN/Inf, data
+    seen, not constant), on the density grid, not nearly constant, not too coarse; and the
+    ``_Q_LO``, ``_Q_HI`` quantiles."""
     low, high = -ends[:, 0].double(), ends[:, 1].double()
     seen = torch.isfinite(ends).all(1) & rows.ok & (rows.nonfinite == 0)
     spread = high - low > _MIN_SPREAD * torch.maximum(low.abs(), high.abs()).clamp_min(1.0)
@@ -153,7 +192,7 @@ def _window_checks(rows: Rows, ends: torch.Tensor, max_outside: float):
     fit_hi = torch.maximum(torch.minimum(q_hi, high), fit_lo)
     fits = fit_hi - fit_lo > _MIN_SPREAD * torch.maximum(fit_lo.abs(), fit_hi.abs()).clamp_min(1.0)
     fine = q_hi - q_lo >= _MIN_FILL * (rows.hi - rows.lo)
-    return seen & spread & (rows.outside <= max_outside) & fits & fine, q_lo, q_hi
+    return seen & spread, rows.outside <= max_outside, fits, fine, q_lo, q_hi
 
 
 def _quantiles(rows: Rows, qs: tuple[float, ...]) -> list[torch.Tensor]:
@@ -306,9 +345,16 @@ def _linspace(lo: torch.Tensor, hi: torch.Tensor, steps: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- refresh
 def _refresh(plan: _Plan, sites: list[Site], rows: Rows, edges: torch.Tensor, spline: _Splines, quantiles,
              max_outside: float):
-    """``EAFOActivation.refresh`` of every dynamic site: the new knot values (stored precision),
-    the change ``|eps| max|new - old|``, and a mask of the sites the common path may update
-    (finite result, no grid to re-place, no risk of overflowing the input's dtype)."""
+    """``EAFOActivation.refresh`` of every dynamic site, after ``place_grid`` where
+    ``dynact.core`` re-places the spline's grid first (the data left it or hardly fill it).
+
+    Returns the new knot values (stored precision), the change ``|eps| max|new - old|``, a mask
+    of the sites the common path may update (a grid it could place, a finite result, no risk of
+    overflowing the input's dtype), and the spline grids ``(lo, hi)`` after the re-placing (the
+    current ones where none was needed); ``spline`` itself is not changed."""
+    inside = _outside_mass(rows, edges, spline.lo, spline.hi) <= max_outside
+    wide = quantiles[1] - quantiles[0] >= _MIN_FILL * (spline.hi - spline.lo)
+    lo, hi, s_old, placed = _place_grid(rows, spline, spline.dynamic & ~(inside & wide))
     p, dp, grid = rows.p, rows.dp, rows.grid
     h = rows.step
     mass = p * h
@@ -320,17 +366,39 @@ def _refresh(plan: _Plan, sites: list[Site], rows: Rows, edges: torch.Tensor, sp
     rising = d1 > FLAT_TOL
     plain = torch.where(rising, dp - p * d2 / torch.where(rising, d1, 1.0), dp)
     c = torch.where(falling, dp - p * d1 * d2 / (d1 * d1 + TAPER * TAPER), plain)
-    knots_x = _linspace(spline.lo, spline.hi, spline.s.shape[1])
+    knots_x = _linspace(lo, hi, spline.s.shape[1])
     vals = _interp_uniform(knots_x, grid[:, :1], h, c)
     vals[:, 0] = vals[:, -1] = 0.0
     new = ((-_SQRT_2PI * sigma**3).unsqueeze(1) * vals).float().double()
-    new = torch.where(spline.dynamic.unsqueeze(1), new, spline.s)
-    change = spline.eps.abs() * (new - spline.s).abs().amax(1)
-    inside = _outside_mass(rows, edges, spline.lo, spline.hi) <= max_outside
-    wide = quantiles[1] - quantiles[0] >= _MIN_FILL * (spline.hi - spline.lo)
+    new = torch.where(spline.dynamic.unsqueeze(1), new, s_old)
+    change = spline.eps.abs() * (new - s_old).abs().amax(1)
     finite = torch.isfinite(c).all(1) & torch.isfinite(sigma) & (sigma > 0) & torch.isfinite(new).all(1)
     safe = _no_overflow(plan, sites, spline, knots_x, new)
-    return new, change, finite & inside & wide & safe
+    return new, change, finite & placed & safe, lo, hi
+
+
+def _place_grid(rows: Rows, spline: _Splines, move: torch.Tensor):
+    """``EAFOActivation.place_grid`` (default arguments) of the rows in ``move``: the new ends
+    (float32, as the buffers store them), the knot values resampled onto them (the old spline at
+    the new knots, end knots 0, stored precision), and a mask that is False where the grid cannot
+    be placed (``check_grid`` would refuse it: left to the one-site path, which skips the update
+    with its warning). Rows not in ``move`` keep their grid and knot values."""
+    q_lo, q_hi = _quantiles(rows, (_PLACE_Q, 1.0 - _PLACE_Q))
+    span = torch.maximum(q_hi - q_lo, 2 * rows.step.reshape(-1))
+    new_lo = (q_lo - _PLACE_WIDEN * span).float().double()
+    new_hi = (q_hi + _PLACE_WIDEN * span).float().double()
+    knots = spline.s.shape[1]
+    x_new = _linspace(new_lo, new_hi, knots)
+    resampled = _spline_at(x_new, spline.s, spline.lo, spline.hi)
+    resampled[:, 0] = resampled[:, -1] = 0.0
+    resampled = resampled.float().double()
+    big = torch.maximum(new_lo.abs(), new_hi.abs())
+    step = (new_hi - new_lo) / knots
+    valid = (torch.isfinite(new_lo) & torch.isfinite(new_hi) & (new_lo < new_hi) & (big <= MAX_ABS)
+             & (step >= torch.clamp_min(MIN_REL_STEP * big, MIN_STEP)))
+    m = move.unsqueeze(1)
+    return (torch.where(move, new_lo, spline.lo), torch.where(move, new_hi, spline.hi),
+            torch.where(m, resampled, spline.s), valid | ~move)
 
 
 

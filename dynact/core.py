@@ -640,11 +640,24 @@ class ActivationOptimizer:
                 continue
             metrics[tag("nonfinite", layer.name)] = out.nonfinite[i]
             metrics.update({tag(name, layer.name): value for name, value in out.figures[i].items()})
+            # The density grid re-fitted as the one-site path does (_measure), from the same host values.
+            (lo, hi), (e_min, e_max), (q_lo, q_hi) = out.grid[i], out.ends[i], out.q[i]
+            if out.kind[i] == "spill":  # nothing measured: the next window runs on a grid covering the data
+                layer.estimator = self._new_estimator(*_cover(lo, hi, e_min, e_max))
+                continue
             self.densities[layer.name] = density_of(rows, i, out)
+            if out.kind[i] == "coarse":
+                fit_lo = min(max(q_lo, -e_min), e_max)
+                layer.estimator = self._new_estimator(*around(fit_lo, max(min(q_hi, e_max), fit_lo)))
+                continue
             cleared.append(layer._estimator.additive_state)
             if out.new_s[i] is not None:
                 targets.append(layer.module.s)
                 values.append(out.new_s[i].to(device=layer.module.s.device, dtype=layer.module.s.dtype))
+            if out.new_grid[i] is not None:  # the spline's grid re-placed first (EAFOActivation.place_grid)
+                with torch.no_grad():
+                    layer.module.lo.fill_(out.new_grid[i][0])
+                    layer.module.hi.fill_(out.new_grid[i][1])
         with torch.no_grad():
             if cleared:
                 torch._foreach_zero_(cleared)
@@ -883,7 +896,12 @@ def _covering(density: Density, ends: Optional[torch.Tensor]) -> tuple[float, fl
     lo, hi = density.lo, density.hi
     if ends is None:
         return lo - (hi - lo), hi + (hi - lo)
-    lo, hi = min(lo, -float(ends[0])), max(hi, float(ends[1]))
+    return _cover(lo, hi, float(ends[0]), float(ends[1]))
+
+
+def _cover(lo: float, hi: float, neg_min: float, max_: float) -> tuple[float, float]:
+    """:func:`_covering` of the grid ``[lo, hi]`` and the extremes ``[-neg_min, max_]``."""
+    lo, hi = min(lo, -neg_min), max(hi, max_)
     return lo - _SPILL_MARGIN * (hi - lo), hi + _SPILL_MARGIN * (hi - lo)
 
 

@@ -95,12 +95,56 @@ def test_layers_the_common_path_does_not_cover_are_left_untouched_for_the_one_la
     sites, rows, ends, _ = _sites_and_rows()
     rows.nonfinite[0] = 3.0  # a NaN in the window: a skip, with its warning, is the one-layer path's
     ends[1] = -math.inf  # no finite value seen
-    sites[2].module.lo.fill_(-0.5)  # the data spill far beyond the spline's grid: place_grid first
     out = update_rows(sites, rows, ends, "refresh", max_outside=0.01)
-    assert out.done == [False, False, False, True, True]
-    assert out.new_s[:3] == [None, None, None]
+    assert out.done == [False, False, True, True, True]
+    assert out.new_s[:2] == [None, None]
     out = update_rows([Site(EAFOActivation("relu"), True)], *_rows_of(rows, ends, 4), "iterate", max_outside=0.01)
     assert out.done == [False]  # iterate is one layer at a time
+
+
+def test_a_spline_grid_to_re_place_is_updated_as_place_grid_then_refresh_one_layer_at_a_time():
+    sites, rows, ends, densities = _sites_and_rows()
+    sites[2].module.lo.fill_(-0.5)  # the data spill far beyond the spline's grid
+    sites[0].module.lo.fill_(-60.0)  # the data fill too little of it
+    sites[0].module.hi.fill_(60.0)
+    before = [copy.deepcopy(site.module) for site in sites]
+    out = update_rows(sites, rows, ends, "refresh", max_outside=0.01)
+    assert out.done == [True] * 5 and out.kind == ["update"] * 5
+    assert out.new_grid[1] is None and out.new_grid[3:] == [None, None]
+    for i in (0, 2):
+        ref = copy.deepcopy(before[i])
+        ref.place_grid(densities[i])
+        record = ref.refresh(densities[i])
+        assert out.new_grid[i] == (float(ref.lo), float(ref.hi))  # the float32 ends, exactly
+        assert float(sites[i].module.lo) == float(before[i].lo)  # nothing written
+        torch.testing.assert_close(out.new_s[i].float(), ref.s, rtol=1e-6, atol=1e-7)
+        assert out.figures[i]["update_size"] == pytest.approx(record["change"], rel=1e-6, abs=1e-9)
+        assert out.figures[i]["outside"] == pytest.approx(ref.outside_mass(densities[i]), abs=1e-12)
+        for name, value in eafo.output_stats(ref, densities[i]).items():
+            assert out.figures[i][name] == pytest.approx(value, rel=1e-9, abs=1e-9), name
+
+
+def test_density_grids_to_re_fit_are_reported_as_the_one_layer_path_does():
+    # spill: the data reach beyond the density grid (only that mass is reported); coarse: the
+    # data cover too few of its bins (figures of the activation as it is, nothing updated).
+    sites, rows, ends, densities = _sites_and_rows()
+    rows.outside[1] = 0.2
+    g = torch.Generator().manual_seed(5)
+    narrow = torch.randn(1, 20_000, generator=g) * 0.05
+    lo, hi = torch.tensor([-6.0], dtype=torch.float64), torch.tensor([6.0], dtype=torch.float64)
+    r4 = finish_rows("kde", 256, bin_rows("kde", 256, narrow, torch.full((1,), 20_000), lo, hi), lo, hi)
+    for name in ("p", "dp", "grid", "lo", "hi", "total", "outside", "nonfinite", "ok"):
+        getattr(rows, name)[4] = getattr(r4, name)[0]
+    ends[4] = torch.stack([-narrow.amin(), narrow.amax()])
+    d4 = KDE(-6.0, 6.0, 256).compute_from(bin_rows("kde", 256, narrow, torch.full((1,), 20_000), lo, hi)[0])
+    out = update_rows(sites, rows, ends, "refresh", max_outside=0.01)
+    assert out.kind == ["update", "spill", "update", "update", "coarse"]
+    assert out.figures[1] == {"outside": pytest.approx(0.2)} and out.new_s[1] is None
+    assert out.new_s[4] is None and "update_size" not in out.figures[4]
+    for name, value in eafo.output_stats(sites[4].module, d4).items():
+        assert out.figures[4][name] == pytest.approx(value, rel=1e-9, abs=1e-9), name
+    assert out.q[4] == (pytest.approx(d4.quantile(1e-3), rel=1e-9), pytest.approx(d4.quantile(1 - 1e-3), rel=1e-9))
+    assert out.ends[4] == (float(ends[4, 0]), float(ends[4, 1]))
 
 
 def _rows_of(rows, ends, i):
