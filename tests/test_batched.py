@@ -17,6 +17,7 @@ from dynact import ActivationOptimizer, EAFOActivation, core, eafo
 from dynact.batched import Site, update_rows
 from dynact.density import KDE, Histogram
 from dynact.density.rows import bin_rows, finish_rows
+from dynact.sampling import extremes
 
 
 def _windows(rows: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -46,6 +47,35 @@ def test_rows_bin_bit_for_bit_and_derive_the_density_of_one_estimator_each(cls):
             torch.testing.assert_close(getattr(rows, name)[r], getattr(d, name), rtol=1e-10, atol=1e-12)
         assert float(rows.outside[r]) == pytest.approx(d.outside, abs=1e-12)
         assert round(float(rows.total[r])) == d.count
+
+
+@pytest.mark.parametrize("kind", ["kde", "histogram"])
+def test_the_cpu_library_bins_rows_bit_for_bit_as_the_tensor_ops(kind):
+    # The one-pass C++ binning against bin_rows' own tensor ops (the path without the library),
+    # with NaN/inf, values far beyond the grid, partly filled and empty rows.
+    from dynact.kernels import dispatch
+
+    if dispatch._load() is None:
+        pytest.skip("no C++ compiler: the CPU library cannot be built")
+    values = _windows(12, 3000, seed=7)
+    values[0, :40], values[1, 5], values[2, 9] = math.nan, math.inf, -math.inf
+    values[3, :30], values[4, :10] = 1e30, -1e38
+    filled = torch.tensor([3000, 2999, 1, 0, 3000, 1500, 7, 3000, 2000, 3000, 17, 3000])
+    g = torch.Generator().manual_seed(2)
+    lo = -3.0 - torch.rand(12, generator=g, dtype=torch.float64)
+    hi = 3.0 + 10 * torch.rand(12, generator=g, dtype=torch.float64)
+    try:
+        fused = [bin_rows(kind, bins, values, f, lo, hi) for bins in (256, 33) for f in (filled, None)]
+        dispatch.MODE = "reference"
+        plain = [bin_rows(kind, bins, values, f, lo, hi) for bins in (256, 33) for f in (filled, None)]
+    finally:
+        dispatch.MODE = "auto"
+    for a, b in zip(fused, plain, strict=True):
+        assert torch.equal(a, b)
+    assert fused[0][3].abs().sum() == 0 and fused[0][0, -1] == 40  # an empty row; NaNs counted
+    # the same pass finds the extremes of the finite values, as dynact.sampling.extremes does
+    states, ends = dispatch.bin_rows_cpu(kind, 256, values, filled, lo, hi, ends=True)
+    assert torch.equal(states, fused[0]) and torch.equal(ends, extremes(values, filled))
 
 
 def _sites_and_rows(mode_dynamic=True):

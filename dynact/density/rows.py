@@ -39,6 +39,7 @@ from dynact.density.kernels import (
     _locate,
 )
 from dynact.distributed import collective_device
+from dynact.kernels import dispatch
 
 __all__ = ["Rows", "bin_rows", "finish_rows", "state_size", "sum_rows"]
 
@@ -74,6 +75,9 @@ def bin_rows(kind: str, bins: int, values: torch.Tensor, filled: torch.Tensor | 
     out = torch.zeros((rows, state_size(kind, bins)), dtype=torch.float64, device=values.device)
     if rows == 0 or n == 0:
         return out
+    fused = dispatch.bin_rows_cpu(kind, bins, values, filled, lo, hi)  # one C++ pass (CPU, float32)
+    if fused is not None:
+        return fused
     step = max(1, _BLOCK // n)
     cols = torch.arange(n, device=values.device)
     for start in range(0, rows, step):

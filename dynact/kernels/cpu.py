@@ -513,6 +513,62 @@ void crrelu_backward(const T* grad, const T* x, T* gx, double* geps, int64_t n, 
   else for_chunks(n, threads, run);
 }
 
+// ----------------------------------------------------------------------------- density binning
+// dynact.density.rows.bin_rows in one pass per row: what its tensor ops compute (dynact.density.
+// kernels._locate, then _kde_nodes or _hist_nodes), element by element. Every step of those ops
+// on a value that is binned is one float32 rounding done here in the same order ((x - lo) * scale,
+// + 0.5, the fraction rounded to 1/65536); the masks (outside, non-finite) are exact there and
+// are branches here; the float64 sums are added in element order, as index_add_ does on one
+// thread. So the state is the same bit for bit, in about a tenth of the time (no temporaries).
+// kind 0: KDE (linear binning onto bins + 2 nodes), 1: histogram. out: rows x (nodes + 3),
+// the nodes then the counts [below, above, non-finite] of the first filled[r] values of row r.
+// ends (if not NULL): [-min, max] of the finite values (-inf where there is none), as
+// dynact.sampling.extremes.
+void bin_row(int kind, int bins, const float* __restrict v, int64_t m, double lo, double hi, double* __restrict out,
+             double* __restrict count, double* __restrict fraction, float* __restrict ends) {
+  const double span = hi - lo;
+  const float lo_f = float(lo), hi_f = float(hi), low = float(lo - span), high = float(hi + span);
+  const float scale = float(bins / span), top = float(bins);
+  const int nodes = kind == 0 ? bins + 2 : bins;
+  for (int k = 0; k < nodes + 1; ++k) count[k] = fraction[k] = 0.0;
+  int64_t below = 0, above = 0, bad = 0;
+  float least = INFINITY, most = -INFINITY;
+  for (int64_t i = 0; i < m; ++i) {
+    const float x = v[i];
+    if (!(x - x == 0.0f)) { ++bad; continue; }  // NaN or +-inf
+    least = x < least ? x : least;
+    most = x > most ? x : most;
+    const float xc = x < low ? low : (x > high ? high : x);
+    if (xc < lo_f) { ++below; continue; }
+    if (xc > hi_f) { ++above; continue; }
+    float s = (xc - lo_f) * scale;
+    s = s < 0.0f ? 0.0f : (s > top ? top : s);
+    if (kind == 0) {
+      const float t = s + 0.5f;
+      const int j = int(t);
+      const float frac = std::nearbyint((t - std::trunc(t)) * 65536.0f) / 65536.0f;
+      count[j] += 1.0;
+      fraction[j] += double(frac);
+    } else {
+      const float c = s > top - 0.5f ? top - 0.5f : s;
+      count[int(c)] += 1.0;
+    }
+  }
+  if (kind == 0) {
+    out[0] = count[0] - fraction[0];
+    for (int k = 1; k < nodes; ++k) out[k] = (count[k] - fraction[k]) + fraction[k - 1];
+  } else {
+    for (int k = 0; k < nodes; ++k) out[k] = count[k];
+  }
+  out[nodes] = double(below);
+  out[nodes + 1] = double(above);
+  out[nodes + 2] = double(bad);
+  if (ends != nullptr) {
+    ends[0] = -least;
+    ends[1] = most;
+  }
+}
+
 // ----------------------------------------------------------------------------- dispatch
 template <class F> int by_dtype(int dtype, F&& f) {
   switch (dtype) {
@@ -549,7 +605,7 @@ inline int write_scalar(void* p, int dtype, double v) {
 
 extern "C" {
 
-int dynact_abi_version() { return 4; }
+int dynact_abi_version() { return 6; }
 
 // Whether base 3 (GELU computed in the kernel, float32) is built in: it needs AVX2 and FMA.
 int dynact_gelu_in_kernel() {
@@ -622,6 +678,27 @@ int dynact_eafo_backward(int dtype, int base, const void* grad, const void* x, v
                        static_cast<const C*>(pairs), a, b, last, e, threads);
   });
   return rc ? rc : (geps == nullptr ? 0 : write_scalar(geps, geps_dtype, sum));
+}
+
+// values: rows x n float32 (row stride n); filled: per row how many leading values count (NULL:
+// all); lo, hi: per row float64 grid ends; out: rows x (nodes + 3) float64; ends (NULL: not
+// wanted): rows x 2 float32, [-min, max] of each row's finite values. Rows run in parallel.
+int dynact_bin_rows(int kind, int bins, const float* values, int64_t rows, int64_t n, const int64_t* filled,
+                    const double* lo, const double* hi, double* out, float* ends, int threads) {
+  if ((kind != 0 && kind != 1) || bins < 1) return 1;
+  const int64_t width = (kind == 0 ? bins + 2 : bins) + 3;
+#pragma omp parallel num_threads(rows > 1 ? threads : 1)
+  {
+    std::vector<double> count(bins + 4), fraction(bins + 4);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t m = filled == nullptr ? n : filled[r];
+      m = m < 0 ? 0 : (m > n ? n : m);
+      bin_row(kind, bins, values + r * n, m, lo[r], hi[r], out + r * width, count.data(), fraction.data(),
+              ends == nullptr ? nullptr : ends + 2 * r);
+    }
+  }
+  return 0;
 }
 
 int dynact_crrelu_forward(int dtype, const void* x, void* out, int64_t n, const void* eps, int eps_dtype,

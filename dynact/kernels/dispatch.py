@@ -68,7 +68,7 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17",
           # Multiply-adds are fused exactly where the source says so (as ATen's addcmul does).
           "-ffp-contract=off"]
 _DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-_ABI = 4
+_ABI = 6
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -198,6 +198,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dynact_crrelu_forward.argtypes = [i32, p, p, i64, p, i32, i32]
     lib.dynact_crrelu_backward.argtypes = [i32, p, p, p, p, i32, i64, p, i32, i32]
     lib.dynact_gelu_in_kernel.argtypes = []
+    lib.dynact_bin_rows.argtypes = [i32, i32, p, i64, i64, p, p, p, p, p, i32]
+    lib.dynact_bin_rows.restype = i32
     for fn in (lib.dynact_eafo_forward, lib.dynact_eafo_backward, lib.dynact_crrelu_forward,
                lib.dynact_crrelu_backward, lib.dynact_gelu_in_kernel):
         fn.restype = i32
@@ -237,6 +239,29 @@ def eager_fused(x: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------- CPU calls
+def bin_rows_cpu(kind: str, bins: int, values: torch.Tensor, filled: Optional[torch.Tensor], lo: torch.Tensor,
+                 hi: torch.Tensor, ends: bool = False):
+    """:func:`dynact.density.rows.bin_rows` by the C++ library (the same states bit for bit), or
+    None where it does not apply (not CPU float32, kernels off or not built): the caller then runs
+    the tensor ops. With ``ends``, returns ``(states, extremes)``, the second
+    :func:`dynact.sampling.extremes` of the same values, found in the same pass."""
+    if (MODE != "auto" or not values.is_cpu or values.dtype != torch.float32 or values.dim() != 2
+            or _load() is None):
+        return None
+    rows, n = values.shape
+    values = values.contiguous()
+    lo, hi = (t.to(torch.float64).contiguous() for t in (lo, hi))
+    if filled is not None:
+        filled = filled.to(torch.int64).contiguous()
+    width = bins + (2 if kind == "kde" else 0) + 3
+    out = torch.empty((rows, width), dtype=torch.float64)
+    seen = torch.empty((rows, 2), dtype=torch.float32) if ends else None
+    _check(_lib.dynact_bin_rows(0 if kind == "kde" else 1, bins, values.data_ptr(), rows, n,
+                                None if filled is None else filled.data_ptr(), lo.data_ptr(), hi.data_ptr(),
+                                out.data_ptr(), None if seen is None else seen.data_ptr(), torch.get_num_threads()))
+    return (out, seen) if ends else out
+
+
 def _check(rc: int) -> None:
     if rc != 0:
         raise RuntimeError("dynact fused kernel: unsupported arguments")
