@@ -195,9 +195,11 @@ class EAFOActivation(nn.Module):
         return type(self.base) is nn.ReLU and not (self.base._forward_hooks or self.base._forward_pre_hooks)
 
     def _base_code(self, x: torch.Tensor) -> int:
-        """How the fused spline gets its base: ReLU inside the kernel, GELU by ATen inside the same
-        autograd node (CPU; :data:`dynact.kernels.dispatch.BASE_GELU`), or ``BASE_GIVEN``: the
-        base runs as itself (any other base, a hooked one, GELU on CUDA)."""
+        """How the fused spline gets its base: ReLU inside the kernel, GELU inside the same
+        autograd node (CPU; :data:`dynact.kernels.dispatch.BASE_GELU`: computed in the kernel for
+        float32 when the correction is not 0, else ATen's, see
+        :func:`dynact.kernels.dispatch.gelu_base`), or ``BASE_GIVEN``: the base runs as itself
+        (any other base, a hooked one, GELU on CUDA)."""
         base = self._modules["base"]
         kind = type(base)
         if (kind is nn.ReLU or kind is nn.GELU) and not (base._forward_hooks or base._forward_pre_hooks):
