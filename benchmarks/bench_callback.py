@@ -120,6 +120,19 @@ class _StepTimer(Callback):
         self._close()
 
 
+class _Gate(Callback):
+    """First callback of an arm: its setup waits for the arm's turn, so that an EAFOCallback's
+    setup (whose call-site count traces the model with torch.fx, which patches
+    ``nn.Module.__call__`` for the whole process while it runs) never overlaps another arm's
+    forward; the turn is held through the first step."""
+
+    def __init__(self, name: str, baton: _Baton) -> None:
+        self.name, self.baton = name, baton
+
+    def setup(self, trainer, pl_module, stage):
+        self.baton.wait(self.name)
+
+
 def _build(arm: str, args: argparse.Namespace, logdir: str, baton: _Baton):
     act, setting = ARMS[arm]
     pl.seed_everything(0, verbose=False)
@@ -133,6 +146,7 @@ def _build(arm: str, args: argparse.Namespace, logdir: str, baton: _Baton):
     callbacks: list[Callback] = [timer]  # last: it times the other callbacks' work too
     if setting is not None:
         callbacks.insert(0, EAFOCallback(estimator=args.estimator, **setting))
+    callbacks.insert(0, _Gate(arm, baton))
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=1,
