@@ -24,6 +24,7 @@ against the same input in channels_last. Prints JSON.
     python benchmarks/bench_depth.py                          # CPU, float32, one thread
     python benchmarks/bench_depth.py --depths 48 --steps 310  # three updates at every_n_steps=100
     python benchmarks/bench_depth.py --device cuda --dtype bfloat16
+    python benchmarks/bench_depth.py --depths 12 --compile --no-per-call --steps 230 --warmup 30
     python benchmarks/bench_depth.py --device cuda --dtype bfloat16 --sync-check   # GPU: see below
 
 ``--sync-check`` (CUDA) trains the ``plugin_n10`` arm under
@@ -68,7 +69,7 @@ def _model(depth: int) -> nn.Sequential:
 class _Arm:
     """One arm's model, optimizer and plugin; :meth:`step` is one training step."""
 
-    def __init__(self, name: str, depth: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, name: str, depth: int, device: torch.device, dtype: torch.dtype, compile: bool = False) -> None:
         self.name = name
         self.model = _model(depth).to(device=device, dtype=dtype)
         every = ARMS[name]
@@ -82,6 +83,7 @@ class _Arm:
             else:
                 self.plugin = plugin
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)  # after the plugin: its eps reach SGD
+        self.run = torch.compile(self.model) if compile else self.model  # after the conversion
         g = torch.Generator().manual_seed(1)
         self.batches = [torch.randn(BATCH, WIDTH, generator=g).to(device=device, dtype=dtype) for _ in range(4)]
         self.target = torch.randn(BATCH, WIDTH, generator=g).to(device=device, dtype=dtype)
@@ -93,7 +95,7 @@ class _Arm:
         x = self.batches[self.count % len(self.batches)]
         self.count += 1
         self.opt.zero_grad(set_to_none=True)
-        loss = (self.model(x) - self.target).pow(2).mean()
+        loss = (self.run(x) - self.target).pow(2).mean()
         loss.backward()
         self.opt.step()
         if self.plugin is not None:
@@ -132,9 +134,11 @@ def _summary(times: dict[str, list[tuple[float, float]]], ref: str) -> dict:
 
 
 def depth_run(depth: int, steps: int, warmup: int, device: torch.device, dtype: torch.dtype,
-              names: Optional[list[str]] = None) -> dict:
-    """The arms (default all) at one depth, interleaved step by step; mean step times and ratios to ``gelu``."""
-    arms = [_Arm(name, depth, device, dtype) for name in ["gelu"] + [n for n in names or ARMS if n != "gelu"]]
+              names: Optional[list[str]] = None, compile: bool = False) -> dict:
+    """The arms (default all) at one depth, interleaved step by step; mean step times and ratios to ``gelu``
+    (with ``compile``, every arm's model under ``torch.compile``, the GELU model's too)."""
+    arms = [_Arm(name, depth, device, dtype, compile)
+            for name in ["gelu"] + [n for n in names or ARMS if n != "gelu"]]
     times: dict[str, list[tuple[float, float]]] = {arm.name: [] for arm in arms}
     update_cpu: dict[str, list[float]] = {arm.name: [] for arm in arms if arm.plugin is not None}
     for step in range(steps):
@@ -257,6 +261,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     parser.add_argument("--call-repeats", type=int, default=30, help="rounds of the per-call benchmark")
     parser.add_argument("--no-per-call", action="store_true", help="skip the per-call micro-benchmark")
+    parser.add_argument("--compile", action="store_true",
+                        help="every arm's model under torch.compile (Inductor), the GELU model's too")
     parser.add_argument("--sync-check", action="store_true",
                         help="CUDA: check that plugin_n10's steps without an update never synchronise")
     args = parser.parse_args(argv)
@@ -281,11 +287,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "allocator": allocator,
         "steps": args.steps,
         "warmup_steps_left_out": args.warmup,
+        "compiled": args.compile,
     }
     if not args.no_per_call:
         report["per_call_128x256"] = per_call(device, dtype, args.call_repeats, inner=20)
         report["channels_last_fwd_bwd"] = channels_last(device, dtype, args.call_repeats)
-    report["depths"] = {str(d): depth_run(d, args.steps, args.warmup, device, dtype, args.arms) for d in args.depths}
+    report["depths"] = {str(d): depth_run(d, args.steps, args.warmup, device, dtype, args.arms, args.compile)
+                        for d in args.depths}
     print(json.dumps(report, indent=2))
     return report
 

@@ -253,6 +253,9 @@ class ActivationOptimizer:
 
     #: Where the hooks buffer their samples (built at the first sampled call).
     _bank: Optional[SampleBank] = None
+    #: Calls a compiled graph could not sample (their site had no buffer yet): ``(layer, x)``,
+    #: sampled eagerly by the next :meth:`step` (see :meth:`_collect`).
+    _deferred: Optional[list] = None
 
     def __init__(
         self,
@@ -304,6 +307,7 @@ class ActivationOptimizer:
             dynamic = isinstance(module, EAFOActivation) and self.mode != "monitor"
             self._layers[name] = _Layer(name, module, dynamic, self._new_estimator(*self.init_range))
         self._warned_calls: set[str] = set()
+        self._deferred = []
         self._checked_eps = False
         self.attach()
         if self.rank == 0:
@@ -405,6 +409,8 @@ class ActivationOptimizer:
             self._checked_eps = True
             self._warn_frozen(stacklevel=3)
         updated: dict[str, float] = {}
+        if self._deferred:
+            self._sample_deferred()
         self._collecting = False  # the update's own evaluations of the modules are not data
         if self.global_step > 0 and self.global_step % self.every_n_steps == 0:
             self._check_calls()
@@ -549,13 +555,34 @@ class ActivationOptimizer:
         with torch.no_grad():
             x = x.detach()
             bank = self._bank
-            if bank is None or layer.device != x.device:
-                bank = self._prepare_sampling(layer, x, torch.compiler.is_compiling())
             if torch.compiler.is_compiling():
+                if bank is None or layer.device != x.device:
+                    # No buffer for this site yet, and making one is eager work: a graph break
+                    # here would split the model's graph at every site for good. The input is
+                    # kept instead and the next step() samples it eagerly, with the draws an eager
+                    # call makes; the next call finds the site ready and is traced again, whole.
+                    self._deferred.append((layer, x))
+                    return
                 bank.write_traced(layer.slot, x)
             else:
+                if bank is None or layer.device != x.device:
+                    bank = self._prepare_sampling(layer, x, False)
                 bank.write(layer.slot, x, self._generator, partial(_flush, layer))
             layer.in_dtype = x.dtype
+
+    def _sample_deferred(self) -> None:
+        """Sample, eagerly and in call order, the inputs of the traced calls that found no buffer
+        (:meth:`_collect`); later traced calls take positions drawn ahead (:meth:`SampleBank.draw_ahead`)."""
+        deferred, self._deferred = self._deferred, []
+        with torch.no_grad():
+            for layer, x in deferred:
+                bank = self._bank
+                if bank is None or layer.device != x.device:
+                    bank = self._prepare_sampling(layer, x, False)
+                bank.write(layer.slot, x, self._generator, partial(_flush, layer))
+                layer.in_dtype = x.dtype
+        for layer in {id(layer): layer for layer, _ in deferred}.values():
+            self._bank.hand_to_traced(layer.slot)  # traced calls write after these values, and draw ahead
 
     @torch.compiler.disable
     def _prepare_sampling(self, layer: _Layer, x: torch.Tensor, traced: bool) -> SampleBank:

@@ -137,6 +137,16 @@ class SampleBank:
         rows[slot].index_copy_(0, at, sample.to(torch.float32))
         pos[slot] += size
 
+    def hand_to_traced(self, slot: int) -> None:
+        """Count the values eager calls wrote into ``slot`` on the traced calls' tensor position,
+        so that traced calls write after them (a compiled model whose first call of a window
+        was sampled eagerly, see ``ActivationOptimizer._collect``)."""
+        device = self.device_of[slot]
+        if device is not None and self.pending[slot]:
+            self.pos[device][slot] += self.pending[slot]
+            self.pending[slot] = 0
+        self.traced = self.traced_once = True
+
     def filled(self, slot: int) -> tuple[torch.Tensor, int]:
         """``(values, n)`` of one slot for a flush: its buffer and how many values count (reads
         the traced count back, one synchronisation)."""

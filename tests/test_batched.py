@@ -223,6 +223,39 @@ def test_the_plugins_batched_update_equals_its_one_layer_path(monkeypatch):
     assert batched.skips == one_by_one.skips
 
 
+def test_a_compiled_model_with_many_sites_keeps_one_graph_while_sampling():
+    # More sites than Dynamo's recompile limit (8). A site without a buffer used to break the
+    # graph at its first traced call, after which the hook was compiled once per site until the
+    # limit and the model's graph stayed split at every site. Now such a call is sampled eagerly
+    # by the next step() and the model is traced again, whole: a few graphs in all, and every
+    # site measured at every update.
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(10):
+        layers += [nn.Linear(16, 16), nn.GELU()]
+    model = nn.Sequential(*layers)
+    act_opt = ActivationOptimizer(model, every_n_steps=2, window=2, convert=(nn.GELU,), sample_size=128)
+    torch._dynamo.reset()
+    counters.clear()
+    run = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    updates = []
+    for step in range(6):
+        x = torch.randn(32, 16, generator=torch.Generator().manual_seed(step))
+        loss = run(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        updates.append(act_opt.step())
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs <= 4, graphs  # one per version of the model's frame (not sampling / sampling)
+    for figures in updates[1::2]:
+        assert sum(1 for key in figures if key.startswith("entropy/")) == 10
+
+
 def test_a_window_longer_than_the_buffer_loses_no_sample():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
     act_opt = ActivationOptimizer(model, every_n_steps=2, window=1, sample_size=32, mode="monitor", convert=())
