@@ -442,6 +442,7 @@ class ActivationOptimizer:
                 layer.handle.remove()
                 layer.handle = None
         self._collecting = False
+        self._deferred = []  # inputs kept for a step() that will not come
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's own state (estimators, counters, sampling generators) and a copy of
