@@ -565,11 +565,17 @@ class ActivationOptimizer:
                     self._deferred.append((layer, x))
                     return
                 bank.write_traced(layer.slot, x)
+                layer.in_dtype = x.dtype
             else:
-                if bank is None or layer.device != x.device:
-                    bank = self._prepare_sampling(layer, x, False)
-                bank.write(layer.slot, x, self._generator, partial(_flush, layer))
-            layer.in_dtype = x.dtype
+                self._write_eager(layer, x)
+
+    def _write_eager(self, layer: _Layer, x: torch.Tensor) -> None:
+        """An eager call's sample of ``x`` (detached) into ``layer``'s buffer, made first if needed."""
+        bank = self._bank
+        if bank is None or layer.device != x.device:
+            bank = self._prepare_sampling(layer, x, False)
+        bank.write(layer.slot, x, self._generator, partial(_flush, layer))
+        layer.in_dtype = x.dtype
 
     def _sample_deferred(self) -> None:
         """Sample, eagerly and in call order, the inputs of the traced calls that found no buffer
@@ -577,11 +583,7 @@ class ActivationOptimizer:
         deferred, self._deferred = self._deferred, []
         with torch.no_grad():
             for layer, x in deferred:
-                bank = self._bank
-                if bank is None or layer.device != x.device:
-                    bank = self._prepare_sampling(layer, x, False)
-                bank.write(layer.slot, x, self._generator, partial(_flush, layer))
-                layer.in_dtype = x.dtype
+                self._write_eager(layer, x)
         for layer in {id(layer): layer for layer, _ in deferred}.values():
             self._bank.hand_to_traced(layer.slot)  # traced calls write after these values, and draw ahead
 
@@ -676,8 +678,7 @@ class ActivationOptimizer:
                 continue
             self.densities[layer.name] = density_of(rows, i, out)
             if out.kind[i] == "coarse":
-                fit_lo = min(max(q_lo, -e_min), e_max)
-                layer.estimator = self._new_estimator(*around(fit_lo, max(min(q_hi, e_max), fit_lo)))
+                layer.estimator = self._new_estimator(*around(*_fit_range(q_lo, q_hi, e_min, e_max)))
                 continue
             cleared.append(layer._estimator.additive_state)
             if out.new_s[i] is not None:
@@ -784,8 +785,7 @@ class ActivationOptimizer:
         q_lo, q_hi = density.quantile(_Q_LO), density.quantile(_Q_HI)
         # Quantiles are resolved to a bin; the extremes seen bound them exactly, so a grid left
         # far too wide by huge values fits the data again in one window, not in many.
-        fit_lo = min(max(q_lo, -float(ends[0])), float(ends[1]))
-        fit_hi = max(min(q_hi, float(ends[1])), fit_lo)
+        fit_lo, fit_hi = _fit_range(q_lo, q_hi, float(ends[0]), float(ends[1]))
         if fit_hi - fit_lo <= _MIN_SPREAD * max(1.0, abs(fit_lo), abs(fit_hi)):
             # Nearly all the mass at one value (a few outliers aside): no grid resolves it.
             raise Skip("constant", f"had nearly all its input at {fit_lo:.6g}, which has no density to measure")
@@ -915,6 +915,13 @@ def _present(model: nn.Module) -> str:
     for _, module in _unique_activations(model):
         counts[type(module)] = counts.get(type(module), 0) + 1
     return ", ".join(f"{n} x {cls.__name__} (convert={family_of(cls)!r})" for cls, n in counts.items()) or "none"
+
+
+def _fit_range(q_lo: float, q_hi: float, neg_min: float, max_: float) -> tuple[float, float]:
+    """The quantiles ``[q_lo, q_hi]`` bounded by the extremes seen, ``[-neg_min, max_]``: what a
+    grid is fitted around."""
+    fit_lo = min(max(q_lo, -neg_min), max_)
+    return fit_lo, max(min(q_hi, max_), fit_lo)
 
 
 def around(q_lo: float, q_hi: float) -> tuple[float, float]:
