@@ -42,7 +42,6 @@ from dynact.conversion import record, to_eafo
 from dynact.density import Density, sum_states
 from dynact.density.rows import bin_rows, finish_rows, sum_rows
 from dynact.distributed import is_distributed, single_thread
-from dynact.kernels.dispatch import bin_rows_cpu
 from dynact.options import ESTIMATORS, RANK_SEED_STRIDE, validate_options
 from dynact.registry import activation_types, elementwise, family_of, unregistered_activations
 from dynact.sampling import SampleBank, capacity_for, extremes
@@ -708,12 +707,9 @@ class ActivationOptimizer:
                             else layer.extrema.detach().float().to(device) for layer in layers])
         if bank is not None:
             values, filled = bank.gather([layer.slot for layer in layers], device)
-            both = bin_rows_cpu(est._kind, est.bins, values, filled, grids[:, 0], grids[:, 1], ends=True)
-            if both is None:  # not on the CPU (or no C++ library): the tensor ops
-                both = (bin_rows(est._kind, est.bins, values, filled, grids[:, 0], grids[:, 1]),
-                        extremes(values, filled))
-            states = states + both[0]
-            ends = torch.maximum(ends, both[1])
+            binned, seen = bin_rows(est._kind, est.bins, values, filled, grids[:, 0], grids[:, 1], ends=True)
+            states = states + binned
+            ends = torch.maximum(ends, seen)
             bank.clear()
         states, ends = sum_rows(states, ends)
         return states, ends, grids

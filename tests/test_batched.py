@@ -74,7 +74,7 @@ def test_the_cpu_library_bins_rows_bit_for_bit_as_the_tensor_ops(kind):
         assert torch.equal(a, b)
     assert fused[0][3].abs().sum() == 0 and fused[0][0, -1] == 40  # an empty row; NaNs counted
     # the same pass finds the extremes of the finite values, as dynact.sampling.extremes does
-    states, ends = dispatch.bin_rows_cpu(kind, 256, values, filled, lo, hi, ends=True)
+    states, ends = bin_rows(kind, 256, values, filled, lo, hi, ends=True)
     assert torch.equal(states, fused[0]) and torch.equal(ends, extremes(values, filled))
 
 

@@ -40,6 +40,7 @@ from dynact.density.kernels import (
 )
 from dynact.distributed import collective_device
 from dynact.kernels import dispatch
+from dynact.sampling import extremes
 
 __all__ = ["Rows", "bin_rows", "finish_rows", "state_size", "sum_rows"]
 
@@ -56,7 +57,7 @@ def state_size(kind: str, bins: int) -> int:
 # ---------------------------------------------------------------------------- binning
 @torch.no_grad()
 def bin_rows(kind: str, bins: int, values: torch.Tensor, filled: torch.Tensor | None, lo: torch.Tensor,
-             hi: torch.Tensor) -> torch.Tensor:
+             hi: torch.Tensor, ends: bool = False):
     """The additive states of ``rows`` estimators fed with the first ``filled[r]`` values of row ``r``.
 
     Args:
@@ -66,25 +67,35 @@ def bin_rows(kind: str, bins: int, values: torch.Tensor, filled: torch.Tensor | 
         filled: ``(rows,)`` integer tensor, how many leading values of each row count (None:
             all of them).
         lo, hi: ``(rows,)`` float64 grid ends.
+        ends: also return the ``(rows, 2)`` extremes ``[-min, max]`` of the same values
+            (:func:`dynact.sampling.extremes`).
 
     Returns:
         ``(rows, state_size(kind, bins))`` float64, each row what ``update(values[r, :filled[r]])``
-        adds to a fresh estimator on ``[lo[r], hi[r]]``.
+        adds to a fresh estimator on ``[lo[r], hi[r]]``; with ``ends``, ``(states, extremes)``.
+
+    On the CPU in float32 one C++ pass per row does both (the same numbers, bit for bit), else
+    the tensor ops below.
     """
     rows, n = values.shape
     out = torch.zeros((rows, state_size(kind, bins)), dtype=torch.float64, device=values.device)
-    if rows == 0 or n == 0:
-        return out
-    fused = dispatch.bin_rows_cpu(kind, bins, values, filled, lo, hi)  # one C++ pass (CPU, float32)
-    if fused is not None:
-        return fused
+    seen = torch.full((rows, 2), -math.inf, dtype=values.dtype, device=values.device) if ends else None
+    if rows > 0 and n > 0 and not dispatch.bin_rows_cpu(kind, bins, values, filled, lo, hi, out, seen):
+        _bin_blocks(kind, bins, values, filled, lo, hi, out)
+        if ends:
+            seen = extremes(values, filled)
+    return (out, seen) if ends else out
+
+
+def _bin_blocks(kind, bins, values, filled, lo, hi, out):
+    # The tensor ops, in blocks of rows that bound the temporaries; writes the states into ``out``.
+    rows, n = values.shape
     step = max(1, _BLOCK // n)
     cols = torch.arange(n, device=values.device)
     for start in range(0, rows, step):
         part = slice(start, start + step)
         out[part] = _bin_block(kind, bins, values[part], None if filled is None else filled[part], lo[part],
                                hi[part], cols)
-    return out
 
 
 def _bin_block(kind, bins, values, filled, lo, hi, cols):

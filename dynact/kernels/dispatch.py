@@ -240,26 +240,23 @@ def eager_fused(x: torch.Tensor) -> bool:
 
 # ----------------------------------------------------------------------------- CPU calls
 def bin_rows_cpu(kind: str, bins: int, values: torch.Tensor, filled: Optional[torch.Tensor], lo: torch.Tensor,
-                 hi: torch.Tensor, ends: bool = False):
-    """:func:`dynact.density.rows.bin_rows` by the C++ library (the same states bit for bit), or
-    None where it does not apply (not CPU float32, kernels off or not built): the caller then runs
-    the tensor ops. With ``ends``, returns ``(states, extremes)``, the second
-    :func:`dynact.sampling.extremes` of the same values, found in the same pass."""
+                 hi: torch.Tensor, out: torch.Tensor, ends: Optional[torch.Tensor]) -> bool:
+    """:func:`dynact.density.rows.bin_rows` by the C++ library, written into its ``out`` (the
+    same states bit for bit) and, unless None, ``ends`` (the extremes, found in the same pass).
+    False, writing nothing, where it does not apply (not CPU float32, kernels off or not built):
+    the caller then runs the tensor ops."""
     if (MODE != "auto" or not values.is_cpu or values.dtype != torch.float32 or values.dim() != 2
             or _load() is None):
-        return None
+        return False
     rows, n = values.shape
     values = values.contiguous()
     lo, hi = (t.to(torch.float64).contiguous() for t in (lo, hi))
     if filled is not None:
         filled = filled.to(torch.int64).contiguous()
-    width = bins + (2 if kind == "kde" else 0) + 3
-    out = torch.empty((rows, width), dtype=torch.float64)
-    seen = torch.empty((rows, 2), dtype=torch.float32) if ends else None
     _check(_lib.dynact_bin_rows(0 if kind == "kde" else 1, bins, values.data_ptr(), rows, n,
                                 None if filled is None else filled.data_ptr(), lo.data_ptr(), hi.data_ptr(),
-                                out.data_ptr(), None if seen is None else seen.data_ptr(), torch.get_num_threads()))
-    return (out, seen) if ends else out
+                                out.data_ptr(), None if ends is None else ends.data_ptr(), torch.get_num_threads()))
+    return True
 
 
 def _check(rc: int) -> None:
