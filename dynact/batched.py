@@ -30,12 +30,12 @@ import torch
 from torch import nn
 
 from dynact.density import Density
-from dynact.density.grid import MAX_ABS, MIN_REL_STEP, MIN_STEP
+from dynact.density.grid import grid_ends_ok
 from dynact.density.rows import Rows
 from dynact.eafo import FLAT_TOL, _float64_module, _second
 from dynact.kernels.reference import _interp_uniform
 from dynact.registry import activation_types
-from dynact.spline import TAPER, EAFOActivation
+from dynact.spline import PLACE_QUANTILE, PLACE_WIDEN, TAPER, EAFOActivation
 
 __all__ = ["Site", "Outcome", "update_rows", "density_of"]
 
@@ -49,8 +49,6 @@ _SQRT_2PI = math.sqrt(2.0 * math.pi)
 # An update is checked one site at a time when its outputs could come within this factor of
 # the largest value of the input's dtype (dynact.update_guards.overflows decides then).
 _OVERFLOW_MARGIN = 0.25
-# EAFOActivation.place_grid's defaults: the quantiles it covers and the margin it adds.
-_PLACE_Q, _PLACE_WIDEN = 5e-4, 0.1
 # Float64 copies of parameter-free bases, by (type, settings, device): built once, reused.
 _BASES: dict[tuple, nn.Module] = {}
 
@@ -383,19 +381,16 @@ def _place_grid(rows: Rows, spline: _Splines, move: torch.Tensor):
     the new knots, end knots 0, stored precision), and a mask that is False where the grid cannot
     be placed (``check_grid`` would refuse it: left to the one-site path, which skips the update
     with its warning). Rows not in ``move`` keep their grid and knot values."""
-    q_lo, q_hi = _quantiles(rows, (_PLACE_Q, 1.0 - _PLACE_Q))
+    q_lo, q_hi = _quantiles(rows, (PLACE_QUANTILE, 1.0 - PLACE_QUANTILE))
     span = torch.maximum(q_hi - q_lo, 2 * rows.step.reshape(-1))
-    new_lo = (q_lo - _PLACE_WIDEN * span).float().double()
-    new_hi = (q_hi + _PLACE_WIDEN * span).float().double()
+    new_lo = (q_lo - PLACE_WIDEN * span).float().double()
+    new_hi = (q_hi + PLACE_WIDEN * span).float().double()
     knots = spline.s.shape[1]
     x_new = _linspace(new_lo, new_hi, knots)
     resampled = _spline_at(x_new, spline.s, spline.lo, spline.hi)
     resampled[:, 0] = resampled[:, -1] = 0.0
     resampled = resampled.float().double()
-    big = torch.maximum(new_lo.abs(), new_hi.abs())
-    step = (new_hi - new_lo) / knots
-    valid = (torch.isfinite(new_lo) & torch.isfinite(new_hi) & (new_lo < new_hi) & (big <= MAX_ABS)
-             & (step >= torch.clamp_min(MIN_REL_STEP * big, MIN_STEP)))
+    valid = grid_ends_ok(new_lo, new_hi, knots)
     m = move.unsqueeze(1)
     return (torch.where(move, new_lo, spline.lo), torch.where(move, new_hi, spline.hi),
             torch.where(m, resampled, spline.s), valid | ~move)

@@ -57,6 +57,9 @@ _INITS = ("crrelu", "zero")
 #: Taper ``kappa`` of the correction for bases with a minimum (GELU, SiLU, Mish): it keeps the
 #: refreshed shape of those bases within twice ReLU's peak under N(0, 1) (docs/math.md).
 TAPER = 0.3
+#: :meth:`EAFOActivation.place_grid`'s defaults: the new grid covers the data between these
+#: quantiles (``q``, ``1 - q``), each end pushed out by this fraction of their distance.
+PLACE_QUANTILE, PLACE_WIDEN = 5e-4, 0.1
 
 
 # ----------------------------------------------------------------------------- the module
@@ -463,9 +466,9 @@ class EAFOActivation(nn.Module):
     def place_grid(
         self,
         density: Density,
-        lo_q: float = 5e-4,
-        hi_q: float = 1.0 - 5e-4,
-        widen: float = 0.1,
+        lo_q: float = PLACE_QUANTILE,
+        hi_q: float = 1.0 - PLACE_QUANTILE,
+        widen: float = PLACE_WIDEN,
     ) -> dict:
         """Move the grid to cover ``density`` and resample ``s`` so the activation is unchanged.
 

@@ -54,6 +54,16 @@ def check_grid(lo: float, hi: float, bins: int) -> tuple[float, float, int]:
     return lo_f, hi_f, int(bins)
 
 
+def grid_ends_ok(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
+    """:func:`check_grid`'s conditions on the ends, by row of the tensors ``lo`` and ``hi``, as a
+    mask (no error, no read back): finite, ``lo < hi``, within ``MAX_ABS``, a bin width of at
+    least ``MIN_STEP`` and ``MIN_REL_STEP`` times the larger end."""
+    big = torch.maximum(lo.abs(), hi.abs())
+    step = (hi - lo) / bins
+    return (torch.isfinite(lo) & torch.isfinite(hi) & (lo < hi) & (big <= MAX_ABS)
+            & (step >= torch.clamp_min(MIN_REL_STEP * big, MIN_STEP)))
+
+
 @dataclass(frozen=True)
 class Density:
     """A probability density sampled at the centres of a uniform grid.
