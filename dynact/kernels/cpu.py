@@ -226,8 +226,9 @@ constexpr float kErfcxPoly[9] = {0.2820879817008972f, 0.2823481857776642f, 0.243
                                  0.2019263207912445f, -0.024848973378539085f, 0.2755158245563507f,
                                  -0.48499223589897156f, 0.28351888060569763f, -0.05885445326566696f};
 
-// exp(t) for t <= 0: Cephes' expf reduction and polynomial (about 2 ulp); 0 below -87 and for
-// -inf; a NaN t gives a finite number (callers multiply by x, which carries the NaN).
+// exp(t) for t <= 0, eight lanes: exp_nonpositive above with FMAs (so not bit for bit the
+// same), about 2 ulp; 0 below -87 and for -inf; a NaN t gives a finite number (callers multiply
+// by x, which carries the NaN).
 inline __m256 exp8_nonpositive(__m256 t) {
   const __m256 tc = _mm256_max_ps(t, _mm256_set1_ps(-87.0f));
   __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(tc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));

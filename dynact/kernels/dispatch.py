@@ -354,9 +354,10 @@ def gelu_base(x: torch.Tensor, t: SplineTables, eps: torch.Tensor) -> int:
 
     In the kernel, GELU and its derivative come out of the same pass over the tensor as the
     spline: forward and backward read and write the tensor once each, where ATen's GELU and a
-    second pass read it twice (at 128x256 on a 2-core Zen 3 that halves the activation's own
-    time). Its values are within 7 ulp of ``x * Phi(x)`` (``nn.GELU``'s within 9 on [-1, 1]), so
-    they differ from ``nn.GELU``'s in the last bits. Where the correction is 0 (a zero spline,
+    second pass read it twice (at 128x256 on a 2-core Zen 3, forward and backward went from
+    1.83x to 1.18x ``nn.GELU``'s time; ``benchmarks/bench_depth.py``). Its values are within 8
+    ulp of ``x * Phi(x)`` (``nn.GELU``'s within 9 on [-1, 1]), so they differ from ``nn.GELU``'s
+    in the last bits. Where the correction is 0 (a zero spline,
     ``eps == 0``: a conversion that must not change the model) ATen's GELU runs, and the output
     is ``nn.GELU``'s bit for bit.
     """
