@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 from bench_activation import _keep_freed_memory, _quartiles, _sync  # noqa: E402
 
 from dynact import ActivationOptimizer, CRReLU, EAFOActivation  # noqa: E402
+from dynact.kernels import dispatch  # noqa: E402
 
 WIDTH, BATCH = 256, 128
 #: arm -> every_n_steps of its ActivationOptimizer (None: no dynact; 0: converted, then removed)
@@ -277,6 +278,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     allocator = "malloc keeps freed memory" if device.type == "cpu" and _keep_freed_memory() else "default"
+    # The float32 CPU calls of EAFOActivation go through the C++ operator once its background
+    # build is done (the Python Function before): wait for it, so every step runs the same path.
+    operator = "not used"
+    if device.type == "cpu" and dtype == torch.float32:
+        built = dispatch.torch_op(wait=True) is not None
+        operator = "dynact_op::spline" if built else f"the Python Function (operator: {dispatch._op_failure})"
     report: dict = {
         "benchmark": f"{args.depths} x (Linear({WIDTH}, {WIDTH}) + GELU), batch {BATCH}, SGD: step time per arm, "
                      "ratios to the GELU model; arms interleaved step by step",
@@ -285,6 +292,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "allocator": allocator,
+        "eafo_float32_cpu_calls": operator,
         "steps": args.steps,
         "warmup_steps_left_out": args.warmup,
         "compiled": args.compile,

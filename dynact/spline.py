@@ -171,7 +171,7 @@ class EAFOActivation(nn.Module):
             base = self._base_code(x)
             y0 = None if base else self.base(x)
             eps = self._parameters.get("eps")  # as self.eps, without nn.Module.__getattr__ per call
-            return dispatch.FusedSpline.apply(x, self._buffers["eps"] if eps is None else eps, y0,
+            return dispatch.fused_spline(x, self._buffers["eps"] if eps is None else eps, y0,
                                               self._kernel_tables(x.dtype), base)
         eps = self.eps.view(())  # the stored (1,) as the 0-d scalar it is: 0-d inputs give 0-d outputs
         if torch.compiler.is_compiling() or dispatch.MODE == "ops":

@@ -45,6 +45,12 @@ def _modules() -> dict[str, nn.Module]:
     return {"crrelu": CRReLU(0.3), "eafo_relu": relu, "eafo_gelu": gelu}
 
 
+def _fused(fn) -> bool:
+    """Whether an autograd node is a fused kernel's: a Python Function of dispatch or the C++
+    operator ``dynact_op::spline`` (which serves float32 CPU calls once its background build is done)."""
+    return "Fused" in type(fn).__name__ or "dynact_op::" in fn.name()
+
+
 def _run(act: nn.Module, x: torch.Tensor, grad: torch.Tensor, mode: str):
     _kernels.MODE = mode
     act.zero_grad(set_to_none=True)
@@ -63,7 +69,7 @@ def test_fused_equals_reference_in_values_and_gradients(name, dtype):
     x = _inputs().to(dtype)
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     y, gx, geps, fn = _run(act, x, grad, "auto")
-    assert type(fn).__name__ in ("FusedSplineBackward", "FusedCRReLUBackward")  # the fused path ran
+    assert _fused(fn)  # the fused path ran
     y_ref, gx_ref, geps_ref, fn_ref = _run(act, x, grad, "reference")
     assert "Fused" not in type(fn_ref).__name__
     # The spline kernels repeat the reference's arithmetic (bit for bit where the compiler fuses
@@ -343,7 +349,10 @@ def test_compiled_cpu_graph_calls_the_kernels_as_single_ops():
 # --------------------------------------------------------------------------- building and fallback
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
-    """An empty kernel cache and a forgotten library; restored afterwards."""
+    """An empty kernel cache and a forgotten library; restored afterwards. The C++ operator's
+    background build (never reset) is finished first, so that it neither builds into this cache
+    nor runs a compiler while a test counts the compiler's runs."""
+    _kernels.torch_op(wait=True)
     monkeypatch.setenv("DYNACT_CACHE", str(tmp_path))
     _kernels._reset()
     yield tmp_path
@@ -406,12 +415,13 @@ def test_library_is_built_once_then_loaded_from_the_cache(fresh_build, monkeypat
     assert _kernels.available(x)
     built = list(fresh_build.glob("dynact_kernels_*.so"))
     assert len(built) == 1
-    calls = []
-    run = _kernels.subprocess.run
+    calls, compiled = [], []
+    run, compile_ = _kernels.subprocess.run, _kernels._compile
     monkeypatch.setattr(_kernels.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or run(cmd, **kw))
+    monkeypatch.setattr(_kernels, "_compile", lambda cmd: compiled.append(cmd) or compile_(cmd))
     _kernels._reset()
     assert _kernels.available(x)
-    assert calls and all("--version" in cmd for cmd in calls)  # nothing compiled
+    assert calls and all("--version" in cmd for cmd in calls) and not compiled  # nothing compiled
     assert list(fresh_build.glob("dynact_kernels_*.so")) == built
 
 
@@ -534,7 +544,7 @@ def test_channels_last_input_keeps_its_layout_and_values(name):
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     nhwc = x.contiguous(memory_format=torch.channels_last)
     y, gx, geps, fn = _run(act, nhwc, grad, "auto")
-    assert "Fused" in type(fn).__name__
+    assert _fused(fn)
     assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
     assert gx.is_contiguous(memory_format=torch.channels_last)
     y_c, gx_c, geps_c, _ = _run(act, x, grad, "auto")
@@ -630,7 +640,7 @@ def test_gelu_base_runs_in_the_kernel_only_where_the_correction_is_not_zero():
         act.eps.zero_()
     assert _kernels.gelu_base(x, tables, act.eps) == _kernels.BASE_GELU
     y, gx, geps, fn = _run(act, x, torch.ones_like(x), "auto")
-    assert "Fused" in type(fn).__name__
+    assert _fused(fn)
     xg = x.clone().requires_grad_(True)
     want = nn.GELU()(xg)
     want.backward(torch.ones_like(x))
@@ -677,3 +687,135 @@ def test_kernel_tables_follow_every_change_of_the_spline():
     act.s.data[1:-1] = 1.0  # through .data: no version change, so the cache needs telling
     act.clear_cache()
     agrees()
+
+
+# --------------------------------------------------------------------------- the C++ operator
+@pytest.fixture
+def needs_op():
+    """The C++ operator, waiting for its background build (started by the suite's first float32
+    CPU call; skipped where it cannot be built, e.g. PyTorch without its headers)."""
+    _kernels.MODE = "auto"
+    if not CPU_FUSED or _kernels.torch_op(wait=True) is None:
+        pytest.skip(f"the C++ operator could not be built: {_kernels._op_failure}")
+
+
+def _both_paths(act: nn.Module, x: torch.Tensor, grad: torch.Tensor, **kw):
+    """``_run`` through the C++ operator, then with it hidden (the Python Function FusedSpline)."""
+    op = _kernels._op
+    try:
+        got = _run(act, x, grad, "auto", **kw)
+        _kernels._op = None
+        want = _run(act, x, grad, "auto", **kw)
+    finally:
+        _kernels._op = op
+    return got, want
+
+
+@pytest.mark.parametrize("name", ["eafo_relu", "eafo_gelu"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "grad_transposed"])
+def test_the_operator_gives_the_python_functions_numbers_bit_for_bit(needs_op, name, layout):
+    # Same kernels, same arguments: values, input gradient and eps gradient equal bit for bit,
+    # whatever the layout of the input and of the incoming gradient; only the node differs.
+    act = _modules()[name]
+    x = _inputs(4 * 6 * 10 * 14).reshape(4, 6, 10, 14)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # not dense: run on a contiguous copy
+        x = _inputs(4 * 6 * 10 * 28).reshape(4, 6, 10, 28)[..., ::2]
+    elif layout == "grad_transposed":
+        grad = grad.transpose(2, 3).contiguous().transpose(2, 3)
+    (y, gx, geps, fn), (y_py, gx_py, geps_py, fn_py) = _both_paths(act, x, grad)
+    assert fn.name() == "torch::autograd::CppNode<dynact_op::Spline>" and type(fn_py).__name__ == "FusedSplineBackward"
+    assert torch.equal(y, y_py) and torch.equal(gx, gx_py) and torch.equal(geps, geps_py)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    y_ref, gx_ref, geps_ref, _ = _run(act, x, grad, "reference")  # and the oracle of this file
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(geps, geps_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["eafo_relu", "eafo_gelu"])
+def test_the_operator_computes_only_the_gradients_asked_for(needs_op, name):
+    act = _modules()[name]
+    x = _inputs(3000)
+    op = _kernels._op
+    results = []
+    for use in (op, None):
+        _kernels._op = use
+        try:
+            act.eps.requires_grad_(False)  # eps frozen: grad_x only
+            xg = x.clone().requires_grad_(True)
+            act(xg).sum().backward()
+            act.eps.requires_grad_(True)  # an input without grad (a first layer): grad_eps only
+            act.eps.grad = None
+            y = act(x)
+            y.sum().backward()
+            results.append((xg.grad, act.eps.grad.clone(), y.grad_fn.name()))
+        finally:
+            _kernels._op = op
+    (gx, geps, node), (gx_py, geps_py, node_py) = results
+    assert "dynact_op" in node and "FusedSpline" in node_py
+    assert torch.equal(gx, gx_py) and torch.equal(geps, geps_py)
+
+
+@pytest.mark.parametrize("name", ["eafo_relu", "eafo_gelu"])
+def test_the_operators_second_derivatives_are_the_python_paths(needs_op, name):
+    # create_graph=True: the operator's backward runs the differentiable dynact::spline_backward
+    # (and ATen's GELU backward), so d/dx and d/deps of the gradients exist and agree with the
+    # Python Function's (whose backward then runs the plain-op formulas).
+    act = _modules()[name]
+    x0 = _inputs(2000)
+    op = _kernels._op
+
+    def second(use):
+        _kernels._op = use
+        try:
+            x = x0.clone().requires_grad_(True)
+            y = act(x)
+            gx, geps = torch.autograd.grad((y * y).sum(), (x, act.eps), create_graph=True)
+            d_x = torch.autograd.grad(gx.sum(), x, retain_graph=True)[0]
+            d_eps = torch.autograd.grad(gx.sum() + geps.sum(), act.eps)[0]
+            return y.grad_fn.name(), gx, geps, d_x, d_eps
+        finally:
+            _kernels._op = op
+
+    got, want = second(op), second(None)
+    assert "dynact_op" in got[0] and "FusedSpline" in want[0]
+    for a, b in zip(got[1:], want[1:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert got[3].abs().max() > 0  # the second derivative is there, not dropped
+
+
+def test_the_operator_sees_an_input_changed_in_place_before_the_backward(needs_op):
+    act = _modules()["eafo_relu"]
+    x = _inputs(100).requires_grad_(True).clone()
+    y = act(x)
+    assert "dynact_op" in y.grad_fn.name()
+    x.add_(1.0)  # the saved input is stale: autograd refuses, as for any op that saved it
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@needs_compiler
+def test_an_operator_that_cannot_be_built_leaves_the_python_function_serving(monkeypatch):
+    # E.g. a PyTorch installed without its C++ headers: the build fails in the background, the
+    # reason is kept, nothing is raised or warned, and every call runs the Python Function.
+    def no_headers():
+        raise FileNotFoundError("torch/include")
+
+    for name in ("_op", "_op_thread", "_op_failure"):
+        monkeypatch.setattr(_kernels, name, None)
+    monkeypatch.setattr(_kernels, "_op_build_flags", no_headers)
+    act = _modules()["eafo_relu"]
+    x = _inputs(3000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _kernels.torch_op(wait=True) is None
+        y, gx, geps, fn = _run(act, x, torch.ones_like(x), "auto")
+    assert "torch/include" in _kernels._op_failure
+    assert type(fn).__name__ == "FusedSplineBackward"
+    y_ref, gx_ref, _, _ = _run(act, x, torch.ones_like(x), "reference")
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-6)

@@ -16,9 +16,16 @@ memory traffic of GELU's own kernels.
 
 Per call the eager path does only what must be done per call: one check (:func:`eager_fused`),
 the kernel call, and the tables built once per change of the spline (:class:`SplineTables`,
-cached by the module). ``eps`` is read by the kernels from its own memory and its gradient is
-written in its dtype and shape. Inputs whose elements fill their memory once each (contiguous,
-channels_last, a transposed matrix) are used as they lie and the output has their layout.
+cached by the module). The commonest call, an ``EAFOActivation`` on a float32 CPU input with ReLU
+or GELU as its base, goes through a PyTorch operator with its autograd in C++
+(``dynact_op::spline``, :mod:`dynact.kernels.cpu_op`, :func:`fused_spline`): the same kernels,
+without the Python around them in either direction. It needs PyTorch's headers and about 30 s
+to build, so it builds once per machine in a background thread (cached beside the kernels, one
+process at a time) while the Python Function serves the calls.
+
+``eps`` is read by the kernels from its own memory and its gradient is written in its dtype and
+shape. Inputs whose elements fill their memory once each (contiguous, channels_last, a
+transposed matrix) are used as they lie and the output has their layout.
 
 Where a fast path cannot be built (no compiler, build error, no Triton) the reference path runs
 instead (the autograd functions of :mod:`dynact.activations` and :mod:`dynact.spline`) and one
@@ -36,6 +43,8 @@ neighbours.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import hashlib
 import math
@@ -102,47 +111,105 @@ def _cpu_id() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(cxx: str, force: bool = False) -> Path:
-    """Compile the library once per (source, compiler, flags, processor); return its path.
+def _build(cxx: str, force: bool = False, *, stem: str = "dynact_kernels", source: Optional[str] = None,
+           flags: Optional[list[str]] = None, libs: tuple[str, ...] = (), key: str = "", lock: bool = False) -> Path:
+    """Compile a library once per (source, compiler, flags, processor); return its path.
 
+    By default the kernels' library (``cpu.SOURCE`` with ``_FLAGS``); :func:`_build_op` passes
+    the operator's source, flags, libraries and a ``key`` naming what else the library depends on.
     A cached library is used only if it matches the size and SHA-256 recorded beside it
     (``<name>.so.sha256``) when it was built; anything else (a truncated copy, a foreign file, a
     cache from before the record existed) is rebuilt, as is everything when ``force``. Loading
     a truncated shared library can kill the process with SIGBUS, so nothing is loaded unchecked.
     Every file is written beside its target and renamed into place, so no process ever reads a
     half-written library or record, and one already loaded keeps its own copy when another
-    process replaces it.
+    process replaces it. With ``lock`` one process at a time builds (the others wait, then find
+    the library built).
     """
+    source = cpu.SOURCE if source is None else source
+    flags = _FLAGS if flags is None else flags
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(
-        "\n".join([cpu.SOURCE, cxx, version, " ".join(_FLAGS), _cpu_id(), sys.platform]).encode()
+    digest = hashlib.sha256(
+        "\n".join([source, cxx, version, " ".join(flags), " ".join(libs), key, _cpu_id(), sys.platform]).encode()
     ).hexdigest()[:16]
-    target = _cache_dir() / f"dynact_kernels_{key}.so"
+    target = _cache_dir() / f"{stem}_{digest}.so"
     if not force and _intact(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out, source = Path(tmp) / target.name, Path(tmp) / "dynact_kernels.cpp"
-        source.write_text(cpu.SOURCE)
-        errors = []
-        # Compilers without OpenMP (Apple's clang) or -march=native still give a fused,
-        # single-threaded library.
-        for drop in ((), ("-fopenmp",), ("-fopenmp", "-march=native")):
-            flags = [f for f in _FLAGS if f not in drop]
-            proc = subprocess.run([cxx, *flags, str(source), "-o", str(out)], capture_output=True, text=True,
-                                  timeout=600)
-            if proc.returncode == 0:
-                break
-            errors.append(proc.stderr.strip()[-1500:])
-        else:
-            raise RuntimeError(f"{cxx} failed: {errors[0]}")
-        record = Path(tmp) / "record"
-        record.write_text(_fingerprint(out))
-        os.replace(out, target)
-        # The record follows the library: a reader seeing the new library with the old record
-        # (or none) rebuilds rather than loads.
-        os.replace(record, _record_path(target))
+    with _one_builder(target, lock):
+        if not force and _intact(target):  # built by the process this one waited for
+            return target
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as tmp:
+            out, src = Path(tmp) / target.name, Path(tmp) / f"{stem}.cpp"
+            src.write_text(source)
+            errors = []
+            # Compilers without OpenMP (Apple's clang) or -march=native still give a fused,
+            # single-threaded library.
+            for drop in ((), ("-fopenmp",), ("-fopenmp", "-march=native")):
+                kept = [f for f in flags if f not in drop]
+                rc, stderr = _compile([cxx, *kept, str(src), "-o", str(out), *libs])
+                if rc == 0:
+                    break
+                errors.append(stderr.strip()[-1500:])
+            else:
+                raise RuntimeError(f"{cxx} failed: {errors[0]}")
+            record = Path(tmp) / "record"
+            record.write_text(_fingerprint(out))
+            os.replace(out, target)
+            # The record follows the library: a reader seeing the new library with the old record
+            # (or none) rebuilds rather than loads.
+            os.replace(record, _record_path(target))
     return target
+
+
+_compiling: set = set()  # compiler processes running now (killed if the interpreter exits first)
+_exiting = False
+
+
+def _compile(cmd: list[str]) -> tuple[int, str]:
+    """Run one compiler command; ``(return code, stderr)``."""
+    if _exiting:
+        raise RuntimeError("the interpreter is exiting")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _compiling.add(proc)
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, stderr = proc.communicate()
+    finally:
+        _compiling.discard(proc)
+    return proc.returncode, stderr
+
+
+@atexit.register
+def _stop_compiling() -> None:
+    # A background build still running when the interpreter exits: stop its compiler rather than
+    # leave it to finish a library that nobody will move into place.
+    global _exiting
+    _exiting = True
+    for proc in list(_compiling):
+        proc.kill()
+
+
+@contextlib.contextmanager
+def _one_builder(target: Path, lock: bool):
+    """Hold ``<target>.lock`` (an advisory file lock) while building, if ``lock`` and the
+    platform has one; a process that waited then finds the library built."""
+    if not lock:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here: builders may race, each renaming a whole file
+        yield
+        return
+    with open(target.with_name(target.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _record_path(library: Path) -> Path:
@@ -211,6 +278,75 @@ def _reset() -> None:
     _lib, _failure = None, None
     _warned.clear()
     _cuda().reset()
+
+
+# ----------------------------------------------------------------------------- the C++ operator
+# dynact_op::spline (dynact.kernels.cpu_op): the fused spline with its autograd in C++, for the
+# common eager call (float32 CPU input, ReLU or GELU computed in the kernel). Built in a background
+# thread from the first such call; until it is loaded (or if it cannot be built) the Python
+# Function FusedSpline runs the same kernels. Never reset: a loaded operator stays registered.
+_op = None  # torch.ops.dynact_op.spline.default once loaded
+_op_thread: Optional[threading.Thread] = None
+_op_failure: Optional[str] = None  # why the operator is unavailable (None: building, built or not tried)
+
+
+def _op_build_flags() -> tuple[list[str], tuple[str, ...], str]:
+    """Compiler flags, libraries and cache key of the operator: PyTorch's headers and libraries."""
+    import logging
+
+    # Importing cpp_extension on a machine without CUDA logs a warning about CUDA_HOME that does
+    # not concern a CPU operator.
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+
+        includes, lib_dirs = cpp_extension.include_paths(), cpp_extension.library_paths()
+    finally:
+        log.setLevel(level)
+    flags = [f for f in _FLAGS if not f.startswith("-std=")] + [
+        "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        # PyTorch's headers warn about things that do not concern this file.
+        "-w", *(f"-I{d}" for d in includes)]
+    libs = (*(f"-L{d}" for d in lib_dirs), "-lc10", "-ltorch_cpu", "-ltorch", *(f"-Wl,-rpath,{d}" for d in lib_dirs))
+    return flags, libs, f"torch {torch.__version__} {' '.join(includes)}"
+
+
+def _build_op() -> None:
+    """Build (or find in the cache) and load the operator; on failure record why."""
+    global _op, _op_failure
+    try:
+        from dynact.kernels import cpu_op
+
+        cxx = _compiler()
+        if cxx is None:
+            raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+        flags, libs, key = _op_build_flags()
+        path = _build(cxx, stem="dynact_op", source=cpu.SOURCE + cpu_op.GLUE, flags=flags, libs=libs, key=key,
+                      lock=True)
+        torch.ops.load_library(str(path))
+        _op = torch.ops.dynact_op.spline.default
+    except Exception as err:  # the Python Function keeps serving every call
+        _op_failure = f"{type(err).__name__}: {err}"
+
+
+def torch_op(wait: bool = False):
+    """The C++ operator if it is loaded, else None; starts its build on the first call.
+
+    ``wait``: block until the build has finished (tests, benchmarks); :data:`_op_failure` then
+    says why it is None.
+    """
+    global _op_thread
+    if _op is not None or MODE != "auto" or (_op_thread is not None and not wait):
+        return _op
+    with _lock:
+        if _op_thread is None and MODE == "auto":
+            _op_thread = threading.Thread(target=_build_op, name="dynact-op-build", daemon=True)
+            _op_thread.start()
+    if wait and _op_thread is not None:
+        _op_thread.join()
+    return _op
 
 
 def _cuda():
@@ -564,6 +700,22 @@ class FusedSpline(torch.autograd.Function):
         else:
             gx = geps = None
         return gx, geps, (grad if need_y0 else None), None, None
+
+
+def fused_spline(x: torch.Tensor, eps: torch.Tensor, y0: Optional[torch.Tensor], t: SplineTables,
+                 base: int) -> torch.Tensor:
+    """The eager fused spline (``EAFOActivation``'s common call): the C++ operator
+    ``dynact_op::spline`` where it serves the call (float32 on the CPU, ReLU or GELU computed in
+    the kernel) and is loaded, else :class:`FusedSpline`. Both run the same kernels on the same
+    arguments: the numbers are the same bit for bit, the operator spends less time around them."""
+    if base == BASE_GELU:
+        base = gelu_base(x, t, eps)
+    if ((base == BASE_RELU or base == BASE_GELU_KERNEL) and x.dtype is torch.float32 and x.is_cpu
+            and eps.dtype is torch.float32 and eps.is_cpu and t.pairs.is_cpu and t.pairs.dtype is torch.float32):
+        op = _op if _op is not None else torch_op()
+        if op is not None:
+            return op(x, eps, t.pairs, t.a, t.b, base)
+    return FusedSpline.apply(x, eps, y0, t, base)
 
 
 class FusedCRReLU(torch.autograd.Function):

@@ -1,0 +1,102 @@
+"""C++ source of ``dynact_op::spline``: the fused CPU spline as a PyTorch operator with its
+autograd in C++, built by :mod:`dynact.kernels.dispatch` in the background on first use.
+
+The kernels of :mod:`dynact.kernels.cpu` are called through :mod:`ctypes` from a Python
+``torch.autograd.Function``. Around each call that costs Python work in both directions: the
+Function's ``apply``, the ctypes arguments, and above all the autograd engine calling back into
+Python for the backward. At the sizes of a deep, narrow model's layers that work is a visible
+part of a training step (about 20-40 us per layer per step on a 2-core Zen 3). This file
+appends to the kernels' source an operator whose forward and backward are C++ from end to end:
+the engine runs its backward without Python.
+
+It includes PyTorch's headers, so it builds in about 30 s (the kernels alone in about 2 s); the
+build runs in a background thread and the Python Function serves every call until it is done.
+Both call the same kernels with the same arguments, so the numbers are the same bit for bit;
+only the time around them differs.
+"""
+
+GLUE = r"""
+// ----------------------------------------------------------------------------- PyTorch operator
+// dynact_op::spline(x, eps, pairs, a, b, base): base(x) + eps * s(x) for a float32 CPU input,
+// base 1 (ReLU) or 3 (GELU), computed by the kernels above; see dynact/kernels/cpu_op.py.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+namespace dynact_op {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kParallelFrom = 65536;  // as dispatch._threads: one thread below four chunks
+
+int threads_for_n(int64_t n) { return n >= kParallelFrom ? at::get_num_threads() : 1; }
+
+// The kernels run over the tensor's memory as one flat array: any dense layout (contiguous,
+// channels_last) is used as it lies, and empty_like keeps it for the result.
+at::Tensor dense(const at::Tensor& x) { return x.is_non_overlapping_and_dense() ? x : x.contiguous(); }
+
+struct Spline : public torch::autograd::Function<Spline> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& eps,
+                            const at::Tensor& pairs, const at::Tensor& a, const at::Tensor& b, int64_t base) {
+    at::Tensor x = dense(x_in);
+    at::Tensor out = at::empty_like(x);
+    const int64_t n = x.numel();
+    const int last = int(pairs.size(0) - 2);
+    int rc = dynact_eafo_forward(0, int(base), x.data_ptr(), nullptr, out.data_ptr(), n, pairs.data_ptr(),
+                                 double(*a.data_ptr<float>()), double(*b.data_ptr<float>()), last,
+                                 eps.data_ptr(), 0, threads_for_n(n));
+    TORCH_CHECK(rc == 0, "dynact_op::spline: the kernel rejected its arguments");
+    ctx->save_for_backward({x, eps, pairs, a, b});
+    ctx->saved_data["base"] = base;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &eps = saved[1], &pairs = saved[2], &a = saved[3], &b = saved[4];
+    const int64_t base = ctx->saved_data["base"].toInt();
+    const bool need_x = ctx->needs_input_grad(0), need_eps = ctx->needs_input_grad(1);
+    at::Tensor grad = grads[0], gx, geps;
+    if (!(need_x || need_eps) || !grad.defined()) return {gx, geps, {}, {}, {}, {}};
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: the differentiable operator dynact::spline_backward (registered in
+      // Python, with its own backward), as the Python Function's path does; GELU's part by ATen.
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("dynact::spline_backward", "")
+                           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, bool,
+                                                                    const at::Tensor&, const at::Tensor&,
+                                                                    const at::Tensor&, const at::Tensor&)>();
+      std::tie(gx, geps) = op.call(grad, x, base == 1, pairs, a, b, eps);
+      if (base == 3) gx = at::gelu_backward(grad, x) + gx;
+      return {need_x ? gx : at::Tensor(), need_eps ? geps : at::Tensor(), {}, {}, {}, {}};
+    }
+    if (grad.scalar_type() != x.scalar_type() || grad.strides() != x.strides()) {
+      grad = at::empty_like(x).copy_(grad);
+    }
+    if (need_x) gx = at::empty_like(x);
+    if (need_eps) geps = at::empty_like(eps, at::MemoryFormat::Contiguous);
+    const int64_t n = x.numel();
+    int rc = dynact_eafo_backward(0, int(base), grad.data_ptr(), x.data_ptr(), need_x ? gx.data_ptr() : nullptr,
+                                  need_eps ? geps.data_ptr() : nullptr, 0, n, pairs.data_ptr(),
+                                  double(*a.data_ptr<float>()), double(*b.data_ptr<float>()),
+                                  int(pairs.size(0) - 2), eps.data_ptr(), 0, threads_for_n(n));
+    TORCH_CHECK(rc == 0, "dynact_op::spline: the kernel rejected its arguments");
+    return {gx, geps, {}, {}, {}, {}};
+  }
+};
+
+at::Tensor spline(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& pairs, const at::Tensor& a,
+                  const at::Tensor& b, int64_t base) {
+  return Spline::apply(x, eps, pairs, a, b, base);
+}
+
+}  // namespace dynact_op
+
+TORCH_LIBRARY(dynact_op, m) {
+  m.def("spline(Tensor x, Tensor eps, Tensor pairs, Tensor a, Tensor b, int base) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dynact_op, CompositeImplicitAutograd, m) { m.impl("spline", &dynact_op::spline); }
+"""
