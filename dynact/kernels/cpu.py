@@ -30,30 +30,36 @@ SOURCE = r"""// Fused CPU kernels of dynact's activations: one pass over the ten
 
 namespace {
 
+// The small helpers of the element loops are always inlined: in a larger translation unit
+// (dynact/kernels/cpu_op.py appends PyTorch's headers and an operator) GCC's growth limits left
+// segment8 as a call inside the loops, 10-15% slower, and a call in an "omp simd" loop keeps
+// it scalar.
+#define DYNACT_INLINE inline __attribute__((always_inline))
+
 constexpr int64_t CHUNK = 16384;  // elements per parallel task and per partial sum of the eps gradient
 constexpr int64_t SUB = 512;       // elements per short sum inside a chunk
 
 struct bf16 { uint16_t v; };
 struct f16 { uint16_t v; };
 
-inline float as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline uint32_t as_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+DYNACT_INLINE float as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+DYNACT_INLINE uint32_t as_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 
 template <class T> struct Type;
 template <> struct Type<float> {
   using C = float;
-  static C load(float v) { return v; }
-  static float store(C v) { return v; }
+  DYNACT_INLINE static C load(float v) { return v; }
+  DYNACT_INLINE static float store(C v) { return v; }
 };
 template <> struct Type<double> {
   using C = double;
-  static C load(double v) { return v; }
-  static double store(C v) { return v; }
+  DYNACT_INLINE static C load(double v) { return v; }
+  DYNACT_INLINE static double store(C v) { return v; }
 };
 template <> struct Type<bf16> {
   using C = float;
-  static C load(bf16 h) { return as_float(uint32_t(h.v) << 16); }
-  static bf16 store(float f) {  // round to nearest even; NaN stays a (quiet) NaN
+  DYNACT_INLINE static C load(bf16 h) { return as_float(uint32_t(h.v) << 16); }
+  DYNACT_INLINE static bf16 store(float f) {  // round to nearest even; NaN stays a (quiet) NaN
     uint32_t u = as_bits(f);
     uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     uint32_t nan = (u >> 16) | 0x40u;
@@ -64,7 +70,7 @@ template <> struct Type<f16> {
   using C = float;
   // IEEE half <-> float by bit arithmetic (subnormals, infinities and NaN included), written
   // without branches so that loops over it vectorise.
-  static C load(f16 h) {
+  DYNACT_INLINE static C load(f16 h) {
     const uint32_t exp_mask = 0x7c00u << 13;
     uint32_t o = (uint32_t(h.v) & 0x7fffu) << 13;
     uint32_t e = o & exp_mask;
@@ -74,7 +80,7 @@ template <> struct Type<f16> {
     o = e == exp_mask ? inf_nan : (e == 0 ? subnormal : o);
     return as_float(o | ((uint32_t(h.v) & 0x8000u) << 16));
   }
-  static f16 store(float f) {  // round to nearest even
+  DYNACT_INLINE static f16 store(float f) {  // round to nearest even
     const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
     uint32_t u = as_bits(f);
     uint32_t sign = u & 0x80000000u;
@@ -88,7 +94,7 @@ template <> struct Type<f16> {
 };
 
 // exp(t) for t <= 0 (or NaN), float: Cephes' polynomial, within 2 ulp; 0 below -87.
-inline float exp_nonpositive(float t) {
+DYNACT_INLINE float exp_nonpositive(float t) {
   float tc = t < -87.0f ? -87.0f : t;
   float fx = std::floor(tc * 1.44269504088896341f + 0.5f);
   fx = fx == fx ? fx : 0.0f;
@@ -104,12 +110,12 @@ inline float exp_nonpositive(float t) {
   float scale = as_float(uint32_t(int32_t(fx) + 127) << 23);
   return t < -87.0f ? 0.0f : y * scale;
 }
-inline double exp_nonpositive(double t) { return std::exp(t); }
+DYNACT_INLINE double exp_nonpositive(double t) { return std::exp(t); }
 
-template <class C> inline C relu(C x) { return x < C(0) ? C(0) : x; }  // NaN passes through
+template <class C> DYNACT_INLINE C relu(C x) { return x < C(0) ? C(0) : x; }  // NaN passes through
 
 // Segment j and position in it: u = a x + b clamped to [0, last] (NaN stays NaN, j = 0).
-template <class C> inline C mul_add(C x, C a, C b) {
+template <class C> DYNACT_INLINE C mul_add(C x, C a, C b) {
 #if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
   // As ATen's vectorised addcmul: the reference path's segments and values, bit for bit.
   return std::fma(x, a, b);
@@ -118,7 +124,7 @@ template <class C> inline C mul_add(C x, C a, C b) {
 #endif
 }
 
-template <class C> inline int segment(C x, C a, C b, C last, C* frac) {
+template <class C> DYNACT_INLINE int segment(C x, C a, C b, C last, C* frac) {
   C u = mul_add(x, a, b);
   u = u < C(0) ? C(0) : u;
   u = u > last ? last : u;
@@ -130,7 +136,7 @@ template <class C> inline int segment(C x, C a, C b, C last, C* frac) {
 // The knot table holds (value, slope) pairs: one 64-bit load fetches both for float, half the
 // loads of two separate tables (the loads dominate these loops).
 typedef uint64_t __attribute__((may_alias)) u64_alias;
-inline void lookup(const float* __restrict pairs, int j, float* value, float* slope) {
+DYNACT_INLINE void lookup(const float* __restrict pairs, int j, float* value, float* slope) {
   uint64_t e = reinterpret_cast<const u64_alias*>(pairs)[j];
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
   *value = as_float(uint32_t(e));
@@ -140,7 +146,7 @@ inline void lookup(const float* __restrict pairs, int j, float* value, float* sl
   *slope = as_float(uint32_t(e));
 #endif
 }
-inline void lookup(const double* __restrict pairs, int j, double* value, double* slope) {
+DYNACT_INLINE void lookup(const double* __restrict pairs, int j, double* value, double* slope) {
   *value = pairs[2 * j];
   *slope = pairs[2 * j + 1];
 }
@@ -195,7 +201,7 @@ template <class Body> double sum_chunks(int64_t n, int threads, Body body) {
 // min(last, u) keep NaN and -0 as the scalar comparisons do.
 struct Seg8 { __m256 frac, value, slope; };
 
-inline Seg8 segment8(__m256 xv, __m256 a, __m256 b, __m256 last, const float* pairs) {
+DYNACT_INLINE Seg8 segment8(__m256 xv, __m256 a, __m256 b, __m256 last, const float* pairs) {
   const __m256 zero = _mm256_setzero_ps();
   __m256 u = _mm256_min_ps(last, _mm256_max_ps(zero, _mm256_fmadd_ps(xv, a, b)));
   __m256i j = _mm256_and_si256(_mm256_cvttps_epi32(u), _mm256_castps_si256(_mm256_cmp_ps(u, u, _CMP_ORD_Q)));
@@ -229,7 +235,7 @@ constexpr float kErfcxPoly[9] = {0.2820879817008972f, 0.2823481857776642f, 0.243
 // exp(t) for t <= 0, eight lanes: exp_nonpositive above with FMAs (so not bit for bit the
 // same), about 2 ulp; 0 below -87 and for -inf; a NaN t gives a finite number (callers multiply
 // by x, which carries the NaN).
-inline __m256 exp8_nonpositive(__m256 t) {
+DYNACT_INLINE __m256 exp8_nonpositive(__m256 t) {
   const __m256 tc = _mm256_max_ps(t, _mm256_set1_ps(-87.0f));
   __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(tc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
   __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), tc);
@@ -248,7 +254,7 @@ inline __m256 exp8_nonpositive(__m256 t) {
 
 struct Gelu8 { __m256 cdf, gauss; };  // Phi(x) and exp(-x^2/2)
 
-inline Gelu8 gelu8(__m256 x) {
+DYNACT_INLINE Gelu8 gelu8(__m256 x) {
   const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
   __m256 hi = _mm256_mul_ps(x, x);
   // lo = x*x - hi exactly; 0 where x*x is huge (or inf, where the FMA would give NaN).
