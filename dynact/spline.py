@@ -178,8 +178,9 @@ class EAFOActivation(nn.Module):
             if dispatch.MODE != "ops" and dispatch.compiled_on_cpu(x):
                 # On CPU the C++ kernels beat Inductor's loop: call them as opaque custom ops.
                 value, slope, a, b = _tables(self.s, self.lo, self.hi, _compute_dtype(x.dtype))
-                y0 = None if self._relu_in_kernel() else self.base(x)
-                return dispatch.spline_op(x, eps, y0, dispatch.pack(value, slope), a, b)
+                y0 = None if self._relu_in_kernel() else self.base(x)  # unused (dropped) if GELU runs in the op
+                return dispatch.spline_op(x, eps, y0, dispatch.pack(value, slope), a, b,
+                                          gelu=self._base_code(x) == dispatch.BASE_GELU)
             return self._plain(x)
         if dispatch.plain_ops_needed():  # torch.jit.trace, torch.func transforms, forward-mode AD
             return self._plain(x)

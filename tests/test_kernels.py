@@ -8,6 +8,7 @@ test_spline.py / test_activations.py), evaluated in float32 for half-precision i
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -342,7 +343,9 @@ def test_compiled_cpu_graph_calls_the_kernels_as_single_ops():
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     x = torch.randn(4, 8)
     compiled(x)
-    assert "dynact.spline_forward" in graphs[0] and "dynact.crrelu_forward" in graphs[0]
+    # The C++ ops (dynact_op::) where the operator library could be built, else the Python ones.
+    ns = "dynact_op" if _kernels._compiled_ops_in_cpp() else "dynact"
+    assert f"{ns}.spline_forward" in graphs[0] and f"{ns}.crrelu_forward" in graphs[0]
     assert "gelu" in graphs[0]  # a base other than ReLU stays in the graph, for the compiler
 
 
@@ -353,6 +356,7 @@ def fresh_build(monkeypatch, tmp_path):
     background build (never reset) is finished first, so that it neither builds into this cache
     nor runs a compiler while a test counts the compiler's runs."""
     _kernels.torch_op(wait=True)
+    monkeypatch.setattr(_kernels, "_op", None)  # and hidden: it holds a copy of the kernels
     monkeypatch.setenv("DYNACT_CACHE", str(tmp_path))
     _kernels._reset()
     yield tmp_path
@@ -819,3 +823,48 @@ def test_an_operator_that_cannot_be_built_leaves_the_python_function_serving(mon
     y_ref, gx_ref, _, _ = _run(act, x, torch.ones_like(x), "reference")
     torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_compiled_graphs_call_the_cpp_ops_with_the_python_ops_numbers(needs_op, monkeypatch, dtype):
+    # A CPU graph calls dynact_op::spline_forward / crrelu_forward (C++), which run the kernels
+    # the Python custom ops run, with the same arguments: values, input and parameter gradients
+    # (every eps included) equal bit for bit, except where float32 GELU runs in the kernel.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 40), _modules()["eafo_relu"], nn.Linear(40, 40), _modules()["eafo_gelu"],
+                          CRReLU(0.2)).to(dtype)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(2)).to(dtype)
+
+    def run(in_cpp: bool):
+        monkeypatch.setattr(_kernels, "_compiled_ops_in_cpp", lambda: in_cpp)
+        torch._dynamo.reset()
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(str(gm.graph))
+            return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        model.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_(True)
+        y = compiled(xg)
+        y.square().sum().backward()
+        return y.detach(), xg.grad, [p.grad.clone() for p in model.parameters()], graphs[0]
+
+    y, gx, grads, graph = run(True)
+    y_py, gx_py, grads_py, graph_py = run(False)
+    assert "dynact_op.spline_forward" in graph and "dynact_op.crrelu_forward" in graph
+    assert "dynact.spline_forward" in graph_py and "dynact_op" not in graph_py
+    if dtype == torch.float32 and _kernels._op_gelu:
+        # float32: the GELU base runs inside the C++ op's kernel (one pass, base code 3, no y0),
+        # the Python path runs the compiler's GELU and the spline on top: the same function to
+        # float32 rounding.
+        assert re.search(r"spline_forward\.default\]\(args = \(%\w+, None, .*, 3\)", graph)
+        for got, want in zip([y, gx, *grads], [y_py, gx_py, *grads_py], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    else:
+        assert torch.equal(y, y_py) and torch.equal(gx, gx_py)
+        for got, want in zip(grads, grads_py, strict=True):
+            assert torch.equal(got, want)
+    assert all(g.abs().sum() > 0 for g in grads)
+    torch._dynamo.reset()

@@ -92,11 +92,89 @@ at::Tensor spline(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& 
   return Spline::apply(x, eps, pairs, a, b, base);
 }
 
+// ---- The operators of compiled graphs: the CPU kernels of the torch.library custom ops of
+// dispatch.py (dynact::spline_forward, ...) in C++, with the same arguments and results; the
+// spline's also take the base code (0: y0 given, 1: ReLU, 3: GELU in the kernel, float32 only).
+// Their fake tensors and backward formulas are registered from Python (dispatch._register_compiled).
+int code_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return 0;
+    case at::kDouble: return 1;
+    case at::kBFloat16: return 2;
+    case at::kHalf: return 3;
+    default: TORCH_CHECK(false, "dynact_op: unsupported dtype ", t.scalar_type());
+  }
+  return -1;
+}
+
+// t (shaped as x) in x's dtype and layout, copied only if it is not already (dispatch._like).
+at::Tensor like(const at::Tensor& t, const at::Tensor& x) {
+  if (t.scalar_type() == x.scalar_type() && t.strides() == x.strides()) return t;
+  return at::empty_like(x).copy_(t);
+}
+
+void check(int rc) { TORCH_CHECK(rc == 0, "dynact_op: the kernel rejected its arguments"); }
+
+at::Tensor spline_forward(const at::Tensor& x_in, const std::optional<at::Tensor>& y0_in, const at::Tensor& pairs,
+                          const at::Tensor& a, const at::Tensor& b, const at::Tensor& eps, int64_t base) {
+  at::Tensor x = dense(x_in), y0;
+  at::Tensor out = at::empty_like(x);
+  TORCH_CHECK(y0_in.has_value() == (base == 0), "dynact_op::spline_forward: y0 goes with base 0 only");
+  if (y0_in.has_value()) y0 = like(*y0_in, x);
+  const int64_t n = x.numel();
+  check(dynact_eafo_forward(code_of(x), int(base), x.data_ptr(), y0.defined() ? y0.data_ptr() : nullptr,
+                            out.data_ptr(), n, pairs.data_ptr(), a.item<double>(), b.item<double>(),
+                            int(pairs.size(0) - 2), eps.data_ptr(), code_of(eps), threads_for_n(n)));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> spline_backward(const at::Tensor& grad_in, const at::Tensor& x_in, int64_t base,
+                                                   const at::Tensor& pairs, const at::Tensor& a, const at::Tensor& b,
+                                                   const at::Tensor& eps) {
+  at::Tensor x = dense(x_in);
+  at::Tensor grad = like(grad_in, x), gx = at::empty_like(x), geps = at::empty_like(eps, at::MemoryFormat::Contiguous);
+  const int64_t n = x.numel();
+  check(dynact_eafo_backward(code_of(x), int(base), grad.data_ptr(), x.data_ptr(), gx.data_ptr(), geps.data_ptr(),
+                             code_of(eps), n, pairs.data_ptr(), a.item<double>(), b.item<double>(),
+                             int(pairs.size(0) - 2), eps.data_ptr(), code_of(eps), threads_for_n(n)));
+  return {gx, geps};
+}
+
+at::Tensor crrelu_forward(const at::Tensor& x_in, const at::Tensor& eps) {
+  at::Tensor x = dense(x_in), out = at::empty_like(x);
+  const int64_t n = x.numel();
+  check(dynact_crrelu_forward(code_of(x), x.data_ptr(), out.data_ptr(), n, eps.data_ptr(), code_of(eps),
+                              threads_for_n(n)));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> crrelu_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                   const at::Tensor& eps) {
+  at::Tensor x = dense(x_in), grad = like(grad_in, x);
+  at::Tensor gx = at::empty_like(x), geps = at::empty_like(eps, at::MemoryFormat::Contiguous);
+  const int64_t n = x.numel();
+  check(dynact_crrelu_backward(code_of(x), grad.data_ptr(), x.data_ptr(), gx.data_ptr(), geps.data_ptr(),
+                               code_of(eps), n, eps.data_ptr(), code_of(eps), threads_for_n(n)));
+  return {gx, geps};
+}
+
 }  // namespace dynact_op
 
 TORCH_LIBRARY(dynact_op, m) {
   m.def("spline(Tensor x, Tensor eps, Tensor pairs, Tensor a, Tensor b, int base) -> Tensor");
+  m.def("spline_forward(Tensor x, Tensor? y0, Tensor pairs, Tensor a, Tensor b, Tensor eps, int base) -> Tensor");
+  m.def("spline_backward(Tensor grad, Tensor x, int base, Tensor pairs, Tensor a, Tensor b, Tensor eps) "
+        "-> (Tensor, Tensor)");
+  m.def("crrelu_forward(Tensor x, Tensor eps) -> Tensor");
+  m.def("crrelu_backward(Tensor grad, Tensor x, Tensor eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dynact_op, CompositeImplicitAutograd, m) { m.impl("spline", &dynact_op::spline); }
+
+TORCH_LIBRARY_IMPL(dynact_op, CPU, m) {
+  m.impl("spline_forward", &dynact_op::spline_forward);
+  m.impl("spline_backward", &dynact_op::spline_backward);
+  m.impl("crrelu_forward", &dynact_op::crrelu_forward);
+  m.impl("crrelu_backward", &dynact_op::crrelu_backward);
+}
 """

@@ -288,6 +288,7 @@ def _reset() -> None:
 _op = None  # torch.ops.dynact_op.spline.default once loaded
 _op_thread: Optional[threading.Thread] = None
 _op_failure: Optional[str] = None  # why the operator is unavailable (None: building, built or not tried)
+_op_gelu = False  # whether its library computes GELU in the kernel (BASE_GELU_KERNEL: AVX2 and FMA)
 
 
 def _op_build_flags() -> tuple[list[str], tuple[str, ...], str]:
@@ -315,7 +316,7 @@ def _op_build_flags() -> tuple[list[str], tuple[str, ...], str]:
 
 def _build_op() -> None:
     """Build (or find in the cache) and load the operator; on failure record why."""
-    global _op, _op_failure
+    global _op, _op_failure, _op_gelu
     try:
         from dynact.kernels import cpu_op
 
@@ -326,6 +327,8 @@ def _build_op() -> None:
         path = _build(cxx, stem="dynact_op", source=cpu.SOURCE + cpu_op.GLUE, flags=flags, libs=libs, key=key,
                       lock=True)
         torch.ops.load_library(str(path))
+        _op_gelu = bool(ctypes.CDLL(str(path)).dynact_gelu_in_kernel())
+        _register_compiled()
         _op = torch.ops.dynact_op.spline.default
     except Exception as err:  # the Python Function keeps serving every call
         _op_failure = f"{type(err).__name__}: {err}"
@@ -771,7 +774,7 @@ def _spline_forward_op(x: torch.Tensor, y0: Optional[torch.Tensor], pairs: torch
 
 
 @_spline_forward_op.register_fake
-def _(x, y0, pairs, a, b, eps):
+def _fake_spline_forward(x, y0, pairs, a, b, eps):
     return x.new_empty(x.shape)
 
 
@@ -785,7 +788,7 @@ def _spline_backward_op(grad: torch.Tensor, x: torch.Tensor, relu: bool, pairs: 
 
 
 @_spline_backward_op.register_fake
-def _(grad, x, relu, pairs, a, b, eps):
+def _fake_spline_backward(grad, x, relu, pairs, a, b, eps):
     return x.new_empty(x.shape), eps.new_empty(eps.shape)
 
 
@@ -843,7 +846,7 @@ def _crrelu_forward_op(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 
 @_crrelu_forward_op.register_fake
-def _(x, eps):
+def _fake_crrelu_forward(x, eps):
     return x.new_empty(x.shape)
 
 
@@ -856,7 +859,7 @@ def _crrelu_backward_op(grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor) 
 
 
 @_crrelu_backward_op.register_fake
-def _(grad, x, eps):
+def _fake_crrelu_backward(grad, x, eps):
     return x.new_empty(x.shape), eps.new_empty(eps.shape)
 
 
@@ -864,12 +867,15 @@ def _crrelu_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _crrelu_grads(ctx, grad):
-    x, eps = ctx.saved_tensors
-    return _crrelu_backward_op(grad, x, eps)
+def _crrelu_grads_by(backward_op):
+    def grads(ctx, grad):
+        x, eps = ctx.saved_tensors
+        return backward_op(grad, x, eps)
+
+    return grads
 
 
-_crrelu_forward_op.register_autograd(_crrelu_grads, setup_context=_crrelu_setup)
+_crrelu_forward_op.register_autograd(_crrelu_grads_by(_crrelu_backward_op), setup_context=_crrelu_setup)
 
 
 def _crrelu_backward_grads(ctx, ggx, ggeps):
@@ -897,11 +903,69 @@ def compiled_on_cpu(x: torch.Tensor) -> bool:
     return MODE == "auto" and x.device.type == "cpu" and x.dtype in _DTYPES
 
 
-def spline_op(x, eps, y0, pairs, a, b):
-    """The fused spline as a custom op (for compiled graphs on CPU)."""
+# The same four custom ops in C++ (dynact_op::spline_forward, ...; dynact.kernels.cpu_op): the
+# same kernels with the same arguments, without a Python call per op and direction (about 0.3 ms
+# per layer and training step of a compiled model on a 2-core Zen 3). They share the Python ops'
+# fake tensors and backward formulas, registered once the library is loaded (compiled graphs have
+# no double backward, so the backward ops need none). A plain GELU base runs inside the C++ op's
+# kernel (float32), one pass per direction. A graph traced on the CPU waits for the library's
+# build (once per machine, about 30 s), so that every trace makes the same choice: the C++ ops
+# where the library could be built.
+_compiled_registered = False
+
+
+def _register_compiled() -> None:
+    """Fake tensors and autograd of the C++ custom ops (called once, after loading the library)."""
+    global _compiled_registered
+    if _compiled_registered:
+        return
+    ops = torch.ops.dynact_op
+    fakes = (("spline_forward", lambda x, y0, pairs, a, b, eps, base: x.new_empty(x.shape)),
+             ("spline_backward", lambda grad, x, base, pairs, a, b, eps: _fake_spline_backward(grad, x, 0, pairs, a, b,
+                                                                                            eps)),
+             ("crrelu_forward", _fake_crrelu_forward), ("crrelu_backward", _fake_crrelu_backward))
+    for name, fake in fakes:
+        torch.library.register_fake(f"dynact_op::{name}")(fake)
+    backward = ops.spline_backward.default
+
+    def setup(ctx, inputs, output):
+        x, y0, pairs, a, b, eps, base = inputs
+        ctx.base = base
+        ctx.save_for_backward(x, pairs, a, b, eps)
+
+    def grads(ctx, grad):
+        x, pairs, a, b, eps = ctx.saved_tensors
+        gx, geps = backward(grad, x, ctx.base, pairs, a, b, eps)
+        return gx, (grad if ctx.base == BASE_GIVEN else None), None, None, None, geps, None
+
+    torch.library.register_autograd("dynact_op::spline_forward", grads, setup_context=setup)
+    torch.library.register_autograd("dynact_op::crrelu_forward", _crrelu_grads_by(ops.crrelu_backward.default),
+                                    setup_context=_crrelu_setup)
+    _compiled_registered = True
+
+
+@torch.compiler.assume_constant_result
+def _compiled_ops_in_cpp() -> bool:
+    # Evaluated once per trace, outside the graph (a constant in it): waits for the build.
+    return torch_op(wait=True) is not None and _compiled_registered
+
+
+def spline_op(x, eps, y0, pairs, a, b, gelu: bool = False):
+    """The fused spline as a custom op (for compiled graphs on CPU): ``y0 + eps * s`` (ReLU as the
+    base if ``y0`` is None). ``gelu``: the base is GELU (erf form) and ``y0`` its output; with
+    the C++ ops, for float32 where the library has it, GELU is then computed in the kernel and
+    ``y0`` is not used (one pass per direction; its values within 8 ulp of ``x Phi(x)``, see
+    :func:`gelu_base`)."""
+    if _compiled_ops_in_cpp():
+        if gelu and x.dtype == torch.float32 and _op_gelu:
+            return torch.ops.dynact_op.spline_forward.default(x, None, pairs, a, b, eps, BASE_GELU_KERNEL)
+        base = BASE_RELU if y0 is None else BASE_GIVEN
+        return torch.ops.dynact_op.spline_forward.default(x, y0, pairs, a, b, eps, base)
     return _spline_forward_op(x, y0, pairs, a, b, eps)
 
 
 def crrelu_op(x, eps):
     """Fused CRReLU as a custom op (for compiled graphs on CPU)."""
+    if _compiled_ops_in_cpp():
+        return torch.ops.dynact_op.crrelu_forward.default(x, eps)
     return _crrelu_forward_op(x, eps)
