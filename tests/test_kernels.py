@@ -765,21 +765,24 @@ def test_the_operator_computes_only_the_gradients_asked_for(needs_op, name):
 
 
 @pytest.mark.parametrize("name", ["eafo_relu", "eafo_gelu"])
-def test_the_operators_second_derivatives_are_the_python_paths(needs_op, name):
+@pytest.mark.parametrize("strided", [False, True])
+def test_the_operators_second_derivatives_are_the_python_paths(needs_op, name, strided):
     # create_graph=True: the operator's backward runs the differentiable dynact::spline_backward
     # (and ATen's GELU backward), so d/dx and d/deps of the gradients exist and agree with the
-    # Python Function's (whose backward then runs the plain-op formulas).
+    # Python Function's (whose backward then runs the plain-op formulas); also for an input that
+    # is a strided view (the kernels run on a dense copy, the derivatives reach the view's base).
     act = _modules()[name]
-    x0 = _inputs(2000)
+    x0 = _inputs(4000 if strided else 2000)
     op = _kernels._op
 
     def second(use):
         _kernels._op = use
         try:
-            x = x0.clone().requires_grad_(True)
+            leaf = x0.clone().requires_grad_(True)
+            x = leaf[::2] if strided else leaf
             y = act(x)
-            gx, geps = torch.autograd.grad((y * y).sum(), (x, act.eps), create_graph=True)
-            d_x = torch.autograd.grad(gx.sum(), x, retain_graph=True)[0]
+            gx, geps = torch.autograd.grad((y * y).sum(), (leaf, act.eps), create_graph=True)
+            d_x = torch.autograd.grad(gx.sum(), leaf, retain_graph=True)[0]
             d_eps = torch.autograd.grad(gx.sum() + geps.sum(), act.eps)[0]
             return y.grad_fn.name(), gx, geps, d_x, d_eps
         finally:

@@ -48,14 +48,17 @@ struct Spline : public torch::autograd::Function<Spline> {
                                  double(*a.data_ptr<float>()), double(*b.data_ptr<float>()), last,
                                  eps.data_ptr(), 0, threads_for_n(n));
     TORCH_CHECK(rc == 0, "dynact_op::spline: the kernel rejected its arguments");
-    ctx->save_for_backward({x, eps, pairs, a, b});
+    // The input as given (not a dense copy made here): under create_graph=True the backward's
+    // formulas then differentiate through the input itself.
+    ctx->save_for_backward({x_in, eps, pairs, a, b});
     ctx->saved_data["base"] = base;
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &eps = saved[1], &pairs = saved[2], &a = saved[3], &b = saved[4];
+    const at::Tensor &eps = saved[1], &pairs = saved[2], &a = saved[3], &b = saved[4];
+    at::Tensor x = saved[0];
     const int64_t base = ctx->saved_data["base"].toInt();
     const bool need_x = ctx->needs_input_grad(0), need_eps = ctx->needs_input_grad(1);
     at::Tensor grad = grads[0], gx, geps;
@@ -72,6 +75,7 @@ struct Spline : public torch::autograd::Function<Spline> {
       if (base == 3) gx = at::gelu_backward(grad, x) + gx;
       return {need_x ? gx : at::Tensor(), need_eps ? geps : at::Tensor(), {}, {}, {}, {}};
     }
+    x = dense(x);
     if (grad.scalar_type() != x.scalar_type() || grad.strides() != x.strides()) {
       grad = at::empty_like(x).copy_(grad);
     }
