@@ -1,18 +1,19 @@
-"""C++ source of ``dynact_op::spline``: the fused CPU spline as a PyTorch operator with its
-autograd in C++, built by :mod:`dynact.kernels.dispatch` in the background on first use.
+"""C++ source of dynact's PyTorch operators, built by :mod:`dynact.kernels.dispatch` in the
+background on first use: ``dynact_op::spline`` (the fused CPU spline with its autograd in C++,
+for eager calls) and the custom ops of compiled CPU graphs (``spline_forward``, ...).
 
 The kernels of :mod:`dynact.kernels.cpu` are called through :mod:`ctypes` from a Python
 ``torch.autograd.Function``. Around each call that costs Python work in both directions: the
 Function's ``apply``, the ctypes arguments, and above all the autograd engine calling back into
 Python for the backward. At the sizes of a deep, narrow model's layers that work is a visible
-part of a training step (about 20-40 us per layer per step on a 2-core Zen 3). This file
-appends to the kernels' source an operator whose forward and backward are C++ from end to end:
-the engine runs its backward without Python.
+part of a training step (about 20 us per layer per step on a 2-core Zen 3). This file appends
+to the kernels' source an operator whose forward and backward are C++ from end to end: the
+engine runs its backward without Python.
 
-It includes PyTorch's headers, so it builds in about 30 s (the kernels alone in about 2 s); the
-build runs in a background thread and the Python Function serves every call until it is done.
-Both call the same kernels with the same arguments, so the numbers are the same bit for bit;
-only the time around them differs.
+It includes PyTorch's headers, so it builds in 40-60 s on 2 cores (the kernels alone in 2-4 s);
+the build runs in a background thread and the Python Function serves every call until it is
+done. Both call the same kernels with the same arguments, so the numbers are the same bit for
+bit; only the time around them differs.
 """
 
 GLUE = r"""

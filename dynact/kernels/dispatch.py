@@ -19,7 +19,7 @@ the kernel call, and the tables built once per change of the spline (:class:`Spl
 cached by the module). The commonest call, an ``EAFOActivation`` on a float32 CPU input with ReLU
 or GELU as its base, goes through a PyTorch operator with its autograd in C++
 (``dynact_op::spline``, :mod:`dynact.kernels.cpu_op`, :func:`fused_spline`): the same kernels,
-without the Python around them in either direction. It needs PyTorch's headers and about 30 s
+without the Python around them in either direction. It needs PyTorch's headers and 40-60 s
 to build, so it builds once per machine in a background thread (cached beside the kernels, one
 process at a time) while the Python Function serves the calls.
 
@@ -909,7 +909,7 @@ def compiled_on_cpu(x: torch.Tensor) -> bool:
 # fake tensors and backward formulas, registered once the library is loaded (compiled graphs have
 # no double backward, so the backward ops need none). A plain GELU base runs inside the C++ op's
 # kernel (float32), one pass per direction. A graph traced on the CPU waits for the library's
-# build (once per machine, about 30 s), so that every trace makes the same choice: the C++ ops
+# build (once per machine, 40-60 s), so that every trace makes the same choice: the C++ ops
 # where the library could be built.
 _compiled_registered = False
 
