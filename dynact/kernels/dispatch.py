@@ -62,7 +62,7 @@ from typing import Optional
 import torch
 from torch.autograd import forward_ad as _forward_ad
 
-from dynact.kernels import cpu
+from dynact.kernels import cpu, cpu_op
 
 __all__: list[str] = []
 
@@ -318,8 +318,6 @@ def _build_op() -> None:
     """Build (or find in the cache) and load the operator; on failure record why."""
     global _op, _op_failure, _op_gelu
     try:
-        from dynact.kernels import cpu_op
-
         cxx = _compiler()
         if cxx is None:
             raise RuntimeError("no C++ compiler found (set CXX or install g++)")
