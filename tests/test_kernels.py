@@ -871,3 +871,31 @@ def test_compiled_graphs_call_the_cpp_ops_with_the_python_ops_numbers(needs_op, 
             assert torch.equal(got, want)
     assert all(g.abs().sum() > 0 for g in grads)
     torch._dynamo.reset()
+
+
+@needs_compiler
+def test_the_operator_loads_from_the_cache_at_once_and_builds_only_after_enough_calls(needs_op, monkeypatch, tmp_path):
+    act = _modules()["eafo_relu"]
+    x = _inputs(64)
+    fresh = {"_op": None, "_op_thread": None, "_op_failure": None, "_op_calls": 0, "_op_wanted": False}
+    # A cached operator (this process's cache has it): the first call's thread loads it, no build.
+    for name, value in fresh.items():
+        monkeypatch.setattr(_kernels, name, value)
+    compiled = []
+    monkeypatch.setattr(_kernels, "_compile", lambda cmd: compiled.append(cmd) or (1, "not now"))
+    act(x)
+    _kernels._op_thread.join(timeout=60)
+    assert _kernels._op is not None and not compiled and _kernels._op_calls == 1
+    # Nothing cached: the Python Function serves the first OP_BUILD_AFTER_CALLS calls and nothing
+    # is compiled until then (a short script never pays for a build); then the build starts.
+    for name, value in fresh.items():
+        monkeypatch.setattr(_kernels, name, value)
+    monkeypatch.setenv("DYNACT_CACHE", str(tmp_path))
+    monkeypatch.setattr(_kernels, "OP_BUILD_AFTER_CALLS", 5)
+    for _ in range(4):
+        assert type(act(x.clone().requires_grad_(True)).grad_fn).__name__ == "FusedSplineBackward"
+    _kernels._op_thread.join(timeout=1.0)
+    assert _kernels._op_thread.is_alive() and not compiled  # waiting, not compiling
+    act(x)
+    _kernels._op_thread.join(timeout=60)
+    assert compiled and _kernels._op is None and "not now" in _kernels._op_failure

@@ -21,7 +21,8 @@ or GELU as its base, goes through a PyTorch operator with its autograd in C++
 (``dynact_op::spline``, :mod:`dynact.kernels.cpu_op`, :func:`fused_spline`): the same kernels,
 without the Python around them in either direction. It needs PyTorch's headers and 40-60 s
 to build, so it builds once per machine in a background thread (cached beside the kernels, one
-process at a time) while the Python Function serves the calls.
+process at a time, once a process has made :data:`OP_BUILD_AFTER_CALLS` calls) while the Python
+Function serves the calls.
 
 ``eps`` is read by the kernels from its own memory and its gradient is written in its dtype and
 shape. Inputs whose elements fill their memory once each (contiguous, channels_last, a
@@ -55,9 +56,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.autograd import forward_ad as _forward_ad
@@ -112,7 +114,8 @@ def _cpu_id() -> str:
 
 
 def _build(cxx: str, force: bool = False, *, stem: str = "dynact_kernels", source: Optional[str] = None,
-           flags: Optional[list[str]] = None, libs: tuple[str, ...] = (), key: str = "", lock: bool = False) -> Path:
+           flags: Optional[list[str]] = None, libs: tuple[str, ...] = (), key: str = "", lock: bool = False,
+           before_compiling: Optional[Callable[[], None]] = None) -> Path:
     """Compile a library once per (source, compiler, flags, processor); return its path.
 
     By default the kernels' library (``cpu.SOURCE`` with ``_FLAGS``); :func:`_build_op` passes
@@ -124,7 +127,8 @@ def _build(cxx: str, force: bool = False, *, stem: str = "dynact_kernels", sourc
     Every file is written beside its target and renamed into place, so no process ever reads a
     half-written library or record, and one already loaded keeps its own copy when another
     process replaces it. With ``lock`` one process at a time builds (the others wait, then find
-    the library built).
+    the library built). ``before_compiling`` runs (and may block) when the cache does not have
+    the library, before anything is compiled.
     """
     source = cpu.SOURCE if source is None else source
     flags = _FLAGS if flags is None else flags
@@ -135,6 +139,8 @@ def _build(cxx: str, force: bool = False, *, stem: str = "dynact_kernels", sourc
     target = _cache_dir() / f"{stem}_{digest}.so"
     if not force and _intact(target):
         return target
+    if before_compiling is not None:
+        before_compiling()
     target.parent.mkdir(parents=True, exist_ok=True)
     with _one_builder(target, lock):
         if not force and _intact(target):  # built by the process this one waited for
@@ -289,6 +295,18 @@ _op = None  # torch.ops.dynact_op.spline.default once loaded
 _op_thread: Optional[threading.Thread] = None
 _op_failure: Optional[str] = None  # why the operator is unavailable (None: building, built or not tried)
 _op_gelu = False  # whether its library computes GELU in the kernel (BASE_GELU_KERNEL: AVX2 and FMA)
+#: Calls the Python Function serves before a process compiles the operator, when no cached copy
+#: exists: a short script (a test, a quick check) ends before a minute's build could pay off, and
+#: its exit would kill the compiler anyway; a training run reaches this within a few hundred steps.
+#: A cached operator is loaded at the first call.
+OP_BUILD_AFTER_CALLS = 10_000
+_op_calls = 0  # eager calls served while the operator was not loaded
+_op_wanted = False  # set by torch_op(wait=True): build now
+
+
+def _wait_for_calls() -> None:
+    while _op_calls < OP_BUILD_AFTER_CALLS and not _op_wanted and not _exiting:
+        time.sleep(0.25)
 
 
 def _op_build_flags() -> tuple[list[str], tuple[str, ...], str]:
@@ -323,7 +341,7 @@ def _build_op() -> None:
             raise RuntimeError("no C++ compiler found (set CXX or install g++)")
         flags, libs, key = _op_build_flags()
         path = _build(cxx, stem="dynact_op", source=cpu.SOURCE + cpu_op.GLUE, flags=flags, libs=libs, key=key,
-                      lock=True)
+                      lock=True, before_compiling=_wait_for_calls)
         torch.ops.load_library(str(path))
         _op_gelu = bool(ctypes.CDLL(str(path)).dynact_gelu_in_kernel())
         _register_compiled()
@@ -333,14 +351,18 @@ def _build_op() -> None:
 
 
 def torch_op(wait: bool = False):
-    """The C++ operator if it is loaded, else None; starts its build on the first call.
+    """The C++ operator if it is loaded, else None; the first call starts a background thread that
+    loads it from the cache, or builds it once the process has made :data:`OP_BUILD_AFTER_CALLS`
+    calls.
 
-    ``wait``: block until the build has finished (tests, benchmarks); :data:`_op_failure` then
-    says why it is None.
+    ``wait``: build now if needed and block until it is loaded or has failed (tests, benchmarks,
+    compiled graphs); :data:`_op_failure` then says why it is None.
     """
-    global _op_thread
+    global _op_thread, _op_wanted
     if _op is not None or MODE != "auto" or (_op_thread is not None and not wait):
         return _op
+    if wait:
+        _op_wanted = True
     with _lock:
         if _op_thread is None and MODE == "auto":
             _op_thread = threading.Thread(target=_build_op, name="dynact-op-build", daemon=True)
@@ -709,11 +731,15 @@ def fused_spline(x: torch.Tensor, eps: torch.Tensor, y0: Optional[torch.Tensor],
     ``dynact_op::spline`` where it serves the call (float32 on the CPU, ReLU or GELU computed in
     the kernel) and is loaded, else :class:`FusedSpline`. Both run the same kernels on the same
     arguments: the numbers are the same bit for bit, the operator spends less time around them."""
+    global _op_calls
     if base == BASE_GELU:
         base = gelu_base(x, t, eps)
     if ((base == BASE_RELU or base == BASE_GELU_KERNEL) and x.dtype is torch.float32 and x.is_cpu
             and eps.dtype is torch.float32 and eps.is_cpu and t.pairs.is_cpu and t.pairs.dtype is torch.float32):
-        op = _op if _op is not None else torch_op()
+        op = _op
+        if op is None:
+            _op_calls += 1
+            op = torch_op()
         if op is not None:
             return op(x, eps, t.pairs, t.a, t.b, base)
     return FusedSpline.apply(x, eps, y0, t, base)
