@@ -172,15 +172,16 @@ class EAFOActivation(nn.Module):
             y0 = None if base else self.base(x)
             eps = self._parameters.get("eps")  # as self.eps, without nn.Module.__getattr__ per call
             return dispatch.fused_spline(x, self._buffers["eps"] if eps is None else eps, y0,
-                                              self._kernel_tables(x.dtype), base)
+                                         self._kernel_tables(x.dtype), base)
         eps = self.eps.view(())  # the stored (1,) as the 0-d scalar it is: 0-d inputs give 0-d outputs
         if torch.compiler.is_compiling() or dispatch.MODE == "ops":
             if dispatch.MODE != "ops" and dispatch.compiled_on_cpu(x):
                 # On CPU the C++ kernels beat Inductor's loop: call them as opaque custom ops.
                 value, slope, a, b = _tables(self.s, self.lo, self.hi, _compute_dtype(x.dtype))
-                y0 = None if self._relu_in_kernel() else self.base(x)  # unused (dropped) if GELU runs in the op
+                base = self._base_code(x)
+                y0 = None if base == dispatch.BASE_RELU else self.base(x)  # unused (dropped) if GELU runs in the op
                 return dispatch.spline_op(x, eps, y0, dispatch.pack(value, slope), a, b,
-                                          gelu=self._base_code(x) == dispatch.BASE_GELU)
+                                          gelu=base == dispatch.BASE_GELU)
             return self._plain(x)
         if dispatch.plain_ops_needed():  # torch.jit.trace, torch.func transforms, forward-mode AD
             return self._plain(x)
@@ -192,11 +193,6 @@ class EAFOActivation(nn.Module):
         cdt = _compute_dtype(x.dtype)
         s = _spline_ops(x, self.s, self.lo, self.hi)
         return (self.base(x).to(cdt) + self.eps.reshape(()).to(cdt) * s).to(x.dtype)
-
-    def _relu_in_kernel(self) -> bool:
-        # A plain ReLU base runs inside the fused kernel (with its derivative); any other base
-        # (or a hooked one) runs as itself and the kernel adds the spline term in the same pass.
-        return type(self.base) is nn.ReLU and not (self.base._forward_hooks or self.base._forward_pre_hooks)
 
     def _base_code(self, x: torch.Tensor) -> int:
         """How the fused spline gets its base: ReLU inside the kernel, GELU inside the same

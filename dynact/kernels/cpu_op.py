@@ -30,10 +30,9 @@ namespace dynact_op {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int64_t kParallelFrom = 65536;  // as dispatch._threads: one thread below four chunks
-
-int threads_for_n(int64_t n) { return n >= kParallelFrom ? at::get_num_threads() : 1; }
-
+// Every call passes torch's thread count: the kernels keep a tensor of fewer than four chunks on
+// the calling thread themselves (threads_for).
+//
 // The kernels run over the tensor's memory as one flat array: any dense layout (contiguous,
 // channels_last) is used as it lies, and empty_like keeps it for the result.
 at::Tensor dense(const at::Tensor& x) { return x.is_non_overlapping_and_dense() ? x : x.contiguous(); }
@@ -47,7 +46,7 @@ struct Spline : public torch::autograd::Function<Spline> {
     const int last = int(pairs.size(0) - 2);
     int rc = dynact_eafo_forward(0, int(base), x.data_ptr(), nullptr, out.data_ptr(), n, pairs.data_ptr(),
                                  double(*a.data_ptr<float>()), double(*b.data_ptr<float>()), last,
-                                 eps.data_ptr(), 0, threads_for_n(n));
+                                 eps.data_ptr(), 0, at::get_num_threads());
     TORCH_CHECK(rc == 0, "dynact_op::spline: the kernel rejected its arguments");
     // The input as given (not a dense copy made here): under create_graph=True the backward's
     // formulas then differentiate through the input itself.
@@ -86,7 +85,7 @@ struct Spline : public torch::autograd::Function<Spline> {
     int rc = dynact_eafo_backward(0, int(base), grad.data_ptr(), x.data_ptr(), need_x ? gx.data_ptr() : nullptr,
                                   need_eps ? geps.data_ptr() : nullptr, 0, n, pairs.data_ptr(),
                                   double(*a.data_ptr<float>()), double(*b.data_ptr<float>()),
-                                  int(pairs.size(0) - 2), eps.data_ptr(), 0, threads_for_n(n));
+                                  int(pairs.size(0) - 2), eps.data_ptr(), 0, at::get_num_threads());
     TORCH_CHECK(rc == 0, "dynact_op::spline: the kernel rejected its arguments");
     return {gx, geps, {}, {}, {}, {}};
   }
@@ -129,7 +128,7 @@ at::Tensor spline_forward(const at::Tensor& x_in, const std::optional<at::Tensor
   const int64_t n = x.numel();
   check(dynact_eafo_forward(code_of(x), int(base), x.data_ptr(), y0.defined() ? y0.data_ptr() : nullptr,
                             out.data_ptr(), n, pairs.data_ptr(), a.item<double>(), b.item<double>(),
-                            int(pairs.size(0) - 2), eps.data_ptr(), code_of(eps), threads_for_n(n)));
+                            int(pairs.size(0) - 2), eps.data_ptr(), code_of(eps), at::get_num_threads()));
   return out;
 }
 
@@ -141,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> spline_backward(const at::Tensor& grad_in, co
   const int64_t n = x.numel();
   check(dynact_eafo_backward(code_of(x), int(base), grad.data_ptr(), x.data_ptr(), gx.data_ptr(), geps.data_ptr(),
                              code_of(eps), n, pairs.data_ptr(), a.item<double>(), b.item<double>(),
-                             int(pairs.size(0) - 2), eps.data_ptr(), code_of(eps), threads_for_n(n)));
+                             int(pairs.size(0) - 2), eps.data_ptr(), code_of(eps), at::get_num_threads()));
   return {gx, geps};
 }
 
@@ -149,7 +148,7 @@ at::Tensor crrelu_forward(const at::Tensor& x_in, const at::Tensor& eps) {
   at::Tensor x = dense(x_in), out = at::empty_like(x);
   const int64_t n = x.numel();
   check(dynact_crrelu_forward(code_of(x), x.data_ptr(), out.data_ptr(), n, eps.data_ptr(), code_of(eps),
-                              threads_for_n(n)));
+                              at::get_num_threads()));
   return out;
 }
 
@@ -159,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> crrelu_backward(const at::Tensor& grad_in, co
   at::Tensor gx = at::empty_like(x), geps = at::empty_like(eps, at::MemoryFormat::Contiguous);
   const int64_t n = x.numel();
   check(dynact_crrelu_backward(code_of(x), grad.data_ptr(), x.data_ptr(), gx.data_ptr(), geps.data_ptr(),
-                               code_of(eps), n, eps.data_ptr(), code_of(eps), threads_for_n(n)));
+                               code_of(eps), n, eps.data_ptr(), code_of(eps), at::get_num_threads()));
   return {gx, geps};
 }
 

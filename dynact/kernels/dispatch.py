@@ -364,7 +364,7 @@ def torch_op(wait: bool = False):
     if wait:
         _op_wanted = True
     with _lock:
-        if _op_thread is None and MODE == "auto":
+        if _op_thread is None:
             _op_thread = threading.Thread(target=_build_op, name="dynact-op-build", daemon=True)
             _op_thread.start()
     if wait and _op_thread is not None:
@@ -695,16 +695,15 @@ def spline_grads(grad, x, relu: bool, pairs, a, b, eps, need_x: bool = True, nee
 # ----------------------------------------------------------------------------- autograd
 class FusedSpline(torch.autograd.Function):
     """``base(x) + eps * s(x)`` in one pass per direction. ``base``: a code of :data:`BASE_GIVEN`
-    (``y0`` holds the base's output), :data:`BASE_RELU` or :data:`BASE_GELU` (the base computed
-    inside the kernel, with its derivative in the backward; ``y0`` is None). ``tables``: a
+    (``y0`` holds the base's output), :data:`BASE_RELU`, :data:`BASE_GELU` or
+    :data:`BASE_GELU_KERNEL` (the base computed inside the node, with its derivative in the
+    backward; ``y0`` is None), as :func:`fused_spline` resolved it. ``tables``: a
     :class:`SplineTables`. Saves only ``x`` and ``eps``. Under ``create_graph=True`` the backward
     runs :func:`spline_grads` (and ATen's GELU backward for that base), so second derivatives
     (through ``x``, ``eps`` and the incoming gradient) are those of the reference path."""
 
     @staticmethod
     def forward(ctx, x, eps, y0, tables, base):  # noqa: D102
-        if base == BASE_GELU:
-            base = gelu_base(x, tables, eps)
         ctx.tables, ctx.base = tables, base
         ctx.save_for_backward(x, eps)
         return _spline_fwd(x, y0, tables, base, eps)
