@@ -592,7 +592,8 @@ class ActivationOptimizer:
         torch.compile: a traced call then finds its buffers and positions in place)."""
         bank = self._bank
         if bank is None:
-            bank = self._bank = SampleBank(self.sample_size, capacity_for(self.sample_size, self.window))
+            bank = self._bank = SampleBank(self.sample_size, capacity_for(self.sample_size, self.window),
+                                          sites=len(self._layers))
         if layer.slot is None:
             layer.bank, layer.slot = bank, bank.new_slot()
         elif bank.ready(layer.slot, x.device):

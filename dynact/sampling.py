@@ -45,8 +45,11 @@ class SampleBank:
     device) counts what traced calls wrote.
     """
 
-    def __init__(self, sample_size: int, capacity: int) -> None:
+    def __init__(self, sample_size: int, capacity: int, sites: int = 1) -> None:
         self.sample_size, self.capacity = int(sample_size), int(capacity)
+        #: Rows the first buffer of a device gets (the sites expected): a buffer grown one row per
+        #: new site would be copied and faulted in anew by each (half a second at 48 sites).
+        self.expected_sites = max(1, int(sites))
         self.values: dict[torch.device, torch.Tensor] = {}
         self.pos: dict[torch.device, torch.Tensor] = {}
         #: Positions drawn ahead for traced calls, ``(sites, sample_size)`` int64 per device.
@@ -66,9 +69,9 @@ class SampleBank:
         return len(self.pending) - 1
 
     def ready(self, slot: int, device: torch.device) -> bool:
-        """Whether ``slot`` has its row on ``device`` (else :meth:`prepare` it, outside tracing)."""
+        """Whether ``slot`` was prepared on ``device`` (else :meth:`prepare` it, outside tracing)."""
         values = self.values.get(device)
-        return values is not None and values.shape[0] > slot
+        return self.device_of[slot] == device and values is not None and values.shape[0] > slot
 
     def prepare(self, slot: int, x: torch.Tensor, generator: Callable[[torch.device], torch.Generator],
                 traced: bool) -> None:
@@ -90,10 +93,12 @@ class SampleBank:
                                                          generator=generator(device))
 
     def _rows(self, device: torch.device) -> torch.Tensor:
-        """The buffer of ``device``, grown to every slot so far (zeros for new rows)."""
+        """The buffer of ``device``, with a row for every slot so far (zeros for new rows): the
+        expected sites at first, then twice the rows whenever a slot finds none."""
         values = self.values.get(device)
         sites = len(self.pending)
         if values is None or values.shape[0] < sites:
+            sites = max(sites, self.expected_sites) if values is None else max(sites, 2 * values.shape[0])
             grown = torch.zeros((sites, self.capacity), dtype=torch.float32, device=device)
             pos = torch.zeros(sites, dtype=torch.int64, device=device)
             ahead = torch.zeros((sites, self.sample_size), dtype=torch.int64, device=device)

@@ -272,6 +272,22 @@ def test_a_window_longer_than_the_buffer_loses_no_sample():
     assert act_opt.densities["1"].count == 6 * 32 and math.isfinite(got["dead/1"])
 
 
+def test_the_sample_buffer_is_made_once_for_every_layer_not_grown_layer_by_layer():
+    # A buffer grown by one row at each layer's first sample was reallocated, copied and faulted
+    # in once per layer: half a second at the first window of a 48-block model.
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(8, 8), nn.GELU())])
+    act_opt = ActivationOptimizer(model, every_n_steps=2, window=1, convert=(nn.GELU,), sample_size=16)
+    act_opt.step()  # the window opens
+    seen = []
+    for act in act_opt.layers.values():
+        act.register_forward_hook(lambda *_: seen.append(act_opt._bank.values[torch.device("cpu")].data_ptr()))
+    model(torch.randn(4, 8))
+    assert len(seen) == 6 and len(set(seen)) == 1
+    values, filled = act_opt._bank.gather(list(range(6)), torch.device("cpu"))
+    assert values.shape == (6, 16) and filled is None  # every row written, in call order
+    assert [int(layer.calls) for layer in act_opt._layers.values()] == [1] * 6
+
+
 def _drifting_run(compile_backend=None, steps=42):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU())
