@@ -51,8 +51,9 @@ def test_rows_bin_bit_for_bit_and_derive_the_density_of_one_estimator_each(cls):
 
 @pytest.mark.parametrize("kind", ["kde", "histogram"])
 def test_the_cpu_library_bins_rows_bit_for_bit_as_the_tensor_ops(kind):
-    # The one-pass C++ binning against bin_rows' own tensor ops (the path without the library),
-    # with NaN/inf, values far beyond the grid, partly filled and empty rows.
+    # The one-pass C++ binning (eight values at a time with AVX2, the rest one by one) against
+    # bin_rows' own tensor ops (the path without the library), with NaN/inf, values far beyond
+    # the grid, one bin hit a thousand times, partly filled (not multiples of 8) and empty rows.
     from dynact.kernels import dispatch
 
     if dispatch._load() is None:
@@ -60,6 +61,7 @@ def test_the_cpu_library_bins_rows_bit_for_bit_as_the_tensor_ops(kind):
     values = _windows(12, 3000, seed=7)
     values[0, :40], values[1, 5], values[2, 9] = math.nan, math.inf, -math.inf
     values[3, :30], values[4, :10] = 1e30, -1e38
+    values[7, :1000] = 0.5  # many values in one bin: the library adds them in interleaved copies
     filled = torch.tensor([3000, 2999, 1, 0, 3000, 1500, 7, 3000, 2000, 3000, 17, 3000])
     g = torch.Generator().manual_seed(2)
     lo = -3.0 - torch.rand(12, generator=g, dtype=torch.float64)

@@ -531,16 +531,111 @@ void crrelu_backward(const T* grad, const T* x, T* gx, double* geps, int64_t n, 
 // the nodes then the counts [below, above, non-finite] of the first filled[r] values of row r.
 // ends (if not NULL): [-min, max] of the finite values (-inf where there is none), as
 // dynact.sampling.extremes.
+//
+// The sums are exact in any order: counts are whole numbers and every fraction a multiple of
+// 2^-16, so a row's sums (at most 2^31 values) need fewer than 53 bits. The AVX2 loop therefore
+// computes eight values' bins at once and adds them into LANES interleaved copies of the counts
+// (no store-to-load chain when neighbours share a bin), summed at the end: the same state bit
+// for bit, in about a third of the time. count and fraction hold LANES * (nodes + 1) doubles.
+constexpr int LANES = 4;
+
+#ifdef DYNACT_AVX2
+// Values [0, m8) of a row, m8 a multiple of 8: the scalar loop's arithmetic, eight at a time
+// (compare, clamp, subtract, multiply, add, truncate, round: no contraction into FMAs).
+// Returns the counts of values below, above and non-finite through the pointers.
+DYNACT_INLINE void bin_row8(int kind, const float* __restrict v, int64_t m8, float lo_f, float hi_f, float low,
+                            float high, float scale, float top, int stride, double* __restrict count,
+                            double* __restrict fraction, int64_t* below, int64_t* above, int64_t* bad,
+                            float* least, float* most) {
+  const __m256 vlo = _mm256_set1_ps(lo_f), vhi = _mm256_set1_ps(hi_f), vlow = _mm256_set1_ps(low);
+  const __m256 vhigh = _mm256_set1_ps(high), vscale = _mm256_set1_ps(scale), vtop = _mm256_set1_ps(top);
+  const __m256 zero = _mm256_setzero_ps(), half = _mm256_set1_ps(0.5f);
+  const __m256 vcap = _mm256_set1_ps(top - 0.5f), q = _mm256_set1_ps(65536.0f), inv_q = _mm256_set1_ps(1.0f / 65536.0f);
+  const __m256 inf = _mm256_set1_ps(INFINITY), ninf = _mm256_set1_ps(-INFINITY);
+  __m256 vleast = inf, vmost = ninf;
+  int64_t nb = 0, na = 0, nbad = 0;
+  alignas(32) int32_t jj[8];
+  alignas(32) float ff[8];
+  for (int64_t i = 0; i < m8; i += 8) {
+    const __m256 x = _mm256_loadu_ps(v + i);
+    const __m256 finite = _mm256_cmp_ps(_mm256_sub_ps(x, x), zero, _CMP_EQ_OQ);
+    vleast = _mm256_min_ps(vleast, _mm256_blendv_ps(inf, x, finite));
+    vmost = _mm256_max_ps(vmost, _mm256_blendv_ps(ninf, x, finite));
+    // x < low ? low : (x > high ? high : x), for finite x
+    const __m256 xc = _mm256_blendv_ps(_mm256_blendv_ps(x, vhigh, _mm256_cmp_ps(x, vhigh, _CMP_GT_OQ)), vlow,
+                                       _mm256_cmp_ps(x, vlow, _CMP_LT_OQ));
+    const __m256 lt = _mm256_and_ps(finite, _mm256_cmp_ps(xc, vlo, _CMP_LT_OQ));
+    const __m256 gt = _mm256_and_ps(finite, _mm256_andnot_ps(lt, _mm256_cmp_ps(xc, vhi, _CMP_GT_OQ)));
+    const int fin = _mm256_movemask_ps(finite), lo_bits = _mm256_movemask_ps(lt), hi_bits = _mm256_movemask_ps(gt);
+    nbad += 8 - __builtin_popcount(fin);
+    nb += __builtin_popcount(lo_bits);
+    na += __builtin_popcount(hi_bits);
+    int binned = fin & ~lo_bits & ~hi_bits;
+    if (binned == 0) continue;
+    __m256 s = _mm256_mul_ps(_mm256_sub_ps(xc, vlo), vscale);
+    s = _mm256_blendv_ps(s, zero, _mm256_cmp_ps(s, zero, _CMP_LT_OQ));
+    s = _mm256_blendv_ps(s, vtop, _mm256_cmp_ps(s, vtop, _CMP_GT_OQ));
+    if (kind == 0) {
+      const __m256 t = _mm256_add_ps(s, half);
+      const __m256 whole = _mm256_round_ps(t, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+      const __m256 frac = _mm256_mul_ps(
+          _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(t, whole), q), _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC),
+          inv_q);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(jj), _mm256_cvttps_epi32(t));
+      _mm256_store_ps(ff, frac);
+      while (binned) {
+        const int k = __builtin_ctz(binned);
+        binned &= binned - 1;
+        const int at = (k & (LANES - 1)) * stride + jj[k];
+        count[at] += 1.0;
+        fraction[at] += double(ff[k]);
+      }
+    } else {
+      s = _mm256_blendv_ps(s, vcap, _mm256_cmp_ps(s, vcap, _CMP_GT_OQ));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(jj), _mm256_cvttps_epi32(s));
+      while (binned) {
+        const int k = __builtin_ctz(binned);
+        binned &= binned - 1;
+        count[(k & (LANES - 1)) * stride + jj[k]] += 1.0;
+      }
+    }
+  }
+  alignas(32) float lv[8], mv[8];
+  _mm256_store_ps(lv, vleast);
+  _mm256_store_ps(mv, vmost);
+  for (int k = 0; k < 8; ++k) {
+    *least = lv[k] < *least ? lv[k] : *least;
+    *most = mv[k] > *most ? mv[k] : *most;
+  }
+  *below += nb;
+  *above += na;
+  *bad += nbad;
+}
+#endif
+
 void bin_row(int kind, int bins, const float* __restrict v, int64_t m, double lo, double hi, double* __restrict out,
              double* __restrict count, double* __restrict fraction, float* __restrict ends) {
   const double span = hi - lo;
   const float lo_f = float(lo), hi_f = float(hi), low = float(lo - span), high = float(hi + span);
   const float scale = float(bins / span), top = float(bins);
   const int nodes = kind == 0 ? bins + 2 : bins;
-  for (int k = 0; k < nodes + 1; ++k) count[k] = fraction[k] = 0.0;
+  const int stride = nodes + 1;
+  for (int k = 0; k < LANES * stride; ++k) count[k] = fraction[k] = 0.0;
   int64_t below = 0, above = 0, bad = 0;
   float least = INFINITY, most = -INFINITY;
-  for (int64_t i = 0; i < m; ++i) {
+  int64_t first = 0;
+#ifdef DYNACT_AVX2
+  first = m - m % 8;
+  bin_row8(kind, v, first, lo_f, hi_f, low, high, scale, top, stride, count, fraction, &below, &above, &bad, &least,
+           &most);
+  for (int lane = 1; lane < LANES; ++lane) {
+    for (int k = 0; k < stride; ++k) {
+      count[k] += count[lane * stride + k];
+      fraction[k] += fraction[lane * stride + k];
+    }
+  }
+#endif
+  for (int64_t i = first; i < m; ++i) {
     const float x = v[i];
     if (!(x - x == 0.0f)) { ++bad; continue; }  // NaN or +-inf
     least = x < least ? x : least;
@@ -696,7 +791,7 @@ int dynact_bin_rows(int kind, int bins, const float* values, int64_t rows, int64
   const int64_t width = (kind == 0 ? bins + 2 : bins) + 3;
 #pragma omp parallel num_threads(rows > 1 ? threads : 1)
   {
-    std::vector<double> count(bins + 4), fraction(bins + 4);
+    std::vector<double> count(LANES * (bins + 3)), fraction(LANES * (bins + 3));
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       int64_t m = filled == nullptr ? n : filled[r];
