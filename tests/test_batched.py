@@ -290,6 +290,26 @@ def test_the_sample_buffer_is_made_once_for_every_layer_not_grown_layer_by_layer
     assert [int(layer.calls) for layer in act_opt._layers.values()] == [1] * 6
 
 
+def test_a_preallocated_row_is_not_ready_until_its_site_is_prepared():
+    # The first buffer has a row per expected site; a row that exists is not yet a prepared site
+    # (a traced call would find no positions drawn for it).
+    from dynact.sampling import SampleBank
+
+    bank = SampleBank(4, 8, sites=3)
+    gen = torch.Generator().manual_seed(0)
+    first, second = bank.new_slot(), bank.new_slot()
+    bank.prepare(first, torch.randn(5), lambda device: gen, traced=True)
+    cpu = torch.device("cpu")
+    assert bank.values[cpu].shape == (3, 8) and bank.ready(first, cpu) and not bank.ready(second, cpu)
+    assert bank.ahead[cpu][first].max() < 5 and not bank.ahead[cpu][second].any()
+    drawn = bank.ahead[cpu][first].clone()
+    for _ in range(3):
+        bank.new_slot()
+    bank.prepare(4, torch.randn(5), lambda device: gen, traced=False)  # beyond the expected sites: doubled
+    assert bank.values[cpu].shape == (6, 8) and bank.ready(4, cpu) and bank.ready(first, cpu)
+    assert torch.equal(bank.ahead[cpu][first], drawn)  # kept through the growth
+
+
 def _drifting_run(compile_backend=None, steps=42):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU())
