@@ -805,6 +805,43 @@ def test_the_operator_sees_an_input_changed_in_place_before_the_backward(needs_o
         y.sum().backward()
 
 
+def test_a_compiler_started_while_another_thread_sets_environment_variables_starts():
+    # The operator builds in a background thread while the program runs on and may set
+    # environment variables (Lightning does). A child that inherited the environment read an
+    # `environ` array the other thread had just reallocated: OSError: [Errno 14] Bad address,
+    # for about half of the starts here, and the operator was lost for the process.
+    import os
+    import shutil
+    import threading
+
+    true = shutil.which("true")
+    if true is None:
+        pytest.skip("no `true` program")
+    failures, done = [], threading.Event()
+
+    def start_compilers():
+        for _ in range(60):
+            try:
+                _kernels._compile([true])
+            except OSError as err:
+                failures.append(err)
+        done.set()
+
+    thread = threading.Thread(target=start_compilers)
+    thread.start()
+    i = 0
+    while not done.is_set():
+        os.environ[f"DYNACT_TEST_RACE_{i % 500}"] = "x" * (i % 40)
+        if i % 500 == 499:
+            for name in [k for k in os.environ if k.startswith("DYNACT_TEST_RACE_")]:
+                del os.environ[name]
+        i += 1
+    thread.join()
+    for name in [k for k in os.environ if k.startswith("DYNACT_TEST_RACE_")]:
+        del os.environ[name]
+    assert not failures, failures[:3]
+
+
 @needs_compiler
 def test_an_operator_that_cannot_be_built_leaves_the_python_function_serving(monkeypatch):
     # E.g. a PyTorch installed without its C++ headers: the build fails in the background, the

@@ -132,7 +132,8 @@ def _build(cxx: str, force: bool = False, *, stem: str = "dynact_kernels", sourc
     """
     source = cpu.SOURCE if source is None else source
     flags = _FLAGS if flags is None else flags
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60,
+                             env=_environment()).stdout
     digest = hashlib.sha256(
         "\n".join([source, cxx, version, " ".join(flags), " ".join(libs), key, _cpu_id(), sys.platform]).encode()
     ).hexdigest()[:16]
@@ -172,11 +173,27 @@ _compiling: set = set()  # compiler processes running now (killed if the interpr
 _exiting = False
 
 
+def _environment() -> Optional[dict[str, str]]:
+    """A copy of the environment for a compiler's process (None: inherit it, if it kept changing).
+
+    The operator builds in a background thread while the program goes on, and programs set
+    environment variables (Lightning does at setup). A child started with the inherited
+    environment reads the process's ``environ`` array after the fork, which a ``setenv`` in
+    another thread may have just reallocated: the build then failed with ``OSError: [Errno 14]
+    Bad address``. A copy is turned into the child's own array before the fork."""
+    for _ in range(10):
+        try:
+            return dict(os.environ)
+        except RuntimeError:  # changed during the copy
+            continue
+    return None
+
+
 def _compile(cmd: list[str]) -> tuple[int, str]:
     """Run one compiler command; ``(return code, stderr)``."""
     if _exiting:
         raise RuntimeError("the interpreter is exiting")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_environment())
     _compiling.add(proc)
     try:
         _, stderr = proc.communicate(timeout=600)
