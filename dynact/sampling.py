@@ -1,10 +1,11 @@
 """Where the training plugin's hooks put their samples until the update bins them.
 
 A hook that bins its samples into an estimator at once costs a few dozen small tensor
-operations per site and per forward. :class:`SampleBank` makes a hook cost three: draw
-``sample_size`` random positions, gather the values there, copy them into a preallocated
-``(sites, capacity)`` float32 buffer. The update then bins every site's window in one batched
-pass (:func:`dynact.density.rows.bin_rows`).
+operations per site and per forward. :class:`SampleBank` makes a hook cost two: draw
+``sample_size`` random positions, gather the values there into a preallocated
+``(sites, capacity)`` float32 buffer; for a contiguous float32 CPU input, one call of the C++
+operator ``dynact_op::sample`` does both, with the same draws, once its library is loaded. The
+update then bins every site's window in one batched pass (:func:`dynact.density.rows.bin_rows`).
 
 Eager calls draw positions from a ``torch.Generator`` and count what they wrote on the host
 (no synchronisation); a site whose buffer is full bins it into its estimator first, so no value
@@ -23,6 +24,8 @@ import math
 from typing import Callable, Optional
 
 import torch
+
+from dynact.kernels import dispatch
 
 __all__ = ["SampleBank", "capacity_for"]
 
@@ -115,17 +118,22 @@ class SampleBank:
         rows = self._rows(device)
         self.device_of[slot] = device
         size = self.sample_size
-        idx = torch.randint(x.numel(), (size,), device=device, generator=generator(device))
+        gen = generator(device)
         if self.pending[slot] + size > self.capacity:
-            flush()
+            flush()  # draws nothing: the positions below are the same as if drawn before it
         start = self.pending[slot]
         dest = rows[slot, start:start + size]
-        if not x.is_contiguous():  # index without flattening: a flat copy would copy it whole
-            dest.copy_(x[torch.unravel_index(idx, x.shape)])
-        elif x.dtype == torch.float32:
-            torch.index_select(x.view(-1), 0, idx, out=dest)
+        sample = dispatch.sampler() if x.dtype is torch.float32 and x.is_cpu and x.is_contiguous() else None
+        if sample is not None:  # the same draws and values in one C++ call (dynact_op::sample)
+            sample(x, dest, gen)
         else:
-            dest.copy_(x.view(-1).index_select(0, idx))
+            idx = torch.randint(x.numel(), (size,), device=device, generator=gen)
+            if not x.is_contiguous():  # index without flattening: a flat copy would copy it whole
+                dest.copy_(x[torch.unravel_index(idx, x.shape)])
+            elif x.dtype == torch.float32:
+                torch.index_select(x.view(-1), 0, idx, out=dest)
+            else:
+                dest.copy_(x.view(-1).index_select(0, idx))
         self.pending[slot] = start + size
 
     def write_traced(self, slot: int, x: torch.Tensor) -> None:

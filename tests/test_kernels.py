@@ -8,6 +8,7 @@ test_spline.py / test_activations.py), evaluated in float32 for half-precision i
 from __future__ import annotations
 
 import copy
+import math
 import re
 import warnings
 
@@ -805,6 +806,60 @@ def test_the_operator_sees_an_input_changed_in_place_before_the_backward(needs_o
         y.sum().backward()
 
 
+@pytest.mark.parametrize("n", [1, 7, 3000])
+def test_the_operators_sample_draws_and_gathers_what_randint_and_index_select_do(needs_op, n):
+    # dynact_op::sample: the same positions from the same generator, the same values, the
+    # generator left in the same state; blocks of 256 draws, so counts around 256 and 0.
+    sample = _kernels.sampler()
+    x = torch.randn(n, 3)
+    for m in (0, 1, 255, 256, 257, 4096):
+        ours, theirs = torch.Generator().manual_seed(m), torch.Generator().manual_seed(m)
+        got, want = torch.full((m,), math.nan), torch.full((m,), math.nan)
+        for _ in range(2):
+            sample(x, got, ours)
+            torch.index_select(x.view(-1), 0, torch.randint(x.numel(), (m,), generator=theirs), out=want)
+            assert torch.equal(got, want)
+        assert torch.equal(ours.get_state(), theirs.get_state())
+    torch.manual_seed(5)  # no generator: the default one, as randint's
+    got = torch.empty(300)
+    sample(x, got, None)
+    torch.manual_seed(5)
+    assert torch.equal(got, x.view(-1)[torch.randint(x.numel(), (300,))])
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        sample(x.double(), got, None)
+
+
+def test_the_plugin_samples_the_same_values_with_and_without_the_operator(needs_op, monkeypatch):
+    from dynact import ActivationOptimizer
+
+    def run():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU())
+        act_opt = ActivationOptimizer(model, every_n_steps=3, window=2, convert=(nn.GELU,), sample_size=100)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        buffers = []
+        for step in range(6):
+            loss = model(torch.randn(16, 8, generator=torch.Generator().manual_seed(step))).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if act_opt._bank is not None and any(act_opt._bank.pending):
+                buffers.append(act_opt._bank.values[torch.device("cpu")].clone())
+            act_opt.step()
+        return buffers, [p.detach().clone() for p in model.parameters()]
+
+    calls = []
+    real = _kernels._sample
+    monkeypatch.setattr(_kernels, "_sample", lambda *args: calls.append(1) or real(*args))
+    with_op = run()
+    assert len(calls) == 2 * 2 * 2  # two sites, two sampled steps per window, two windows
+    monkeypatch.setattr(_kernels, "_sample", None)
+    without = run()
+    assert len(with_op[0]) == 4
+    for a, b in zip(with_op[0] + with_op[1], without[0] + without[1], strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_compiler_started_while_another_thread_sets_environment_variables_starts():
     # The operator builds in a background thread while the program runs on and may set
     # environment variables (Lightning does). A child that inherited the environment read an
@@ -849,7 +904,7 @@ def test_an_operator_that_cannot_be_built_leaves_the_python_function_serving(mon
     def no_headers():
         raise FileNotFoundError("torch/include")
 
-    for name in ("_op", "_op_thread", "_op_failure"):
+    for name in ("_op", "_op_thread", "_op_failure", "_sample"):
         monkeypatch.setattr(_kernels, name, None)
     monkeypatch.setattr(_kernels, "_op_build_flags", no_headers)
     act = _modules()["eafo_relu"]

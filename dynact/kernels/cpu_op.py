@@ -1,6 +1,7 @@
 """C++ source of dynact's PyTorch operators, built by :mod:`dynact.kernels.dispatch` in the
 background on first use: ``dynact_op::spline`` (the fused CPU spline with its autograd in C++,
-for eager calls) and the custom ops of compiled CPU graphs (``spline_forward``, ...).
+for eager calls), the custom ops of compiled CPU graphs (``spline_forward``, ...) and
+``dynact_op::sample``, the training plugin's draw and gather of a float32 CPU input in one call.
 
 The kernels of :mod:`dynact.kernels.cpu` are called through :mod:`ctypes` from a Python
 ``torch.autograd.Function``. Around each call that costs Python work in both directions: the
@@ -21,7 +22,10 @@ GLUE = r"""
 // dynact_op::spline(x, eps, pairs, a, b, base): base(x) + eps * s(x) for a float32 CPU input,
 // base 1 (ReLU) or 3 (GELU), computed by the kernels above; see dynact/kernels/cpu_op.py.
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/DistributionsHelper.h>
+#include <mutex>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -162,6 +166,43 @@ std::tuple<at::Tensor, at::Tensor> crrelu_backward(const at::Tensor& grad_in, co
   return {gx, geps};
 }
 
+// dynact_op::sample(x, dest, generator): dest[i] = x.flatten()[p_i] for every i, where p is what
+// torch.randint(x.numel(), (dest.numel(),), generator=generator) draws: the same distribution
+// object of ATen over the same CPU generator, under its lock, one draw per position in order. So
+// the values and the generator's state afterwards are those of randint then index_select, bit
+// for bit, without the index tensor (written, then read back) and two operator calls: the
+// training plugin's sample of a float32 CPU input (dynact.sampling.SampleBank.write).
+void sample(const at::Tensor& x, const at::Tensor& dest, const std::optional<at::Generator>& generator) {
+  TORCH_CHECK(x.device().is_cpu() && dest.device().is_cpu() && x.scalar_type() == at::kFloat &&
+                  dest.scalar_type() == at::kFloat && x.is_contiguous() && dest.is_contiguous() && x.numel() > 0,
+              "dynact_op::sample: takes a non-empty contiguous float32 CPU input and destination");
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  const at::uniform_int_from_to_distribution<int64_t> position(uint64_t(x.numel()), 0);
+  const float* src = x.data_ptr<float>();
+  float* out = dest.data_ptr<float>();
+  const int64_t m = dest.numel();
+  // The input is usually out of cache by the time a hook samples it, and a load after every draw
+  // waited for its miss. Positions are drawn a block at a time and prefetched; a block's values
+  // are gathered after the next block is drawn, when they have arrived.
+  constexpr int64_t kBlock = 256;
+  int64_t at[2][kBlock];
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  int64_t prev_start = 0, prev_count = 0;
+  for (int64_t start = 0;; start += kBlock) {
+    const int64_t count = std::max(int64_t(0), std::min(kBlock, m - start));
+    int64_t* block = at[(start / kBlock) & 1];
+    for (int64_t k = 0; k < count; ++k) {
+      block[k] = position(gen);
+      __builtin_prefetch(src + block[k]);
+    }
+    const int64_t* ready = at[((start / kBlock) & 1) ^ 1];
+    for (int64_t k = 0; k < prev_count; ++k) out[prev_start + k] = src[ready[k]];
+    if (count == 0) break;
+    prev_start = start;
+    prev_count = count;
+  }
+}
+
 }  // namespace dynact_op
 
 TORCH_LIBRARY(dynact_op, m) {
@@ -171,6 +212,7 @@ TORCH_LIBRARY(dynact_op, m) {
         "-> (Tensor, Tensor)");
   m.def("crrelu_forward(Tensor x, Tensor eps) -> Tensor");
   m.def("crrelu_backward(Tensor grad, Tensor x, Tensor eps) -> (Tensor, Tensor)");
+  m.def("sample(Tensor x, Tensor(a!) dest, Generator? generator) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dynact_op, CompositeImplicitAutograd, m) { m.impl("spline", &dynact_op::spline); }
@@ -180,5 +222,6 @@ TORCH_LIBRARY_IMPL(dynact_op, CPU, m) {
   m.impl("spline_backward", &dynact_op::spline_backward);
   m.impl("crrelu_forward", &dynact_op::crrelu_forward);
   m.impl("crrelu_backward", &dynact_op::crrelu_backward);
+  m.impl("sample", &dynact_op::sample);
 }
 """

@@ -309,6 +309,7 @@ def _reset() -> None:
 # thread from the first such call; until it is loaded (or if it cannot be built) the Python
 # Function FusedSpline runs the same kernels. Never reset: a loaded operator stays registered.
 _op = None  # torch.ops.dynact_op.spline.default once loaded
+_sample = None  # torch.ops.dynact_op.sample.default once loaded
 _op_thread: Optional[threading.Thread] = None
 _op_failure: Optional[str] = None  # why the operator is unavailable (None: building, built or not tried)
 _op_gelu = False  # whether its library computes GELU in the kernel (BASE_GELU_KERNEL: AVX2 and FMA)
@@ -351,7 +352,7 @@ def _op_build_flags() -> tuple[list[str], tuple[str, ...], str]:
 
 def _build_op() -> None:
     """Build (or find in the cache) and load the operator; on failure record why."""
-    global _op, _op_failure, _op_gelu
+    global _op, _op_failure, _op_gelu, _sample
     try:
         cxx = _compiler()
         if cxx is None:
@@ -362,9 +363,17 @@ def _build_op() -> None:
         torch.ops.load_library(str(path))
         _op_gelu = bool(ctypes.CDLL(str(path)).dynact_gelu_in_kernel())
         _register_compiled()
+        _sample = torch.ops.dynact_op.sample.default
         _op = torch.ops.dynact_op.spline.default
     except Exception as err:  # the Python Function keeps serving every call
         _op_failure = f"{type(err).__name__}: {err}"
+
+
+def sampler():
+    """``dynact_op::sample`` (draw positions as ``torch.randint`` does and gather a float32 CPU
+    input's values there, in one call) if the operator library is loaded, else None. Starts
+    nothing: the spline's calls decide when the library loads (:func:`torch_op`)."""
+    return _sample
 
 
 def torch_op(wait: bool = False):
