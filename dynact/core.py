@@ -543,30 +543,33 @@ class ActivationOptimizer:
 
     def _collect(self, layer: _Layer, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook: feed ``sample_size`` random input values to the layer's estimator."""
-        if not self._collecting or not (module.training or self.collect_eval) or recomputing():
-            return  # a checkpointed segment's recomputation replays calls already sampled
-        if not torch.compiler.is_compiling():  # a Python counter in a traced hook would recompile
-            layer.calls += 1
+        if not self._collecting or not (module.training or self.collect_eval):
+            return
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            if recomputing():
+                return  # a checkpointed segment's recomputation replays calls already sampled
+            layer.calls += 1  # (a Python counter in a traced hook would recompile)
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0 or x.is_meta:
             return
-        # Three small ops: random positions, their values, a copy into the layer's buffer; the
-        # update bins all layers' buffers at once (dynact.sampling).
+        # Random positions and their values, into the layer's buffer; the update bins all layers'
+        # buffers at once (dynact.sampling).
+        if not compiling:
+            self._write_eager(layer, x.detach())
+            return
         with torch.no_grad():
             x = x.detach()
             bank = self._bank
-            if torch.compiler.is_compiling():
-                if bank is None or layer.device != x.device:
-                    # No buffer for this site yet, and making one is eager work: a graph break
-                    # here would split the model's graph at every site for good. The input is
-                    # kept instead and the next step() samples it eagerly, with the draws an eager
-                    # call makes; the next call finds the site ready and is traced again, whole.
-                    self._deferred.append((layer, x))
-                    return
-                bank.write_traced(layer.slot, x)
-                layer.in_dtype = x.dtype
-            else:
-                self._write_eager(layer, x)
+            if bank is None or layer.device != x.device:
+                # No buffer for this site yet, and making one is eager work: a graph break here
+                # would split the model's graph at every site for good. The input is kept
+                # instead and the next step() samples it eagerly, with the draws an eager call
+                # makes; the next call finds the site ready and is traced again, whole.
+                self._deferred.append((layer, x))
+                return
+            bank.write_traced(layer.slot, x)
+            layer.in_dtype = x.dtype
 
     def _write_eager(self, layer: _Layer, x: torch.Tensor) -> None:
         """An eager call's sample of ``x`` (detached) into ``layer``'s buffer, made first if needed."""

@@ -113,20 +113,23 @@ class SampleBank:
 
     def write(self, slot: int, x: torch.Tensor, generator: Callable[[torch.device], torch.Generator],
               flush: Callable[[], None]) -> None:
-        """Sample ``x`` (detached, floating, not empty) into ``slot``'s buffer (eager calls)."""
+        """Sample ``x`` (detached, floating, not empty) into ``slot``'s buffer (eager calls; in
+        any grad mode: nothing here requires grad)."""
         device = x.device
         rows = self._rows(device)
         self.device_of[slot] = device
         size = self.sample_size
         gen = generator(device)
-        if self.pending[slot] + size > self.capacity:
-            flush()  # draws nothing: the positions below are the same as if drawn before it
         start = self.pending[slot]
-        dest = rows[slot, start:start + size]
-        sample = dispatch.sampler() if x.dtype is torch.float32 and x.is_cpu and x.is_contiguous() else None
-        if sample is not None:  # the same draws and values in one C++ call (dynact_op::sample)
-            sample(x, dest, gen)
+        if start + size > self.capacity:
+            flush()  # draws nothing: the positions below are the same as if drawn before it
+            start = self.pending[slot]
+        sample = dispatch.sampler()
+        if sample is not None and x.dtype is torch.float32 and x.is_cpu and x.is_contiguous():
+            # the same draws and values in one C++ call, written at the row's offset
+            sample(x, rows, slot * self.capacity + start, size, gen)
         else:
+            dest = rows[slot, start:start + size]
             idx = torch.randint(x.numel(), (size,), device=device, generator=gen)
             if not x.is_contiguous():  # index without flattening: a flat copy would copy it whole
                 dest.copy_(x[torch.unravel_index(idx, x.shape)])

@@ -50,8 +50,10 @@ def recomputing() -> bool:
     ``gradient_checkpointing_enable``), which replays calls already made."""
     if torch.compiler.is_compiling():
         return False
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
+    return _graph_task is not None and _graph_task() != -1
+
+
+_graph_task = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside a backward pass
 
 
 @always_recorded

@@ -814,19 +814,23 @@ def test_the_operators_sample_draws_and_gathers_what_randint_and_index_select_do
     x = torch.randn(n, 3)
     for m in (0, 1, 255, 256, 257, 4096):
         ours, theirs = torch.Generator().manual_seed(m), torch.Generator().manual_seed(m)
-        got, want = torch.full((m,), math.nan), torch.full((m,), math.nan)
-        for _ in range(2):
-            sample(x, got, ours)
-            torch.index_select(x.view(-1), 0, torch.randint(x.numel(), (m,), generator=theirs), out=want)
-            assert torch.equal(got, want)
+        got, want = torch.full((2, m + 5), math.nan), torch.full((2, m + 5), math.nan)
+        for row in range(2):  # written at an offset into a larger buffer, the rest untouched
+            sample(x, got, row * (m + 5) + 3, m, ours)
+            idx = torch.randint(x.numel(), (m,), generator=theirs)
+            torch.index_select(x.view(-1), 0, idx, out=want[row, 3:3 + m])
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])
+        assert got[:, 3:3 + m].isfinite().all() and got[:, :3].isnan().all() and got[:, 3 + m:].isnan().all()
         assert torch.equal(ours.get_state(), theirs.get_state())
     torch.manual_seed(5)  # no generator: the default one, as randint's
     got = torch.empty(300)
-    sample(x, got, None)
+    sample(x, got, 0, 300, None)
     torch.manual_seed(5)
     assert torch.equal(got, x.view(-1)[torch.randint(x.numel(), (300,))])
     with pytest.raises(RuntimeError, match="contiguous float32"):
-        sample(x.double(), got, None)
+        sample(x.double(), got, 0, 300, None)
+    with pytest.raises(RuntimeError, match="not inside the destination"):
+        sample(x, got, 1, 300, None)
 
 
 def test_the_plugin_samples_the_same_values_with_and_without_the_operator(needs_op, monkeypatch):

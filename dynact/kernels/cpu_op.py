@@ -166,21 +166,24 @@ std::tuple<at::Tensor, at::Tensor> crrelu_backward(const at::Tensor& grad_in, co
   return {gx, geps};
 }
 
-// dynact_op::sample(x, dest, generator): dest[i] = x.flatten()[p_i] for every i, where p is what
-// torch.randint(x.numel(), (dest.numel(),), generator=generator) draws: the same distribution
+// dynact_op::sample(x, out, start, count, generator): out.flatten()[start + i] = x.flatten()[p_i]
+// for i < count, where p is what torch.randint(x.numel(), (count,), generator=generator) draws
+// (writing at an offset spares the caller a slice of its buffer per call): the same distribution
 // object of ATen over the same CPU generator, under its lock, one draw per position in order. So
 // the values and the generator's state afterwards are those of randint then index_select, bit
 // for bit, without the index tensor (written, then read back) and two operator calls: the
 // training plugin's sample of a float32 CPU input (dynact.sampling.SampleBank.write).
-void sample(const at::Tensor& x, const at::Tensor& dest, const std::optional<at::Generator>& generator) {
+void sample(const at::Tensor& x, const at::Tensor& dest, int64_t start, int64_t m,
+            const std::optional<at::Generator>& generator) {
   TORCH_CHECK(x.device().is_cpu() && dest.device().is_cpu() && x.scalar_type() == at::kFloat &&
                   dest.scalar_type() == at::kFloat && x.is_contiguous() && dest.is_contiguous() && x.numel() > 0,
               "dynact_op::sample: takes a non-empty contiguous float32 CPU input and destination");
+  TORCH_CHECK(start >= 0 && m >= 0 && start + m <= dest.numel(), "dynact_op::sample: [", start, ", ", start + m,
+              ") is not inside the destination's ", dest.numel(), " elements");
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
   const at::uniform_int_from_to_distribution<int64_t> position(uint64_t(x.numel()), 0);
   const float* src = x.data_ptr<float>();
-  float* out = dest.data_ptr<float>();
-  const int64_t m = dest.numel();
+  float* out = dest.data_ptr<float>() + start;
   // The input is usually out of cache by the time a hook samples it, and a load after every draw
   // waited for its miss. Positions are drawn a block at a time and prefetched; a block's values
   // are gathered after the next block is drawn, when they have arrived.
@@ -212,7 +215,7 @@ TORCH_LIBRARY(dynact_op, m) {
         "-> (Tensor, Tensor)");
   m.def("crrelu_forward(Tensor x, Tensor eps) -> Tensor");
   m.def("crrelu_backward(Tensor grad, Tensor x, Tensor eps) -> (Tensor, Tensor)");
-  m.def("sample(Tensor x, Tensor(a!) dest, Generator? generator) -> ()");
+  m.def("sample(Tensor x, Tensor(a!) dest, int start, int count, Generator? generator) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dynact_op, CompositeImplicitAutograd, m) { m.impl("spline", &dynact_op::spline); }
