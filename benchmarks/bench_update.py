@@ -31,6 +31,7 @@ from torch import nn
 
 import dynact
 from dynact import ActivationOptimizer
+from dynact.kernels import dispatch
 
 
 def _model(blocks: int, width: int) -> nn.Sequential:
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    # The C++ operator (the eager spline and the hooks' sampling) from the start, as in a long run.
+    op = dispatch.torch_op(wait=True)
     model = _model(args.blocks, args.width)
     act_opt = ActivationOptimizer(model, every_n_steps=10, convert=(nn.GELU,))
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -103,6 +106,7 @@ def main() -> None:
         "dynact": dynact.__file__, "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "blocks": args.blocks, "width": args.width, "batch": args.batch, "window": act_opt.window,
         "sample_size": act_opt.sample_size,
+        "eafo_float32_cpu_calls": "dynact_op::spline" if op is not None else "FusedSpline (Python)",
         "sampled_step": sampled_step(act_opt, model, opt, x, args.steps),
         "update": update(act_opt, model, x, args.updates),
     }
