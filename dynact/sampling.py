@@ -3,7 +3,7 @@
 A hook that bins its samples into an estimator at once costs a few dozen small tensor
 operations per site and per forward. :class:`SampleBank` makes a hook cost two: draw
 ``sample_size`` random positions, gather the values there into a preallocated
-``(sites, capacity)`` float32 buffer; for a contiguous float32 CPU input, one call of the C++
+``(sites, capacity)`` float32 buffer; for a float32 CPU input (in any layout), one call of the C++
 operator ``dynact_op::sample`` does both, with the same draws, once its library is loaded. The
 update then bins every site's window in one batched pass (:func:`dynact.density.rows.bin_rows`).
 
@@ -125,8 +125,8 @@ class SampleBank:
             flush()  # draws nothing: the positions below are the same as if drawn before it
             start = self.pending[slot]
         sample = dispatch.sampler()
-        if sample is not None and x.dtype is torch.float32 and x.is_cpu and x.is_contiguous():
-            # the same draws and values in one C++ call, written at the row's offset
+        if sample is not None and x.dtype is torch.float32 and x.is_cpu:
+            # the same draws and values in one C++ call (any layout), written at the row's offset
             sample(x, rows, slot * self.capacity + start, size, gen)
         else:
             dest = rows[slot, start:start + size]

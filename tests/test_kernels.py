@@ -809,7 +809,8 @@ def test_the_operator_sees_an_input_changed_in_place_before_the_backward(needs_o
 @pytest.mark.parametrize("n", [1, 7, 3000])
 def test_the_operators_sample_draws_and_gathers_what_randint_and_index_select_do(needs_op, n):
     # dynact_op::sample: the same positions from the same generator, the same values, the
-    # generator left in the same state; blocks of 256 draws, so counts around 256 and 0.
+    # generator left in the same state; blocks of 256 draws, so counts around 256 and 0; strided
+    # inputs at logical positions.
     sample = _kernels.sampler()
     x = torch.randn(n, 3)
     for m in (0, 1, 255, 256, 257, 4096):
@@ -827,8 +828,15 @@ def test_the_operators_sample_draws_and_gathers_what_randint_and_index_select_do
     sample(x, got, 0, 300, None)
     torch.manual_seed(5)
     assert torch.equal(got, x.view(-1)[torch.randint(x.numel(), (300,))])
-    with pytest.raises(RuntimeError, match="contiguous float32"):
+    with pytest.raises(RuntimeError, match="float32 CPU input"):
         sample(x.double(), got, 0, 300, None)
+    # strided inputs are read at logical positions, as the torch path's x[unravel_index(...)]
+    base = torch.randn(3, 5, 4, 6)
+    for strided in (base.to(memory_format=torch.channels_last), base.transpose(1, 3), base[:, 1:4, ::2], base[1]):
+        ours, theirs = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+        sample(strided, got, 0, 300, ours)
+        idx = torch.randint(strided.numel(), (300,), generator=theirs)
+        assert torch.equal(got, strided[torch.unravel_index(idx, strided.shape)])
     with pytest.raises(RuntimeError, match="not inside the destination"):
         sample(x, got, 1, 300, None)
 

@@ -167,6 +167,7 @@ std::tuple<at::Tensor, at::Tensor> crrelu_backward(const at::Tensor& grad_in, co
 }
 
 // dynact_op::sample(x, out, start, count, generator): out.flatten()[start + i] = x.flatten()[p_i]
+// (x in any layout)
 // for i < count, where p is what torch.randint(x.numel(), (count,), generator=generator) draws
 // (writing at an offset spares the caller a slice of its buffer per call): the same distribution
 // object of ATen over the same CPU generator, under its lock, one draw per position in order. So
@@ -176,32 +177,45 @@ std::tuple<at::Tensor, at::Tensor> crrelu_backward(const at::Tensor& grad_in, co
 void sample(const at::Tensor& x, const at::Tensor& dest, int64_t start, int64_t m,
             const std::optional<at::Generator>& generator) {
   TORCH_CHECK(x.device().is_cpu() && dest.device().is_cpu() && x.scalar_type() == at::kFloat &&
-                  dest.scalar_type() == at::kFloat && x.is_contiguous() && dest.is_contiguous() && x.numel() > 0,
-              "dynact_op::sample: takes a non-empty contiguous float32 CPU input and destination");
+                  dest.scalar_type() == at::kFloat && dest.is_contiguous() && x.numel() > 0,
+              "dynact_op::sample: takes a non-empty float32 CPU input and a contiguous float32 CPU destination");
   TORCH_CHECK(start >= 0 && m >= 0 && start + m <= dest.numel(), "dynact_op::sample: [", start, ", ", start + m,
               ") is not inside the destination's ", dest.numel(), " elements");
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
   const at::uniform_int_from_to_distribution<int64_t> position(uint64_t(x.numel()), 0);
   const float* src = x.data_ptr<float>();
   float* out = dest.data_ptr<float>() + start;
+  // Positions are logical, as x.flatten()[p] (x[unravel_index(p, x.shape)]): a strided input
+  // (channels_last, a view) is read at the position's coordinates, innermost first, times the strides.
+  const bool flat = x.is_contiguous();
+  const std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end()), strides(x.strides().begin(), x.strides().end());
+  auto offset_of = [&](int64_t p) {
+    if (flat) return p;
+    int64_t offset = 0;
+    for (int64_t d = int64_t(sizes.size()) - 1; d >= 0; --d) {
+      offset += (p % sizes[d]) * strides[d];
+      p /= sizes[d];
+    }
+    return offset;
+  };
   // The input is usually out of cache by the time a hook samples it, and a load after every draw
   // waited for its miss. Positions are drawn a block at a time and prefetched; a block's values
   // are gathered after the next block is drawn, when they have arrived.
   constexpr int64_t kBlock = 256;
   int64_t at[2][kBlock];
   std::lock_guard<std::mutex> lock(gen->mutex_);
-  int64_t prev_start = 0, prev_count = 0;
-  for (int64_t start = 0;; start += kBlock) {
-    const int64_t count = std::max(int64_t(0), std::min(kBlock, m - start));
-    int64_t* block = at[(start / kBlock) & 1];
+  int64_t prev_first = 0, prev_count = 0;
+  for (int64_t first = 0;; first += kBlock) {
+    const int64_t count = std::max(int64_t(0), std::min(kBlock, m - first));
+    int64_t* block = at[(first / kBlock) & 1];
     for (int64_t k = 0; k < count; ++k) {
-      block[k] = position(gen);
+      block[k] = offset_of(position(gen));
       __builtin_prefetch(src + block[k]);
     }
-    const int64_t* ready = at[((start / kBlock) & 1) ^ 1];
-    for (int64_t k = 0; k < prev_count; ++k) out[prev_start + k] = src[ready[k]];
+    const int64_t* ready = at[((first / kBlock) & 1) ^ 1];
+    for (int64_t k = 0; k < prev_count; ++k) out[prev_first + k] = src[ready[k]];
     if (count == 0) break;
-    prev_start = start;
+    prev_first = first;
     prev_count = count;
   }
 }
