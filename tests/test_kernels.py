@@ -887,12 +887,16 @@ def test_a_compiler_started_while_another_thread_sets_environment_variables_star
     failures, done = [], threading.Event()
 
     def start_compilers():
-        for _ in range(60):
-            try:
-                _kernels._compile([true])
-            except OSError as err:
-                failures.append(err)
-        done.set()
+        try:
+            for _ in range(60):
+                try:
+                    _kernels._compile([true])
+                except OSError as err:
+                    failures.append(err)
+        except Exception as err:  # anything else fails the test too, and must not leave it waiting
+            failures.append(err)
+        finally:
+            done.set()
 
     thread = threading.Thread(target=start_compilers)
     thread.start()

@@ -167,9 +167,9 @@ std::tuple<at::Tensor, at::Tensor> crrelu_backward(const at::Tensor& grad_in, co
 }
 
 // dynact_op::sample(x, out, start, count, generator): out.flatten()[start + i] = x.flatten()[p_i]
-// (x in any layout)
-// for i < count, where p is what torch.randint(x.numel(), (count,), generator=generator) draws
-// (writing at an offset spares the caller a slice of its buffer per call): the same distribution
+// for i < count (x in any layout), where p is what torch.randint(x.numel(), (count,),
+// generator=generator) draws (writing at an offset spares the caller a slice of its buffer per
+// call): the same distribution
 // object of ATen over the same CPU generator, under its lock, one draw per position in order. So
 // the values and the generator's state afterwards are those of randint then index_select, bit
 // for bit, without the index tensor (written, then read back) and two operator calls: the

@@ -184,7 +184,7 @@ def _environment() -> Optional[dict[str, str]]:
     for _ in range(10):
         try:
             return dict(os.environ)
-        except RuntimeError:  # changed during the copy
+        except KeyError:  # a variable deleted between the copy's listing of the keys and its read
             continue
     return None
 
