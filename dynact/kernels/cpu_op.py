@@ -169,11 +169,12 @@ std::tuple<at::Tensor, at::Tensor> crrelu_backward(const at::Tensor& grad_in, co
 // dynact_op::sample(x, out, start, count, generator): out.flatten()[start + i] = x.flatten()[p_i]
 // for i < count (x in any layout), where p is what torch.randint(x.numel(), (count,),
 // generator=generator) draws (writing at an offset spares the caller a slice of its buffer per
-// call): the same distribution
-// object of ATen over the same CPU generator, under its lock, one draw per position in order. So
-// the values and the generator's state afterwards are those of randint then index_select, bit
-// for bit, without the index tensor (written, then read back) and two operator calls: the
-// training plugin's sample of a float32 CPU input (dynact.sampling.SampleBank.write).
+// call): the draws of ATen's uniform_int_from_to_distribution over the same CPU generator,
+// under its lock, one position after another (below 2^28 positions its arithmetic repeated
+// inline, see below). So the values and the generator's state afterwards are those of randint
+// then index_select, bit for bit, without the index tensor (written, then read back) and two
+// operator calls: the training plugin's sample of a float32 CPU input
+// (dynact.sampling.SampleBank.write).
 void sample(const at::Tensor& x, const at::Tensor& dest, int64_t start, int64_t m,
             const std::optional<at::Generator>& generator) {
   TORCH_CHECK(x.device().is_cpu() && dest.device().is_cpu() && x.scalar_type() == at::kFloat &&
@@ -204,20 +205,38 @@ void sample(const at::Tensor& x, const at::Tensor& dest, int64_t start, int64_t 
   constexpr int64_t kBlock = 256;
   int64_t at[2][kBlock];
   std::lock_guard<std::mutex> lock(gen->mutex_);
-  int64_t prev_first = 0, prev_count = 0;
-  for (int64_t first = 0;; first += kBlock) {
-    const int64_t count = std::max(int64_t(0), std::min(kBlock, m - first));
-    int64_t* block = at[(first / kBlock) & 1];
-    for (int64_t k = 0; k < count; ++k) {
-      block[k] = offset_of(position(gen));
-      __builtin_prefetch(src + block[k]);
+  auto gather = [&](auto&& draw) {
+    int64_t prev_first = 0, prev_count = 0;
+    for (int64_t first = 0;; first += kBlock) {
+      const int64_t count = std::max(int64_t(0), std::min(kBlock, m - first));
+      int64_t* block = at[(first / kBlock) & 1];
+      for (int64_t k = 0; k < count; ++k) {
+        block[k] = offset_of(draw());
+        __builtin_prefetch(src + block[k]);
+      }
+      const int64_t* ready = at[((first / kBlock) & 1) ^ 1];
+      for (int64_t k = 0; k < prev_count; ++k) out[prev_first + k] = src[ready[k]];
+      if (count == 0) break;
+      prev_first = first;
+      prev_count = count;
     }
-    const int64_t* ready = at[((first / kBlock) & 1) ^ 1];
-    for (int64_t k = 0; k < prev_count; ++k) out[prev_first + k] = src[ready[k]];
-    if (count == 0) break;
-    prev_first = first;
-    prev_count = count;
+  };
+  const uint64_t range = uint64_t(x.numel());
+  if (range >= (uint64_t(1) << 28)) {  // the distribution takes 64 bits (two draws) per position
+    gather([&] { return int64_t(position(gen)); });
+    return;
   }
+  // Below 2^28 the distribution takes one 32-bit draw v per position, and v % range. The same
+  // engine runs here inline on a copy of the generator's state (written back afterwards: the
+  // generator's own random() is an out-of-line call per draw), and v % range comes from
+  // Lemire's multiply (exact for 32-bit operands) instead of a 64-bit division.
+  at::mt19937 engine = gen->engine();
+  const uint64_t magic = ~uint64_t(0) / range + 1;  // 0 for range 1, where every remainder is 0
+  gather([&] {
+    const uint64_t low = magic * uint64_t(engine());
+    return int64_t((static_cast<unsigned __int128>(low) * range) >> 64);
+  });
+  gen->set_engine(engine);
 }
 
 }  // namespace dynact_op
