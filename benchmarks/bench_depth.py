@@ -158,8 +158,15 @@ def depth_run(depth: int, steps: int, warmup: int, device: torch.device, dtype: 
 
 
 def per_call(device: torch.device, dtype: torch.dtype, repeats: int, inner: int) -> dict:
-    """Forward, and forward + backward, of one activation on a ``128 x 256`` input, interleaved."""
+    """Forward, and forward + backward, of one activation on a ``128 x 256`` input, interleaved.
+
+    Every gradient is set to None before each backward, as ``optimizer.zero_grad()`` does by
+    default in a training step. The ``learn_eps=False`` arm has no parameter: against the default
+    arm it shows what the learnable ``eps`` costs (its gradient, and the autograd engine's work
+    to deliver it), apart from the kernels.
+    """
     acts = {"GELU": nn.GELU(), "EAFOActivation(GELU)": EAFOActivation(base=nn.GELU()),
+            "EAFOActivation(GELU, learn_eps=False)": EAFOActivation(base=nn.GELU(), learn_eps=False),
             "EAFOActivation(ReLU)": EAFOActivation("relu"), "CRReLU": CRReLU()}
     acts = {k: v.to(device=device, dtype=dtype) for k, v in acts.items()}
     g = torch.Generator().manual_seed(0)
@@ -170,9 +177,13 @@ def per_call(device: torch.device, dtype: torch.dtype, repeats: int, inner: int)
         for _ in range(inner):
             act(x)
 
+    params = {act: list(act.parameters()) for act in acts.values()}
+
     def forward_backward(act):
         for _ in range(inner):
             x.grad = None
+            for p in params[act]:
+                p.grad = None
             act(x).backward(grad)
 
     out = {}
