@@ -840,7 +840,8 @@ def test_the_operators_sample_draws_and_gathers_what_randint_and_index_select_do
     # below 2^28 positions the operator runs the engine on a copy of the generator's state and
     # takes remainders by multiplication; a single position (every remainder 0) and a range of
     # 2^28 or more (two draws per position, the generator's own path) give randint's too
-    for wide in (torch.randn(1), torch.randn(1000).expand(2**18 + 8000, 1000), torch.randn(7).expand(2**28 - 1, 7)[:, 0]):
+    wides = (torch.randn(1), torch.randn(1000).expand(2**18 + 8000, 1000), torch.randn(7).expand(2**28 - 1, 7)[:, 0])
+    for wide in wides:
         ours, theirs = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
         sample(wide, got, 0, 300, ours)
         idx = torch.randint(wide.numel(), (300,), generator=theirs)

@@ -214,8 +214,10 @@ DYNACT_INLINE Seg8 segment8(__m256 xv, __m256 a, __m256 b, __m256 last, const fl
   const __m128i jl = _mm256_castsi256_si128(j), jh = _mm256_extracti128_si256(j, 1);
   const uint64_t q0 = uint64_t(_mm_cvtsi128_si64(jl)), q1 = uint64_t(_mm_extract_epi64(jl, 1));
   const uint64_t q2 = uint64_t(_mm_cvtsi128_si64(jh)), q3 = uint64_t(_mm_extract_epi64(jh, 1));
-  __m256 lo = _mm256_castpd_ps(_mm256_setr_pd(table[uint32_t(q0)], table[q0 >> 32], table[uint32_t(q2)], table[q2 >> 32]));
-  __m256 hi = _mm256_castpd_ps(_mm256_setr_pd(table[uint32_t(q1)], table[q1 >> 32], table[uint32_t(q3)], table[q3 >> 32]));
+  __m256 lo = _mm256_castpd_ps(
+      _mm256_setr_pd(table[uint32_t(q0)], table[q0 >> 32], table[uint32_t(q2)], table[q2 >> 32]));
+  __m256 hi = _mm256_castpd_ps(
+      _mm256_setr_pd(table[uint32_t(q1)], table[q1 >> 32], table[uint32_t(q3)], table[q3 >> 32]));
   return {_mm256_sub_ps(u, _mm256_cvtepi32_ps(j)), _mm256_shuffle_ps(lo, hi, 0x88), _mm256_shuffle_ps(lo, hi, 0xDD)};
 }
 
