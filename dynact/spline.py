@@ -177,11 +177,9 @@ class EAFOActivation(nn.Module):
         if torch.compiler.is_compiling() or dispatch.MODE == "ops":
             if dispatch.MODE != "ops" and dispatch.compiled_on_cpu(x):
                 # On CPU the C++ kernels beat Inductor's loop: call them as opaque custom ops.
-                value, slope, a, b = _tables(self.s, self.lo, self.hi, _compute_dtype(x.dtype))
                 base = self._base_code(x)
                 y0 = None if base == dispatch.BASE_RELU else self.base(x)  # unused (dropped) if GELU runs in the op
-                return dispatch.spline_op(x, eps, y0, dispatch.pack(value, slope), a, b,
-                                          gelu=base == dispatch.BASE_GELU)
+                return dispatch.spline_op(x, eps, y0, self.s, self.lo, self.hi, gelu=base == dispatch.BASE_GELU)
             return self._plain(x)
         if dispatch.plain_ops_needed():  # torch.jit.trace, torch.func transforms, forward-mode AD
             return self._plain(x)

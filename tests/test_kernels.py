@@ -991,6 +991,36 @@ def test_compiled_graphs_call_the_cpp_ops_with_the_python_ops_numbers(needs_op, 
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_compiled_graphs_cpp_ops_build_the_eager_paths_tables_bit_for_bit(needs_op, dtype):
+    # dynact_op::spline_forward / spline_backward take the knot values and grid ends and build
+    # the kernels' tables themselves; they must be dynact.kernels.reference._tables' (the eager
+    # path's) to the last bit, or a compiled model would compute another function. Grids whose
+    # ends and step do not round evenly (at 100 knots on the second, (K - 1) / (hi - lo) and
+    # reciprocal(hi - lo) * (K - 1), Python's int / tensor, differ in float32 and float64),
+    # inputs on and next to knots and beyond both ends.
+    ops = torch.ops.dynact_op
+    for knots, lo, hi in ((257, -6.0, 6.0), (100, -3.232551097869873, 4.147407054901123), (9, -1e-3, 2.9),
+                           (8, -0.3, 0.7)):
+        act = EAFOActivation("relu", lo=lo, hi=hi, knots=knots).to(dtype)
+        act.s.uniform_(-1, 1, generator=torch.Generator().manual_seed(knots))
+        t = act._kernel_tables(dtype)
+        grid = act.knot_positions(dtype)
+        x = torch.cat([grid, grid + 1e-4, grid - 1e-4, torch.linspace(lo - 2, hi + 2, 500, dtype=dtype)])
+        grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        eps = act.eps.detach()
+        for base, y0 in ((_kernels.BASE_RELU, None), (_kernels.BASE_GIVEN, torch.tanh(x))):
+            want = _kernels.eafo_forward(x, y0, t.pairs, t.a, t.b, eps)
+            got = ops.spline_forward(x, y0, act.s, act.lo, act.hi, eps, base)
+            assert torch.equal(got, want), (knots, base)
+            gx_want, geps_want = _kernels.eafo_backward(grad, x, base == _kernels.BASE_RELU, t.pairs, t.a, t.b, eps,
+                                                        True, True)
+            gx, geps = ops.spline_backward(grad, x, base, act.s, act.lo, act.hi, eps)
+            assert torch.equal(gx, gx_want) and torch.equal(geps.reshape(-1), geps_want.reshape(-1)), (knots, base)
+    with pytest.raises(RuntimeError, match="at least 3 knots"):
+        ops.spline_forward(x, None, act.s[:2], act.lo, act.hi, eps, _kernels.BASE_RELU)
+
+
 @needs_compiler
 def test_the_operator_loads_from_the_cache_at_once_and_builds_only_after_enough_calls(needs_op, monkeypatch, tmp_path):
     act = _modules()["eafo_relu"]

@@ -101,9 +101,10 @@ at::Tensor spline(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& 
 }
 
 // ---- The operators of compiled graphs: the CPU kernels of the torch.library custom ops of
-// dispatch.py (dynact::spline_forward, ...) in C++, with the same arguments and results; the
-// spline's also take the base code (0: y0 given, 1: ReLU, 3: GELU in the kernel, float32 only).
-// Their fake tensors and backward formulas are registered from Python (dispatch._register_compiled).
+// dispatch.py (dynact::spline_forward, ...) in C++, with the same results; the spline's also
+// take the base code (0: y0 given, 1: ReLU, 3: GELU in the kernel, float32 only) and, instead of
+// the tables, the module's knot values s and grid ends lo, hi (see Tables below). Their fake
+// tensors and backward formulas are registered from Python (dispatch._register_compiled).
 int code_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return 0;
@@ -123,28 +124,90 @@ at::Tensor like(const at::Tensor& t, const at::Tensor& x) {
 
 void check(int rc) { TORCH_CHECK(rc == 0, "dynact_op: the kernel rejected its arguments"); }
 
-at::Tensor spline_forward(const at::Tensor& x_in, const std::optional<at::Tensor>& y0_in, const at::Tensor& pairs,
-                          const at::Tensor& a, const at::Tensor& b, const at::Tensor& eps, int64_t base) {
+// The kernels' tables of a spline, built from its knot values s (K of them) and grid ends in the
+// compute dtype C (double for double inputs, else float), with the floating-point operations of
+// dynact.kernels.reference._tables and dispatch.pack, in their order, so that they are the eager
+// path's bit for bit: value = [0, 0, s[1 .. K-2], 0, 0, 0], pairs[j] = (value[j],
+// value[j+1] - value[j]) with a last slope of 0; a = reciprocal(hi - lo) * (K - 1) (Python's
+// int / tensor) and b = 1 - lo * a. Built at each call: a compiled graph that computed them
+// spent more on the dozen tensors and calls around it than on the tables (260 pairs here, well
+// under a microsecond).
+template <class C>
+struct Tables {
+  std::vector<C> pairs;
+  double a = 0, b = 0;
+  int last = 0;
+
+  // A grid end (one number on the CPU) as Tensor.to(C) would give it, read in place.
+  static C scalar(const at::Tensor& t) {
+    TORCH_CHECK(t.numel() == 1 && t.device().is_cpu(), "dynact_op: a grid end must be one number on the CPU");
+    switch (t.scalar_type()) {
+      case at::kFloat: return C(*t.data_ptr<float>());
+      case at::kDouble: return C(*t.data_ptr<double>());
+      default: return C(t.item<double>());
+    }
+  }
+
+  Tables(const at::Tensor& s, const at::Tensor& lo, const at::Tensor& hi) {
+    const auto cdt = c10::CppTypeToScalarType<C>::value;
+    const at::Tensor sc = s.to(cdt).contiguous();
+    const int64_t k = sc.numel();
+    TORCH_CHECK(k >= 3, "dynact_op: a spline needs at least 3 knots, got ", k);
+    const C* v = sc.template data_ptr<C>();
+    auto value = [&](int64_t j) { return (j >= 2 && j <= k - 1) ? v[j - 1] : C(0); };
+    pairs.resize(2 * (k + 3));
+    for (int64_t j = 0; j < k + 3; ++j) {
+      pairs[2 * j] = value(j);
+      pairs[2 * j + 1] = j < k + 2 ? C(value(j + 1) - value(j)) : C(0);
+    }
+    const C l = scalar(lo), h = scalar(hi);
+    const C r = C(1) / C(h - l);
+    const C ca = C(r * C(k - 1));
+    const C p = C(l * ca);
+    a = double(ca);
+    b = double(C(C(1) - p));
+    last = int(k + 1);
+  }
+};
+
+// Runs body(pairs pointer, a, b, last) on the tables in the compute dtype of x.
+template <class Body>
+void with_tables(const at::Tensor& x, const at::Tensor& s, const at::Tensor& lo, const at::Tensor& hi, Body body) {
+  if (x.scalar_type() == at::kDouble) {
+    Tables<double> t(s, lo, hi);
+    body(static_cast<const void*>(t.pairs.data()), t.a, t.b, t.last);
+  } else {
+    Tables<float> t(s, lo, hi);
+    body(static_cast<const void*>(t.pairs.data()), t.a, t.b, t.last);
+  }
+}
+
+at::Tensor spline_forward(const at::Tensor& x_in, const std::optional<at::Tensor>& y0_in, const at::Tensor& s,
+                          const at::Tensor& lo, const at::Tensor& hi, const at::Tensor& eps, int64_t base) {
   at::Tensor x = dense(x_in), y0;
   at::Tensor out = at::empty_like(x);
   TORCH_CHECK(y0_in.has_value() == (base == 0), "dynact_op::spline_forward: y0 goes with base 0 only");
   if (y0_in.has_value()) y0 = like(*y0_in, x);
   const int64_t n = x.numel();
-  check(dynact_eafo_forward(code_of(x), int(base), x.data_ptr(), y0.defined() ? y0.data_ptr() : nullptr,
-                            out.data_ptr(), n, pairs.data_ptr(), a.item<double>(), b.item<double>(),
-                            int(pairs.size(0) - 2), eps.data_ptr(), code_of(eps), at::get_num_threads()));
+  with_tables(x, s, lo, hi, [&](const void* pairs, double a, double b, int last) {
+    check(dynact_eafo_forward(code_of(x), int(base), x.data_ptr(), y0.defined() ? y0.data_ptr() : nullptr,
+                              out.data_ptr(), n, pairs, a, b, last, eps.data_ptr(), code_of(eps),
+                              at::get_num_threads()));
+  });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> spline_backward(const at::Tensor& grad_in, const at::Tensor& x_in, int64_t base,
-                                                   const at::Tensor& pairs, const at::Tensor& a, const at::Tensor& b,
+                                                   const at::Tensor& s, const at::Tensor& lo, const at::Tensor& hi,
                                                    const at::Tensor& eps) {
   at::Tensor x = dense(x_in);
   at::Tensor grad = like(grad_in, x), gx = at::empty_like(x), geps = at::empty_like(eps, at::MemoryFormat::Contiguous);
   const int64_t n = x.numel();
-  check(dynact_eafo_backward(code_of(x), int(base), grad.data_ptr(), x.data_ptr(), gx.data_ptr(), geps.data_ptr(),
-                             code_of(eps), n, pairs.data_ptr(), a.item<double>(), b.item<double>(),
-                             int(pairs.size(0) - 2), eps.data_ptr(), code_of(eps), at::get_num_threads()));
+  with_tables(x, s, lo, hi, [&](const void* pairs, double a, double b, int last) {
+    check(dynact_eafo_backward(code_of(x), int(base), grad.data_ptr(), x.data_ptr(), gx.data_ptr(), geps.data_ptr(),
+                               code_of(eps), n, pairs, a, b, last, eps.data_ptr(), code_of(eps),
+                               at::get_num_threads()));
+  });
   return {gx, geps};
 }
 
@@ -243,8 +306,8 @@ void sample(const at::Tensor& x, const at::Tensor& dest, int64_t start, int64_t 
 
 TORCH_LIBRARY(dynact_op, m) {
   m.def("spline(Tensor x, Tensor eps, Tensor pairs, Tensor a, Tensor b, int base) -> Tensor");
-  m.def("spline_forward(Tensor x, Tensor? y0, Tensor pairs, Tensor a, Tensor b, Tensor eps, int base) -> Tensor");
-  m.def("spline_backward(Tensor grad, Tensor x, int base, Tensor pairs, Tensor a, Tensor b, Tensor eps) "
+  m.def("spline_forward(Tensor x, Tensor? y0, Tensor s, Tensor lo, Tensor hi, Tensor eps, int base) -> Tensor");
+  m.def("spline_backward(Tensor grad, Tensor x, int base, Tensor s, Tensor lo, Tensor hi, Tensor eps) "
         "-> (Tensor, Tensor)");
   m.def("crrelu_forward(Tensor x, Tensor eps) -> Tensor");
   m.def("crrelu_backward(Tensor grad, Tensor x, Tensor eps) -> (Tensor, Tensor)");

@@ -65,6 +65,7 @@ import torch
 from torch.autograd import forward_ad as _forward_ad
 
 from dynact.kernels import cpu, cpu_op
+from dynact.kernels.reference import _compute_dtype, _tables
 
 __all__: list[str] = []
 
@@ -969,22 +970,22 @@ def _register_compiled() -> None:
     if _compiled_registered:
         return
     ops = torch.ops.dynact_op
-    fakes = (("spline_forward", lambda x, y0, pairs, a, b, eps, base: x.new_empty(x.shape)),
-             ("spline_backward", lambda grad, x, base, pairs, a, b, eps: _fake_spline_backward(grad, x, 0, pairs, a, b,
-                                                                                            eps)),
+    fakes = (("spline_forward", lambda x, y0, s, lo, hi, eps, base: x.new_empty(x.shape)),
+             ("spline_backward", lambda grad, x, base, s, lo, hi, eps: _fake_spline_backward(grad, x, 0, s, lo, hi,
+                                                                                          eps)),
              ("crrelu_forward", _fake_crrelu_forward), ("crrelu_backward", _fake_crrelu_backward))
     for name, fake in fakes:
         torch.library.register_fake(f"dynact_op::{name}")(fake)
     backward = ops.spline_backward.default
 
     def setup(ctx, inputs, output):
-        x, y0, pairs, a, b, eps, base = inputs
+        x, y0, s, lo, hi, eps, base = inputs
         ctx.base = base
-        ctx.save_for_backward(x, pairs, a, b, eps)
+        ctx.save_for_backward(x, s, lo, hi, eps)
 
     def grads(ctx, grad):
-        x, pairs, a, b, eps = ctx.saved_tensors
-        gx, geps = backward(grad, x, ctx.base, pairs, a, b, eps)
+        x, s, lo, hi, eps = ctx.saved_tensors
+        gx, geps = backward(grad, x, ctx.base, s, lo, hi, eps)
         return gx, (grad if ctx.base == BASE_GIVEN else None), None, None, None, geps, None
 
     torch.library.register_autograd("dynact_op::spline_forward", grads, setup_context=setup)
@@ -999,18 +1000,22 @@ def _compiled_ops_in_cpp() -> bool:
     return torch_op(wait=True) is not None and _compiled_registered
 
 
-def spline_op(x, eps, y0, pairs, a, b, gelu: bool = False):
-    """The fused spline as a custom op (for compiled graphs on CPU): ``y0 + eps * s`` (ReLU as the
-    base if ``y0`` is None). ``gelu``: the base is GELU (erf form) and ``y0`` its output; with
-    the C++ ops, for float32 where the library has it, GELU is then computed in the kernel and
-    ``y0`` is not used (one pass per direction; its values within 8 ulp of ``x Phi(x)``, see
-    :func:`gelu_base`)."""
+def spline_op(x, eps, y0, s, lo, hi, gelu: bool = False):
+    """The fused spline as a custom op (for compiled graphs on CPU): ``y0 + eps * s(x)`` (ReLU as
+    the base if ``y0`` is None), for the spline of knot values ``s`` on ``[lo, hi]`` (the
+    module's buffers). ``gelu``: the base is GELU (erf form) and ``y0`` its output; with the C++
+    ops, for float32 where the library has it, GELU is then computed in the kernel and ``y0`` is
+    not used (one pass per direction; its values within 8 ulp of ``x Phi(x)``, see
+    :func:`gelu_base`). The C++ ops build the kernels' tables from ``s``, ``lo`` and ``hi``
+    themselves, the same numbers as :func:`dynact.kernels.reference._tables`, so the graph
+    carries no table arithmetic; the Python ops get them computed in the graph."""
     if _compiled_ops_in_cpp():
         if gelu and x.dtype == torch.float32 and _op_gelu:
-            return torch.ops.dynact_op.spline_forward.default(x, None, pairs, a, b, eps, BASE_GELU_KERNEL)
+            return torch.ops.dynact_op.spline_forward.default(x, None, s, lo, hi, eps, BASE_GELU_KERNEL)
         base = BASE_RELU if y0 is None else BASE_GIVEN
-        return torch.ops.dynact_op.spline_forward.default(x, y0, pairs, a, b, eps, base)
-    return _spline_forward_op(x, y0, pairs, a, b, eps)
+        return torch.ops.dynact_op.spline_forward.default(x, y0, s, lo, hi, eps, base)
+    value, slope, a, b = _tables(s, lo, hi, _compute_dtype(x.dtype))
+    return _spline_forward_op(x, y0, pack(value, slope), a, b, eps)
 
 
 def crrelu_op(x, eps):
