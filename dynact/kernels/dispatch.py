@@ -917,15 +917,12 @@ def _crrelu_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _crrelu_grads_by(backward_op):
-    def grads(ctx, grad):
-        x, eps = ctx.saved_tensors
-        return backward_op(grad, x, eps)
-
-    return grads
+def _crrelu_grads(ctx, grad):
+    x, eps = ctx.saved_tensors
+    return _crrelu_backward_op(grad, x, eps)
 
 
-_crrelu_forward_op.register_autograd(_crrelu_grads_by(_crrelu_backward_op), setup_context=_crrelu_setup)
+_crrelu_forward_op.register_autograd(_crrelu_grads, setup_context=_crrelu_setup)
 
 
 def _crrelu_backward_grads(ctx, ggx, ggeps):
@@ -955,9 +952,10 @@ def compiled_on_cpu(x: torch.Tensor) -> bool:
 
 # The same four custom ops in C++ (dynact_op::spline_forward, ...; dynact.kernels.cpu_op): the
 # same kernels with the same arguments, without a Python call per op and direction (about 0.3 ms
-# per layer and training step of a compiled model on a 2-core Zen 3). They share the Python ops'
-# fake tensors and backward formulas, registered once the library is loaded (compiled graphs have
-# no double backward, so the backward ops need none). A plain GELU base runs inside the C++ op's
+# per layer and training step of a compiled model on a 2-core Zen 3). Their fake tensors are
+# registered from Python once the library is loaded, their autograd is C++ with the Python ops'
+# formulas (compiled graphs have no double backward, so the backward ops need none); the spline's
+# build the tables from the module's knots and grid ends themselves. A plain GELU base runs inside the C++ op's
 # kernel (float32), one pass per direction. A graph traced on the CPU waits for the library's
 # build (once per machine, 40-60 s), so that every trace makes the same choice: the C++ ops
 # where the library could be built.
@@ -965,32 +963,17 @@ _compiled_registered = False
 
 
 def _register_compiled() -> None:
-    """Fake tensors and autograd of the C++ custom ops (called once, after loading the library)."""
+    """Fake tensors of the C++ custom ops (called once, after loading the library; their autograd
+    is C++, see :mod:`dynact.kernels.cpu_op`)."""
     global _compiled_registered
     if _compiled_registered:
         return
-    ops = torch.ops.dynact_op
     fakes = (("spline_forward", lambda x, y0, s, lo, hi, eps, base: x.new_empty(x.shape)),
              ("spline_backward", lambda grad, x, base, s, lo, hi, eps: _fake_spline_backward(grad, x, 0, s, lo, hi,
                                                                                           eps)),
              ("crrelu_forward", _fake_crrelu_forward), ("crrelu_backward", _fake_crrelu_backward))
     for name, fake in fakes:
         torch.library.register_fake(f"dynact_op::{name}")(fake)
-    backward = ops.spline_backward.default
-
-    def setup(ctx, inputs, output):
-        x, y0, s, lo, hi, eps, base = inputs
-        ctx.base = base
-        ctx.save_for_backward(x, s, lo, hi, eps)
-
-    def grads(ctx, grad):
-        x, s, lo, hi, eps = ctx.saved_tensors
-        gx, geps = backward(grad, x, ctx.base, s, lo, hi, eps)
-        return gx, (grad if ctx.base == BASE_GIVEN else None), None, None, None, geps, None
-
-    torch.library.register_autograd("dynact_op::spline_forward", grads, setup_context=setup)
-    torch.library.register_autograd("dynact_op::crrelu_forward", _crrelu_grads_by(ops.crrelu_backward.default),
-                                    setup_context=_crrelu_setup)
     _compiled_registered = True
 
 
