@@ -158,11 +158,51 @@ def test_every_custom_op_passes_opcheck(dtype, eps_shape, mode):
         (ops.crrelu_forward.default, (x, eps)),
         (ops.crrelu_backward.default, (grad, x, eps)),
     ]
+    # a channels_last input gives a channels_last output, fake tensors included (Inductor
+    # checks the real output's strides against the fake's)
+    cl = x.detach().reshape(5, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_(True)
+    cl_grad = grad.detach().reshape(5, 3, 4, 5).to(memory_format=torch.channels_last)
+    cases += [(ops.spline_forward.default, (cl, None, pairs, a, b, eps)),
+              (ops.spline_backward.default, (cl_grad, cl.detach(), True, pairs, a, b, eps.detach())),
+              (ops.crrelu_forward.default, (cl, eps)),
+              (ops.crrelu_backward.default, (cl_grad, cl.detach(), eps.detach()))]
     for op, args in cases:
         result = torch.library.opcheck(op, args)
         assert set(result.values()) == {"SUCCESS"}, (op, result)
     gx, geps = ops.spline_backward(grad, x, True, pairs, a, b, eps)
     assert gx.shape == x.shape and geps.shape == eps.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_cpp_ops_of_compiled_graphs_pass_opcheck(dtype):
+    # dynact_op::spline_forward / crrelu_forward carry their autograd in C++ and take the knot
+    # values and grid ends (the C++ ops build the tables): schema, autograd registration, fake
+    # tensors and AOT dispatch must agree with the real op, as for the Python ops above.
+    _kernels.MODE = "auto"
+    if _kernels.torch_op(wait=True) is None:
+        pytest.skip(f"the C++ operator could not be built: {_kernels._op_failure}")
+    act = _eafo("relu").to(dtype)
+    x, y0, grad, _, _, _, _ = _op_inputs(dtype, ())
+    ops = torch.ops.dynact_op
+    for eps_shape in [(), (1,)]:
+        eps = torch.full(eps_shape, EPS, dtype=dtype, requires_grad=True)
+        cases = [(ops.spline_forward.default, (x, None, act.s, act.lo, act.hi, eps, _kernels.BASE_RELU)),
+                 (ops.spline_forward.default, (x, y0, act.s, act.lo, act.hi, eps, _kernels.BASE_GIVEN)),
+                 (ops.spline_backward.default, (grad.detach(), x.detach(), _kernels.BASE_RELU, act.s, act.lo, act.hi,
+                                                eps.detach())),
+                 (ops.crrelu_forward.default, (x, eps))]
+        if dtype == torch.float32 and _kernels._op_gelu:
+            cases.append((ops.spline_forward.default, (x, None, act.s, act.lo, act.hi, eps, _kernels.BASE_GELU_KERNEL)))
+        # channels_last in, channels_last out: the fake tensors' strides must be the real ones'
+        cl = x.detach().reshape(5, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_(True)
+        cases += [(ops.spline_forward.default, (cl, None, act.s, act.lo, act.hi, eps, _kernels.BASE_RELU)),
+                  (ops.spline_backward.default, (cl.detach(), cl.detach(), _kernels.BASE_RELU, act.s, act.lo, act.hi,
+                                                 eps.detach())),
+                  (ops.crrelu_forward.default, (cl, eps)),
+                  (ops.crrelu_backward.default, (cl.detach(), cl.detach(), eps.detach()))]
+        for op, args in cases:
+            result = torch.library.opcheck(op, args)
+            assert set(result.values()) == {"SUCCESS"}, (op, result)
 
 
 @pytest.mark.parametrize("mode", ["auto", "reference"])

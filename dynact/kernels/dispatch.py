@@ -813,6 +813,13 @@ def _fused_cpu() -> bool:
     return MODE == "auto" and _load() is not None
 
 
+def _fake_out(x: torch.Tensor) -> torch.Tensor:
+    """The fake tensors' result shaped as ``x``: the kernels write it in ``x``'s own layout where
+    ``x`` is dense (a channels_last input gives a channels_last output), else contiguous
+    (:func:`_dense`); a fake with other strides fails Inductor's check of the real output."""
+    return torch.empty_like(_dense(x))
+
+
 @torch.library.custom_op("dynact::spline_forward", mutates_args=(), device_types="cpu")
 def _spline_forward_op(x: torch.Tensor, y0: Optional[torch.Tensor], pairs: torch.Tensor, a: torch.Tensor,
                        b: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -825,7 +832,7 @@ def _spline_forward_op(x: torch.Tensor, y0: Optional[torch.Tensor], pairs: torch
 
 @_spline_forward_op.register_fake
 def _fake_spline_forward(x, y0, pairs, a, b, eps):
-    return x.new_empty(x.shape)
+    return _fake_out(x)
 
 
 @torch.library.custom_op("dynact::spline_backward", mutates_args=(), device_types="cpu")
@@ -839,7 +846,7 @@ def _spline_backward_op(grad: torch.Tensor, x: torch.Tensor, relu: bool, pairs: 
 
 @_spline_backward_op.register_fake
 def _fake_spline_backward(grad, x, relu, pairs, a, b, eps):
-    return x.new_empty(x.shape), eps.new_empty(eps.shape)
+    return _fake_out(x), eps.new_empty(eps.shape)
 
 
 def _spline_setup(ctx, inputs, output):
@@ -897,7 +904,7 @@ def _crrelu_forward_op(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 @_crrelu_forward_op.register_fake
 def _fake_crrelu_forward(x, eps):
-    return x.new_empty(x.shape)
+    return _fake_out(x)
 
 
 @torch.library.custom_op("dynact::crrelu_backward", mutates_args=(), device_types="cpu")
@@ -910,7 +917,7 @@ def _crrelu_backward_op(grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor) 
 
 @_crrelu_backward_op.register_fake
 def _fake_crrelu_backward(grad, x, eps):
-    return x.new_empty(x.shape), eps.new_empty(eps.shape)
+    return _fake_out(x), eps.new_empty(eps.shape)
 
 
 def _crrelu_setup(ctx, inputs, output):
@@ -968,7 +975,7 @@ def _register_compiled() -> None:
     global _compiled_registered
     if _compiled_registered:
         return
-    fakes = (("spline_forward", lambda x, y0, s, lo, hi, eps, base: x.new_empty(x.shape)),
+    fakes = (("spline_forward", lambda x, y0, s, lo, hi, eps, base: _fake_out(x)),
              ("spline_backward", lambda grad, x, base, s, lo, hi, eps: _fake_spline_backward(grad, x, 0, s, lo, hi,
                                                                                           eps)),
              ("crrelu_forward", _fake_crrelu_forward), ("crrelu_backward", _fake_crrelu_backward))
