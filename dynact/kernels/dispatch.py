@@ -820,6 +820,11 @@ def _fake_out(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(_dense(x))
 
 
+def _fake_grads(x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fake tensors of a backward op's ``(grad_x, grad_eps)``."""
+    return _fake_out(x), eps.new_empty(eps.shape)
+
+
 @torch.library.custom_op("dynact::spline_forward", mutates_args=(), device_types="cpu")
 def _spline_forward_op(x: torch.Tensor, y0: Optional[torch.Tensor], pairs: torch.Tensor, a: torch.Tensor,
                        b: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -846,7 +851,7 @@ def _spline_backward_op(grad: torch.Tensor, x: torch.Tensor, relu: bool, pairs: 
 
 @_spline_backward_op.register_fake
 def _fake_spline_backward(grad, x, relu, pairs, a, b, eps):
-    return _fake_out(x), eps.new_empty(eps.shape)
+    return _fake_grads(x, eps)
 
 
 def _spline_setup(ctx, inputs, output):
@@ -917,7 +922,7 @@ def _crrelu_backward_op(grad: torch.Tensor, x: torch.Tensor, eps: torch.Tensor) 
 
 @_crrelu_backward_op.register_fake
 def _fake_crrelu_backward(grad, x, eps):
-    return _fake_out(x), eps.new_empty(eps.shape)
+    return _fake_grads(x, eps)
 
 
 def _crrelu_setup(ctx, inputs, output):
@@ -962,8 +967,8 @@ def compiled_on_cpu(x: torch.Tensor) -> bool:
 # per layer and training step of a compiled model on a 2-core Zen 3). Their fake tensors are
 # registered from Python once the library is loaded, their autograd is C++ with the Python ops'
 # formulas (compiled graphs have no double backward, so the backward ops need none); the spline's
-# build the tables from the module's knots and grid ends themselves. A plain GELU base runs inside the C++ op's
-# kernel (float32), one pass per direction. A graph traced on the CPU waits for the library's
+# build the tables from the module's knots and grid ends themselves. A plain GELU base runs
+# inside the C++ op's kernel (float32), one pass per direction. A graph traced on the CPU waits for the library's
 # build (once per machine, 40-60 s), so that every trace makes the same choice: the C++ ops
 # where the library could be built.
 _compiled_registered = False
@@ -976,8 +981,7 @@ def _register_compiled() -> None:
     if _compiled_registered:
         return
     fakes = (("spline_forward", lambda x, y0, s, lo, hi, eps, base: _fake_out(x)),
-             ("spline_backward", lambda grad, x, base, s, lo, hi, eps: _fake_spline_backward(grad, x, 0, s, lo, hi,
-                                                                                          eps)),
+             ("spline_backward", lambda grad, x, base, s, lo, hi, eps: _fake_grads(x, eps)),
              ("crrelu_forward", _fake_crrelu_forward), ("crrelu_backward", _fake_crrelu_backward))
     for name, fake in fakes:
         torch.library.register_fake(f"dynact_op::{name}")(fake)
