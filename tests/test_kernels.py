@@ -12,6 +12,7 @@ import math
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -273,6 +274,56 @@ def test_eps_gradient_is_deterministic_across_threads(name):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(r, results[0]) for r in results)
+
+
+def _documented_order_sum(g: np.ndarray) -> np.float32:
+    """The float32 kernels' sum of ``g`` as dispatch documents it: per run of 512 elements, eight
+    float32 lanes taking eight elements at a time, the run's last (< 8) elements added one by one
+    to the first lane, then the lanes added in order; runs and chunks of 16384 added in float64."""
+    total = 0.0
+    for c in range(0, len(g), 16384):
+        chunk = g[c:c + 16384]
+        acc = 0.0
+        for r in range(0, len(chunk), 512):
+            run = chunk[r:r + 512]
+            full = len(run) // 8 * 8
+            lanes = np.zeros(8, np.float32)
+            for k in range(0, full, 8):
+                lanes = lanes + run[k:k + 8]
+            for t in run[full:]:
+                lanes[0] = lanes[0] + t
+            s = np.float32(0.0)
+            for lane in lanes:
+                s = np.float32(s + lane)
+            acc += float(s)
+        total += acc
+    return np.float32(total)
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["eafo_relu", "eafo_gelu"])
+@pytest.mark.parametrize("n", [3, 13, 33_285, 70_001])
+def test_the_eps_gradient_is_summed_in_the_documented_order(name, n):
+    # With the spline 1 around x = 0, grad_eps is the plain sum of the incoming gradient; its
+    # values span nine decades, so another order of the float32 additions gives other bits.
+    _kernels._load()
+    if not _kernels._gelu_in_kernel():
+        pytest.skip("the eight-lane kernels need AVX2 and FMA")
+    act = _modules()[name]
+    with torch.no_grad():
+        act.s.fill_(1.0)
+    g = torch.Generator().manual_seed(n)
+    grad = torch.randn(n, generator=g) * 10.0 ** (9 * torch.rand(n, generator=g) - 3)
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            geps = _run(act, torch.zeros(n), grad, "auto")[2]
+        finally:
+            torch.set_num_threads(before)
+        assert geps.item() == _documented_order_sum(grad.numpy())
+    if n > 512:  # the order matters at these values
+        assert geps.item() != np.float32(grad.double().sum().item())
 
 
 class _deterministic:

@@ -10,7 +10,9 @@ memory traffic of GELU's own kernels.
   compiled once per machine with the system's C++ compiler and cached under ``$DYNACT_CACHE``
   (default ``~/.cache/dynact``), then called through :mod:`ctypes`. The eps gradient is summed
   in double over fixed chunks, so it is the same bit for bit whatever the thread count
-  (deterministic mode needs nothing more).
+  (deterministic mode needs nothing more). Inside a chunk, runs of 512 elements are summed in
+  the compute type first; for float32 with AVX2 in eight lanes, eight elements at a time, a
+  run's last (< 8) elements added to the first lane one by one, then the lanes in order.
 - CUDA: Triton kernels (:mod:`dynact.kernels.cuda`) when Triton is installed; per-block partial sums
   of the eps gradient are added by one deterministic ``torch.sum``.
 
