@@ -104,7 +104,8 @@ at::Tensor spline(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& 
 // dispatch.py (dynact::spline_forward, ...) in C++, with the same results; the spline's also
 // take the base code (0: y0 given, 1: ReLU, 3: GELU in the kernel, float32 only) and, instead of
 // the tables, the module's knot values s and grid ends lo, hi (see Tables below). Their fake
-// tensors and backward formulas are registered from Python (dispatch._register_compiled).
+// tensors are registered from Python (dispatch._register_compiled); the forward operators'
+// autograd is C++ (SplineForward, CRReLUForward below).
 int code_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return 0;
